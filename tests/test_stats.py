@@ -1,0 +1,183 @@
+"""gatescope.stats against the brute-force reference, on synthetic activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gatescope.constants import CASES, QUANTITIES, TOP_LISTS
+from gatescope.stats import NeuronStats
+from tests.reference import reference_stats
+
+K = 4
+
+
+def clipped_silu(g: torch.Tensor) -> torch.Tensor:
+    """SiLU that underflows to exactly 0 below -1.5, like GELU-tanh does far out: exercises
+    ranked values of exactly 0."""
+    return torch.where(g < -1.5, torch.zeros_like(g), torch.nn.functional.silu(g))
+
+
+def make_batch(seed: int, lengths: list[int], d: int, dtype=torch.float64):
+    """Right-padded random gate/up with some exact zeros; the first position is uncounted."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, positions = len(lengths), max(lengths)
+    gate = torch.randn(batch, positions, d, generator=gen, dtype=dtype)
+    up = torch.randn(batch, positions, d, generator=gen, dtype=dtype)
+    gate[torch.rand(gate.shape, generator=gen) < 0.03] = 0
+    up[torch.rand(up.shape, generator=gen) < 0.03] = 0
+    # Repeated values inside and across texts: ties must go to the first position / lower text.
+    gate[:, 1::7] = gate[:1, 1:2].clone()
+    valid = torch.arange(positions)[None, :] < torch.tensor(lengths)[:, None]
+    valid[:, 0] = False
+    return gate, up, valid
+
+
+def brute_force_inputs(batches, act):
+    texts = []
+    for text_index, (gate, up, valid) in batches:
+        for b in range(gate.shape[0]):
+            rows = valid[b].nonzero().flatten()
+            g, u = gate[b, rows].double(), up[b, rows].double()
+            a = act(g)
+            texts.append(
+                (
+                    int(text_index[b]),
+                    {
+                        "hook_pre": g.numpy(),
+                        "hook_pre_linear": u.numpy(),
+                        "swish": a.numpy(),
+                        "hook_post": (a * u).numpy(),
+                        "position": rows.numpy(),
+                    },
+                )
+            )
+    return texts
+
+
+def assert_matches_reference(stats: NeuronStats, ref) -> None:
+    assert int(stats.tokens) == ref.tokens
+    for c, case in enumerate(CASES):
+        np.testing.assert_array_equal(stats.count[c].numpy(), ref.count[case])
+        for q, quantity in enumerate(QUANTITIES):
+            mean = stats.sum[c, q].numpy() / np.maximum(stats.count[c].numpy(), 1)
+            mean = np.where(stats.count[c].numpy() > 0, mean, np.nan)
+            np.testing.assert_allclose(mean, ref.mean[case, quantity], rtol=1e-10, atol=1e-12)
+    for lst, (c, q) in enumerate(TOP_LISTS):
+        expected = ref.top[CASES[c], QUANTITIES[q]]
+        for n, entries in enumerate(expected):
+            values, texts, positions = zip(*entries, strict=True)
+            np.testing.assert_array_equal(stats.top_text[lst, :, n].numpy(), texts)
+            np.testing.assert_array_equal(stats.top_position[lst, :, n].numpy(), positions)
+            np.testing.assert_allclose(stats.top_value[lst, :, n].numpy(), values, rtol=1e-12)
+
+
+@pytest.fixture(params=[torch.nn.functional.silu, clipped_silu], ids=["silu", "clipped"])
+def act(request):
+    return request.param
+
+
+def batches_of(seed: int, layout: list[list[int]], d: int, indices=None):
+    """Batches with the given text lengths; text indices in a shuffled (non-sorted) order."""
+    n_texts = sum(len(b) for b in layout)
+    order = indices if indices is not None else np.random.default_rng(seed).permutation(n_texts)
+    out, start = [], 0
+    for i, lengths in enumerate(layout):
+        idx = torch.as_tensor(order[start : start + len(lengths)])
+        out.append((idx, make_batch(seed * 100 + i, lengths, d)))
+        start += len(lengths)
+    return out
+
+
+@pytest.mark.parametrize("k", [K, 20], ids=["k4", "k_exceeds_texts"])
+@pytest.mark.parametrize("chunk_elements", [1, 10_000, 2**20])
+def test_matches_brute_force(act, chunk_elements, k):
+    d = 24
+    layout = [[9, 5, 12], [12, 3], [7, 7, 7, 2], [10], [4, 11, 6]]
+    batches = batches_of(0, layout, d)
+    stats = NeuronStats(d, act, k=k, dtype=torch.float64, chunk_elements=chunk_elements)
+    for text_index, (gate, up, valid) in batches:
+        stats.update(gate, up, text_index, valid)
+    ref = reference_stats(brute_force_inputs(batches, act), k)
+    assert_matches_reference(stats, ref)
+    if act is clipped_silu and k > K:
+        # The exact-zero values of the clipped act are ranked (and placed) too.
+        assert ((stats.top_value == 0) & (stats.top_text >= 0)).any()
+
+
+def test_fewer_texts_than_k_leaves_empty_slots():
+    d = 8
+    batches = batches_of(1, [[6, 4]], d)
+    stats = NeuronStats(d, torch.nn.functional.silu, k=5, dtype=torch.float64)
+    for text_index, (gate, up, valid) in batches:
+        stats.update(gate, up, text_index, valid)
+    assert (stats.top_text[:, 2:] == -1).all()
+    assert (stats.top_position[:, 2:] == -1).all()
+    assert (stats.top_value[:, 2:] == 0).all()
+
+
+def test_case_that_never_occurs_is_empty():
+    d = 6
+    gate = torch.rand(2, 5, d, dtype=torch.float64) + 0.1  # g > 0 everywhere
+    up = torch.randn(2, 5, d, dtype=torch.float64)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    stats = NeuronStats(d, torch.nn.functional.silu, k=3, dtype=torch.float64)
+    stats.update(gate, up, torch.tensor([0, 1]), valid)
+    assert (stats.count[2:] == 0).all()
+    for lst, (c, _) in enumerate(TOP_LISTS):
+        if CASES[c].startswith("gate-"):
+            assert (stats.top_text[lst] == -1).all()
+
+
+def test_merge_equals_single_pass_in_any_grouping(act):
+    d = 16
+    layout = [[8, 3], [5, 9, 2], [6], [7, 7]]
+    batches = batches_of(2, layout, d)
+    whole = NeuronStats(d, act, k=K, dtype=torch.float64)
+    parts = [NeuronStats(d, act, k=K, dtype=torch.float64) for _ in batches]
+    for part, (text_index, (gate, up, valid)) in zip(parts, batches, strict=True):
+        whole.update(gate, up, text_index, valid)
+        part.update(gate, up, text_index, valid)
+    left = parts[0]
+    left.merge(parts[1])
+    right = parts[2]
+    right.merge(parts[3])
+    left.merge(right)  # (0 + 1) + (2 + 3)
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(left.state_dict()[name], tensor, rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_round_trip_continues_identically():
+    d = 10
+    batches = batches_of(3, [[5, 6], [4], [9, 2]], d)
+    straight = NeuronStats(d, torch.nn.functional.silu, k=K, dtype=torch.float64)
+    for text_index, (gate, up, valid) in batches:
+        straight.update(gate, up, text_index, valid)
+    first = NeuronStats(d, torch.nn.functional.silu, k=K, dtype=torch.float64)
+    first.update(batches[0][1][0], batches[0][1][1], batches[0][0], batches[0][1][2])
+    resumed = NeuronStats(d, torch.nn.functional.silu, k=K, dtype=torch.float64)
+    resumed.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
+    for text_index, (gate, up, valid) in batches[1:]:
+        resumed.update(gate, up, text_index, valid)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+def test_float32_inputs_from_bfloat16():
+    d = 12
+    ((text_index, (gate, up, valid)),) = batches_of(4, [[6, 6]], d)
+    stats = NeuronStats(d, torch.nn.functional.silu, k=K)
+    stats.update(gate.bfloat16(), up.bfloat16(), text_index, valid)
+    ref = reference_stats(
+        brute_force_inputs(
+            [(text_index, (gate.bfloat16().double(), up.bfloat16().double(), valid))],
+            torch.nn.functional.silu,
+        ),
+        K,
+    )
+    for c, case in enumerate(CASES):
+        np.testing.assert_array_equal(stats.count[c].numpy(), ref.count[case])
+    np.testing.assert_array_equal(
+        stats.top_text[0, :, 0].numpy(), [e[1] for e in ref.top[CASES[0], QUANTITIES[0]][0]]
+    )
