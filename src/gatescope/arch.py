@@ -1,0 +1,431 @@
+"""Find the gated MLPs of a Hugging Face causal language model, and hook them in place.
+
+A gated MLP (SwiGLU, GEGLU) computes ``down_proj(act(gate_proj(x)) * up_proj(x))``, or with a
+fused projection (Phi-3) ``gate, up = gate_up_proj(x).chunk(2, dim=-1)``. It is found by its
+structure, not by a list of class names, so new families with the same layout work as they are.
+
+Nothing here copies weights or replaces modules: the weights are views of the model's own
+parameters, and :meth:`GatedMLP.capture` puts forward hooks on the model's own ``nn.Linear``
+projections, so the values seen are exactly those the model computes.
+
+Shapes: ``d_model`` is the residual width (hidden_size), ``d_mlp`` the number of neurons per
+layer (intermediate_size), ``vocab`` the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gatescope.errors import GatescopeError
+
+__all__ = [
+    "CaptureHandle",
+    "GatedMLP",
+    "find_gated_mlps",
+    "refactor_glu",
+    "refactored_glu",
+    "unembedding",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Called once per forward of a gated MLP with ``gate: [..., d_mlp]`` and ``up: [..., d_mlp]``.
+CaptureCallback = Callable[[Tensor, Tensor], None]
+
+_NEEDS = "gatescope needs gate_proj/up_proj/down_proj or gate_up_proj/down_proj"
+
+# Attributes under which Hugging Face MLPs keep their activation function.
+_ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")
+
+# Class names of activation modules outside torch.nn and transformers.activations.
+_ACT_NAME = re.compile(r"act|gelu|silu|swish|relu|tanh|sigmoid|mish", re.IGNORECASE)
+
+
+class CaptureHandle:
+    """The hooks registered by :meth:`GatedMLP.capture`; ``remove()`` takes them all off.
+
+    Also a context manager: ``with mlp.capture(cb): model(ids)`` removes the hooks on exit.
+    """
+
+    def __init__(self, handles: Sequence[torch.utils.hooks.RemovableHandle]) -> None:
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        """Remove every hook this handle registered (calling it twice is harmless)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> CaptureHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+@dataclass
+class GatedMLP:
+    """One gated MLP of a model: its projections, activation and weight views.
+
+    Exactly one of (``gate_proj`` and ``up_proj``) or ``gate_up_proj`` is set. In a fused
+    ``gate_up_proj`` (Phi-3) the first ``d_mlp`` output features are the gate and the last
+    ``d_mlp`` the up ("in") projection, as ``Phi3MLP.forward`` splits them with ``chunk(2)``.
+
+    Attributes:
+        layer: Index among the model's gated MLPs, in module order (0 = closest to the input).
+        name: Module path in the model, e.g. ``"model.layers.3.mlp"``.
+        module: The MLP module itself.
+        gate_proj: ``d_model -> d_mlp`` gate projection, or None when fused.
+        up_proj: ``d_model -> d_mlp`` up ("in") projection, or None when fused.
+        gate_up_proj: Fused ``d_model -> 2 * d_mlp`` projection, or None when separate.
+        down_proj: ``d_mlp -> d_model`` output projection.
+        act_fn: The model's own activation, applied to the gate (SiLU, GELU, GELU-tanh, ...).
+    """
+
+    layer: int
+    name: str
+    module: nn.Module = field(repr=False)
+    gate_proj: nn.Linear | None = field(repr=False)
+    up_proj: nn.Linear | None = field(repr=False)
+    gate_up_proj: nn.Linear | None = field(repr=False)
+    down_proj: nn.Linear = field(repr=False)
+    act_fn: Callable[[Tensor], Tensor] = field(repr=False)
+
+    @property
+    def d_mlp(self) -> int:
+        """Number of neurons (the width of gate, up and the input of down_proj)."""
+        return self.down_proj.in_features
+
+    @property
+    def d_model(self) -> int:
+        """Residual stream width (the input of gate/up, the output of down_proj)."""
+        return self.down_proj.out_features
+
+    @property
+    def fused(self) -> bool:
+        """Whether gate and up come from one fused ``gate_up_proj``."""
+        return self.gate_up_proj is not None
+
+    def w_gate(self) -> Tensor:
+        """Gate weights, one row per neuron: ``[d_mlp, d_model]`` (a view, no copy)."""
+        if self.gate_up_proj is not None:
+            return self.gate_up_proj.weight.detach()[: self.d_mlp]
+        return self.gate_proj.weight.detach()
+
+    def w_in(self) -> Tensor:
+        """Up ("in") weights, one row per neuron: ``[d_mlp, d_model]`` (a view, no copy)."""
+        if self.gate_up_proj is not None:
+            return self.gate_up_proj.weight.detach()[self.d_mlp :]
+        return self.up_proj.weight.detach()
+
+    def w_out(self) -> Tensor:
+        """Output weights, one column per neuron: ``[d_model, d_mlp]`` (a view, no copy)."""
+        return self.down_proj.weight.detach()
+
+    def b_gate(self) -> Tensor | None:
+        """Gate bias ``[d_mlp]`` (a view), or None when the projection has no bias."""
+        if self.gate_up_proj is not None:
+            bias = self.gate_up_proj.bias
+            return None if bias is None else bias.detach()[: self.d_mlp]
+        bias = self.gate_proj.bias
+        return None if bias is None else bias.detach()
+
+    def b_in(self) -> Tensor | None:
+        """Up ("in") bias ``[d_mlp]`` (a view), or None when the projection has no bias."""
+        if self.gate_up_proj is not None:
+            bias = self.gate_up_proj.bias
+            return None if bias is None else bias.detach()[self.d_mlp :]
+        bias = self.up_proj.bias
+        return None if bias is None else bias.detach()
+
+    def capture(self, callback: CaptureCallback) -> CaptureHandle:
+        """Call ``callback(gate, up)`` once for every forward of this MLP.
+
+        ``gate`` is the gate projection's output and ``up`` the up projection's, both
+        ``[..., d_mlp]``: the very tensors the model computed (or, when fused, the two
+        ``chunk(2, dim=-1)`` views of its output). The callback must not modify them.
+
+        Args:
+            callback: Receives ``gate: [..., d_mlp]`` and ``up: [..., d_mlp]``.
+
+        Returns:
+            A handle whose ``remove()`` removes every hook registered here.
+        """
+        if self.gate_up_proj is not None:
+
+            def fused_hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+                gate, up = output.chunk(2, dim=-1)
+                callback(gate, up)
+
+            return CaptureHandle([self.gate_up_proj.register_forward_hook(fused_hook)])
+
+        # Separate projections: each hook stores its output, and whichever fires second calls
+        # the callback, since families differ in whether gate_proj or up_proj runs first.
+        pending: dict[str, Tensor] = {}
+
+        def reset(_module: nn.Module, _inputs: object) -> None:
+            # A forward that raised between the two projections must not leak into the next.
+            pending.clear()
+
+        def make_hook(key: str, other: str) -> Callable[[nn.Module, object, Tensor], None]:
+            def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+                if other in pending:
+                    partner = pending.pop(other)
+                    pending.clear()
+                    gate, up = (output, partner) if key == "gate" else (partner, output)
+                    callback(gate, up)
+                else:
+                    pending[key] = output
+
+            return hook
+
+        return CaptureHandle(
+            [
+                self.module.register_forward_pre_hook(reset),
+                self.gate_proj.register_forward_hook(make_hook("gate", "up")),
+                self.up_proj.register_forward_hook(make_hook("up", "gate")),
+            ]
+        )
+
+
+def find_gated_mlps(model: nn.Module) -> list[GatedMLP]:
+    """All gated MLPs of ``model``, ordered by layer.
+
+    A gated MLP is a module whose direct children include an ``nn.Linear`` ``down_proj`` and
+    either ``nn.Linear`` ``gate_proj`` and ``up_proj`` or an ``nn.Linear`` ``gate_up_proj``, and
+    an activation (an ``act_fn`` / ``activation_fn`` attribute or an activation child).
+
+    Args:
+        model: A Hugging Face ``*ForCausalLM`` (or any ``nn.Module`` containing gated MLPs).
+
+    Returns:
+        One :class:`GatedMLP` per layer, ``layer`` = its order in ``model.named_modules()``.
+
+    Raises:
+        GatescopeError: If the model has no gated MLP; the message names the MLPs found.
+    """
+    mlps: list[GatedMLP] = []
+    for name, module in model.named_modules():
+        mlp = _as_gated_mlp(len(mlps), name, module)
+        if mlp is not None:
+            mlps.append(mlp)
+    if not mlps:
+        raise GatescopeError(_no_gated_mlp_message(model))
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n_layers, int) and n_layers != len(mlps):
+        # Layer indices are positions among the gated MLPs; say so when they may not be the
+        # decoder layer numbers (e.g. a mixture-of-experts model with some dense layers).
+        logger.warning(
+            "Found %d gated MLPs in a model with %d layers; gatescope numbers them 0..%d in "
+            "module order.",
+            len(mlps),
+            n_layers,
+            len(mlps) - 1,
+        )
+    logger.debug("Found %d gated MLPs, d_mlp=%d.", len(mlps), mlps[0].d_mlp)
+    return mlps
+
+
+def unembedding(model: nn.Module) -> Tensor:
+    """The unembedding matrix ``[vocab, d_model]``: ``model.get_output_embeddings().weight``.
+
+    A view of the parameter (for tied embeddings it is the input embedding itself). Any final
+    norm, logit scaling or soft-capping of the model is not part of it.
+
+    Raises:
+        GatescopeError: If the model has no output embedding.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise GatescopeError(
+            f"{type(model).__name__} has no output embedding (get_output_embeddings() gave "
+            f"{type(head).__name__}); load the model with AutoModelForCausalLM."
+        )
+    return weight.detach()
+
+
+def refactor_glu(mlps: Sequence[GatedMLP]) -> int:
+    """Flip the sign of every neuron whose gate and in weights point apart, in place.
+
+    For each neuron with ``cos(w_gate, w_in) < 0``, multiplies its ``w_in`` row (and up bias)
+    and its ``w_out`` column by -1. Since ``act(g) * (-u) @ (-w_out) = act(g) * u @ w_out``,
+    the model computes the same function, and afterwards ``cos(w_gate, w_in) >= 0`` for every
+    neuron. Negation is exact in floating point, so flipping again restores the weights.
+
+    Args:
+        mlps: The gated MLPs to refactor, from :func:`find_gated_mlps`.
+
+    Returns:
+        The number of neurons flipped, over all layers.
+    """
+    return sum(int(flip.sum()) for flip in _apply_flips(mlps, None))
+
+
+@contextlib.contextmanager
+def refactored_glu(mlps: Sequence[GatedMLP]) -> Iterator[int]:
+    """Apply :func:`refactor_glu` inside the block and restore the exact weights on exit.
+
+    Args:
+        mlps: The gated MLPs to refactor, from :func:`find_gated_mlps`.
+
+    Yields:
+        The number of neurons flipped.
+    """
+    flips = _apply_flips(mlps, None)
+    try:
+        yield sum(int(flip.sum()) for flip in flips)
+    finally:
+        # Flip the same neurons back rather than recomputing cosines: bit-exact by design.
+        _apply_flips(mlps, flips)
+
+
+def _apply_flips(mlps: Sequence[GatedMLP], flips: Sequence[Tensor] | None) -> list[Tensor]:
+    """Negate the in row and out column of flagged neurons, one vectorized step per layer.
+
+    Args:
+        mlps: The gated MLPs.
+        flips: Per layer a bool mask ``[d_mlp]`` of the neurons to negate; None computes it
+            as ``cos(w_gate, w_in) < 0``.
+
+    Returns:
+        The masks used, per layer.
+    """
+    used: list[Tensor] = []
+    with torch.no_grad():
+        for i, mlp in enumerate(mlps):
+            w_in = mlp.w_in()
+            if flips is None:
+                # Cosines in float32 at least: bf16 rounding must not decide a sign near 0.
+                dtype = torch.promote_types(w_in.dtype, torch.float32)
+                cos = torch.nn.functional.cosine_similarity(
+                    mlp.w_gate().to(dtype), w_in.to(dtype), dim=1
+                )
+                flip = cos < 0
+            else:
+                flip = flips[i].to(w_in.device)
+            # A +-1 factor per neuron: multiplying by 1 or -1 is exact, and one mul_ per
+            # tensor avoids both a per-neuron loop and boolean-index copies.
+            sign = 1 - 2 * flip.to(w_in.dtype)
+            w_in.mul_(sign[:, None])
+            b_in = mlp.b_in()
+            if b_in is not None:
+                b_in.mul_(sign.to(b_in.dtype))
+            w_out = mlp.w_out()
+            w_out.mul_(sign.to(device=w_out.device, dtype=w_out.dtype)[None, :])
+            used.append(flip)
+            logger.debug(
+                "Layer %d: flipped %d of %d neurons.", mlp.layer, int(flip.sum()), len(flip)
+            )
+    return used
+
+
+def _as_gated_mlp(layer: int, name: str, module: nn.Module) -> GatedMLP | None:
+    """``module`` as a :class:`GatedMLP` if it has the gated layout, else None."""
+    children = dict(module.named_children())
+    down = children.get("down_proj")
+    gate, up, gate_up = (children.get(k) for k in ("gate_proj", "up_proj", "gate_up_proj"))
+    if down is None or not ((gate is not None and up is not None) or gate_up is not None):
+        return None
+    projections = [p for p in (down, gate, up, gate_up) if p is not None]
+    if not all(isinstance(p, nn.Linear) for p in projections):
+        # The gated layout is there but quantized or otherwise wrapped projections would make
+        # the weight views and hooks wrong, so say what to do rather than silently skip it.
+        odd = next(p for p in projections if not isinstance(p, nn.Linear))
+        raise GatescopeError(
+            f"{name} ({type(module).__name__}) has a {type(odd).__name__} projection where "
+            f"gatescope needs torch.nn.Linear; load the model unquantized (e.g. in bfloat16)."
+        )
+    act = _activation(module)
+    if act is None:
+        logger.debug("%s has gated projections but no activation; skipped.", name)
+        return None
+    if gate_up is not None and (gate is None or up is None):
+        return GatedMLP(layer, name, module, None, None, gate_up, down, act)
+    return GatedMLP(layer, name, module, gate, up, None, down, act)
+
+
+def _activation(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The activation of an MLP: its ``act_fn``-like attribute, else an activation child."""
+    for attr in _ACT_ATTRS:
+        act = getattr(module, attr, None)
+        if act is not None and callable(act) and not isinstance(act, nn.Linear):
+            return act
+    for child in module.children():
+        if _is_activation(child):
+            return child
+    return None
+
+
+def _is_activation(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a parameter-free activation function."""
+    if isinstance(module, (nn.Linear, nn.Dropout)) or any(True for _ in module.parameters()):
+        return False
+    home = type(module).__module__
+    if home.startswith(("torch.nn.modules.activation", "transformers.activations")):
+        return True
+    return bool(_ACT_NAME.search(type(module).__name__))
+
+
+def _no_gated_mlp_message(model: nn.Module) -> str:
+    """One sentence naming the model and the (non-gated) MLPs it has."""
+    config = getattr(model, "config", None)
+    model_name = getattr(config, "model_type", None) or type(model).__name__
+    found: dict[str, tuple[str, int]] = {}  # class name -> (layout, count)
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        is_mlp = name.rsplit(".", 1)[-1] == "mlp" or type(module).__name__.upper().endswith("MLP")
+        if not is_mlp or id(module) in seen:
+            continue
+        seen.add(id(module))
+        cls = type(module).__name__
+        layout, count = found.get(cls, (_layout(module), 0))
+        found[cls] = (layout, count + 1)
+    if not found:
+        return f"{model_name} has no gated MLP and no module named mlp or *MLP; {_NEEDS}."
+    total = sum(count for _, count in found.values())
+    uses = " and ".join(f"{cls} ({layout})" for cls, (layout, _) in found.items())
+    layers = "layer" if total == 1 else f"{total} layers"
+    return f"{model_name} has no gated MLP: its {layers} use {uses}; {_NEEDS}."
+
+
+def _layout(module: nn.Module) -> str:
+    """An MLP's children in data-flow order, e.g. ``"c_fc -> act -> c_proj"``.
+
+    Projections that widen (in the usual d_model -> d_mlp direction) come before the
+    activation, those that narrow after it; registration order is not data-flow order
+    (GPT-2 registers c_proj before act).
+    """
+    widen: list[str] = []
+    narrow: list[str] = []
+    acts: list[str] = []
+    for child_name, child in module.named_children():
+        weight = getattr(child, "weight", None)
+        if isinstance(weight, Tensor) and weight.dim() == 2:
+            n_in, n_out = _in_out(child, weight)
+            (widen if n_out >= n_in else narrow).append(child_name)
+        elif _is_activation(child):
+            acts.append(child_name)
+    for attr in _ACT_ATTRS:
+        # Activations kept as plain functions are attributes, not children.
+        if attr not in acts and callable(getattr(module, attr, None)):
+            acts.append(attr)
+    parts = widen + acts[:1] + narrow
+    return " -> ".join(parts) if parts else "no projections"
+
+
+def _in_out(module: nn.Module, weight: Tensor) -> tuple[int, int]:
+    """(in, out) features of a projection: nn.Linear stores [out, in], GPT-2's Conv1D [in, out]."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D, without importing it
+        return weight.shape[0], weight.shape[1]
+    return weight.shape[1], weight.shape[0]
