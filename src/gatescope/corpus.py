@@ -1,0 +1,602 @@
+"""Text source -> tokenized corpus: the texts a scan runs the model over.
+
+A corpus is a `datasets` folder (`save_to_disk`) with two columns, `INPUT_IDS` (each text's
+token ids, BOS first, at most `max_length` of them) and `SOURCE_ID` (where the text came
+from), plus `CORPUS_JSON` with the options that built it. Text sources are local `.jsonl`,
+`.parquet` and `.txt` files, folders of them, folders written by `save_to_disk`, or a Hugging
+Face dataset name.
+
+Heavy libraries (pyarrow, datasets, transformers) are imported inside the functions, so that
+`import gatescope.corpus` stays cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gatescope.constants import CORPUS_JSON, INPUT_IDS, SOURCE_ID
+from gatescope.errors import GatescopeError
+
+if TYPE_CHECKING:
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["build_corpus", "corpus_metadata", "fingerprint", "load_corpus", "save_corpus"]
+
+logger = logging.getLogger(__name__)
+
+#: File suffixes read from a local source, and from the folders searched recursively.
+SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet", ".txt")
+
+# Tokenization batches: small enough that a tiny budget never tokenizes much past it, large
+# enough that the fast tokenizer's batching pays off.
+_MIN_BATCH = 16
+_MAX_BATCH = 1024
+# Rows per slice when hashing a corpus, so memory stays bounded on large corpora.
+_HASH_ROWS = 1 << 16
+_FINGERPRINT_TAG = b"gatescope-corpus-v1"
+
+
+@dataclass
+class _Texts:
+    """Texts of one source file or dataset, before shuffling.
+
+    Attributes:
+        label: the source-id prefix: a relative path, or `<dataset>/<split>`.
+        texts: the non-empty texts, as an Arrow string array (`[n]`).
+        rows: each text's 0-based row in its file or dataset (`[n]`, int64).
+    """
+
+    label: str
+    texts: pa.Array
+    rows: np.ndarray
+
+
+def build_corpus(
+    source: str | Path,
+    tokenizer: str | Path | PreTrainedTokenizerBase,
+    *,
+    max_length: int = 1024,
+    tokens: int | None = None,
+    seed: int = 0,
+    text_column: str = "text",
+    split: str = "train",
+    separator: str = "<|endoftext|>",
+    progress: bool = False,
+) -> datasets.Dataset:
+    """Reads, shuffles and tokenizes the texts of a source into a corpus.
+
+    Texts: a `.jsonl` or `.parquet` file gives one text per row (the `text_column`); a
+    `.txt` file is split at `separator` (TinyStories style; an empty separator or a file
+    without it gives one text), and each piece is stripped of the whitespace around it. A
+    folder gives the texts of all such files below it, in the order of their relative
+    paths; a folder written by `datasets` `save_to_disk`, or a Hugging Face dataset name,
+    gives the `text_column` of its `split`. Empty and whitespace-only texts are dropped.
+
+    Source ids: `"<relative path>:<row>"` for local files (the path relative to the source
+    folder, or the file name; row is the 0-based JSON line, Parquet row or `separator`-
+    delimited piece of the file), `"<dataset>/<split>:<row>"` for Hugging Face and saved
+    datasets. Rows count the dropped empty texts too, so a source id always points back to
+    the right place in the file.
+
+    Order and tokens: the texts are shuffled with `numpy.random.default_rng(seed)`, so the
+    same source, tokenizer and seed always give the same corpus. They are tokenized in that
+    order without special tokens; each gets the tokenizer's BOS id first (its EOS id when it
+    has no BOS, as GLUScope does) and is truncated to `max_length` tokens, BOS included.
+
+    Budget: with `tokens`, the corpus holds exactly `tokens` tokens (BOS included) when the
+    source has that many: the last text is cut to fit, like any text longer than
+    `max_length`. An exact count makes the number of scanned tokens, and so the
+    frequencies of different corpora, directly comparable. Texts after the budget are never
+    tokenized, so a small budget on a large source stays fast.
+
+    Args:
+        source: a local file or folder, or a Hugging Face dataset name.
+        tokenizer: a tokenizer, or a name or path for `AutoTokenizer.from_pretrained`.
+        max_length: the most tokens per text, BOS included (at least 2).
+        tokens: the token budget of the whole corpus; None takes every text.
+        seed: the shuffle seed.
+        text_column: the column holding the texts (jsonl, parquet and datasets).
+        split: the split of a Hugging Face dataset or of a saved `DatasetDict`.
+        separator: the string between texts in a `.txt` file.
+        progress: show a progress bar.
+
+    Returns:
+        A `datasets.Dataset` with columns `INPUT_IDS` (list of int32) and `SOURCE_ID`
+        (string), one row per text, in memory.
+
+    Raises:
+        GatescopeError: the source, the tokenizer or an option is unusable.
+    """
+    import numpy as np
+
+    if max_length < 2:
+        raise GatescopeError(
+            f"max_length must be at least 2 (BOS and one token), got {max_length}."
+        )
+    if tokens is not None and tokens < 1:
+        raise GatescopeError(f"the token budget must be a positive number, got {tokens}.")
+
+    tok = _load_tokenizer(tokenizer)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if bos is None:
+        raise GatescopeError(
+            f"the tokenizer {getattr(tok, 'name_or_path', '')!r} has neither a BOS nor an EOS "
+            "token to start each text with: use a tokenizer that defines one."
+        )
+    if tok.bos_token_id is None:
+        logger.info("the tokenizer has no BOS token: each text starts with EOS (id %d)", bos)
+
+    parts = _read_source(source, text_column=text_column, split=split, separator=separator)
+    total = sum(len(part.texts) for part in parts)
+    if total == 0:
+        raise GatescopeError(f"the source {str(source)!r} contains no texts.")
+    logger.info("read %d texts from %s", total, source)
+
+    import pyarrow as pa
+
+    texts = pa.chunked_array([part.texts for part in parts], type=pa.large_string())
+    part_of = np.repeat(np.arange(len(parts)), [len(part.texts) for part in parts])
+    rows = np.concatenate([part.rows for part in parts])
+    order = np.random.default_rng(seed).permutation(total)
+
+    ids_chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    source_ids: list[str] = []
+    n_tokens = 0
+    start = 0
+    bar = _progress_bar(progress, total=tokens if tokens is not None else total, budget=tokens)
+    try:
+        while start < total and (tokens is None or n_tokens < tokens):
+            size = _batch_size(tokens, n_tokens, len(lengths))
+            picked = order[start : start + size]
+            start += len(picked)
+            batch = texts.take(pa.array(picked)).to_pylist()
+            encoded = tok(
+                batch,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=max_length - 1,
+                return_attention_mask=False,
+            )["input_ids"]
+            for index, ids in zip(picked, encoded, strict=True):
+                if not ids:  # Nothing but BOS: no token to learn about.
+                    continue
+                keep = 1 + len(ids)
+                if tokens is not None:
+                    keep = min(keep, tokens - n_tokens)
+                row = np.empty(keep, dtype=np.int32)
+                row[0] = bos
+                row[1:] = ids[: keep - 1]
+                ids_chunks.append(row)
+                lengths.append(keep)
+                source_ids.append(f"{parts[part_of[index]].label}:{rows[index]}")
+                n_tokens += keep
+                if bar is not None and tokens is not None:
+                    bar.update(keep)
+                if tokens is not None and n_tokens >= tokens:
+                    break
+            if bar is not None and tokens is None:
+                bar.update(len(picked))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if not lengths:
+        raise GatescopeError(f"the source {str(source)!r} contains no texts with any token.")
+    if tokens is not None and n_tokens < tokens:
+        logger.warning(
+            "the source has only %d tokens, fewer than the budget of %d", n_tokens, tokens
+        )
+    logger.info("corpus: %d texts, %d tokens", len(lengths), n_tokens)
+    return _to_dataset(ids_chunks, lengths, source_ids)
+
+
+def save_corpus(
+    dataset: datasets.Dataset,
+    out: str | Path,
+    *,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Saves a corpus to a folder, atomically.
+
+    The corpus is written to a temporary sibling folder that is renamed into place at the
+    end, so a crash never leaves a half-written corpus at `out`.
+
+    Args:
+        dataset: the corpus, as built by `build_corpus`.
+        out: the folder to write.
+        metadata: what built the corpus (source, tokenizer, max_length, tokens, seed, ...),
+            written to `CORPUS_JSON` together with `num_texts`, `num_tokens`, `fingerprint`
+            and `gatescope_version`, which are computed here.
+        overwrite: replace an existing non-empty folder.
+
+    Returns:
+        The corpus folder.
+
+    Raises:
+        GatescopeError: `out` exists and is not an empty folder, and `overwrite` is False.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GatescopeError(f"{out} exists and is not a folder: choose another output path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GatescopeError(
+            f"{out} already exists and is not empty: choose another folder, or pass "
+            "--overwrite to replace it."
+        )
+    info = dict(metadata or {})
+    info.update(
+        num_texts=dataset.num_rows,
+        num_tokens=_num_tokens(dataset),
+        fingerprint=fingerprint(dataset),
+        gatescope_version=_version(),
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        dataset.save_to_disk(str(tmp))
+        (tmp / CORPUS_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        if out.exists():
+            # Move the old folder away first: a rename cannot replace a non-empty folder.
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved %d texts, %d tokens to %s", info["num_texts"], info["num_tokens"], out)
+    return out
+
+
+def load_corpus(path: str | Path) -> datasets.Dataset:
+    """Loads a corpus folder written by `save_corpus` (memory-mapped).
+
+    Args:
+        path: the corpus folder.
+
+    Returns:
+        The corpus, with at least the `INPUT_IDS` column and one row.
+
+    Raises:
+        GatescopeError: the folder does not exist, is not a corpus or is empty.
+    """
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise GatescopeError(f"the corpus folder {path} does not exist.")
+    not_corpus = f"{path} is not a corpus folder: build one with `gatescope corpus`."
+    if not path.is_dir():
+        raise GatescopeError(not_corpus)
+    empty = f"the corpus {path} has no texts: build it again from a source."
+    if _saved_without_data(path):
+        # datasets cannot load a Dataset saved with no rows (no Arrow file): say so first.
+        raise GatescopeError(empty)
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except Exception as exc:  # Missing or foreign files: datasets raises many kinds.
+        raise GatescopeError(not_corpus) from exc
+    if not isinstance(dataset, datasets.Dataset) or INPUT_IDS not in dataset.column_names:
+        raise GatescopeError(not_corpus)
+    if dataset.num_rows == 0:
+        raise GatescopeError(empty)
+    return dataset
+
+
+def corpus_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a corpus folder (`CORPUS_JSON`), or {} when it has none."""
+    file = Path(path) / CORPUS_JSON
+    if not file.is_file():
+        return {}
+    return json.loads(file.read_text())
+
+
+def fingerprint(dataset: datasets.Dataset) -> str:
+    """A sha256 hex digest of a corpus' token content.
+
+    Hashes every text's length and token ids (as little-endian int64, read from the Arrow
+    buffers slice by slice), so two corpora with the same texts of the same ids in the same
+    order have the same fingerprint, however they were stored or chunked; the source ids
+    do not count.
+    """
+    import numpy as np
+
+    lengths_hash = hashlib.sha256()
+    ids_hash = hashlib.sha256()
+    table = dataset.select_columns([INPUT_IDS]).with_format("arrow")
+    for start in range(0, dataset.num_rows, _HASH_ROWS):
+        column = table[start : start + _HASH_ROWS].column(INPUT_IDS)
+        for chunk in column.chunks:
+            offsets = np.asarray(chunk.offsets, dtype=np.int64)
+            lengths_hash.update(np.diff(offsets).astype("<i8").tobytes())
+            values = chunk.flatten().to_numpy(zero_copy_only=False)
+            ids_hash.update(values.astype("<i8").tobytes())
+    # Two streams, combined at the end, so chunk boundaries do not change the digest.
+    return hashlib.sha256(_FINGERPRINT_TAG + lengths_hash.digest() + ids_hash.digest()).hexdigest()
+
+
+# --- reading sources -------------------------------------------------------------------
+
+
+def _read_source(
+    source: str | Path, *, text_column: str, split: str, separator: str
+) -> list[_Texts]:
+    """The texts of a source, one `_Texts` per file or dataset, in a fixed order."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise GatescopeError(
+                f"{path} is not a {', '.join(SUFFIXES)} file: convert it, or point SOURCE at "
+                "a folder of such files."
+            )
+        return [_read_file(path, path.name, text_column=text_column, separator=separator)]
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return [_read_saved_dataset(path, text_column=text_column, split=split)]
+        files = sorted(
+            (p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file()),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise GatescopeError(
+                f"the folder {path} contains no {', '.join(SUFFIXES)} files and is not a "
+                "saved dataset."
+            )
+        logger.info("reading %d files from %s", len(files), path)
+        return [
+            _read_file(
+                file,
+                file.relative_to(path).as_posix(),
+                text_column=text_column,
+                separator=separator,
+            )
+            for file in files
+        ]
+    if _looks_like_path(source):
+        raise GatescopeError(f"the source {str(source)!r} does not exist.")
+    return [_read_hub_dataset(str(source), text_column=text_column, split=split)]
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    """Whether a missing source was meant as a local path rather than a dataset name."""
+    if isinstance(source, Path):
+        return True
+    # A Hugging Face name is "name" or "owner/name"; anything else is meant as a path.
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.endswith(SUFFIXES)
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+    )
+
+
+def _read_file(path: Path, label: str, *, text_column: str, separator: str) -> _Texts:
+    if path.suffix == ".txt":
+        return _read_txt(path, label, separator)
+    if path.suffix == ".jsonl":
+        column = _read_jsonl(path, text_column)
+    else:
+        column = _read_parquet(path, text_column)
+    return _non_empty(label, column, f"column {text_column!r} of {path}")
+
+
+def _read_txt(path: Path, label: str, separator: str) -> _Texts:
+    import numpy as np
+    import pyarrow as pa
+
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GatescopeError(f"{path} is not UTF-8 text ({exc.reason}).") from exc
+    pieces = content.split(separator) if separator else [content]
+    rows = [row for row, piece in enumerate(pieces) if piece.strip()]
+    texts = pa.array([pieces[row].strip() for row in rows], type=pa.large_string())
+    return _Texts(label, texts, np.asarray(rows, dtype=np.int64))
+
+
+def _read_jsonl(path: Path, text_column: str) -> pa.Array:
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+
+    # The first record names the columns: reading only the text column (an explicit schema)
+    # keeps other columns' types from tripping the reader, but would hide a missing column.
+    with path.open("rb") as file:
+        first = next((line for line in file if line.strip()), None)
+    if first is None:
+        return pa.array([], type=pa.large_string())
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise GatescopeError(f"{path} is not JSON lines: {exc}.") from exc
+    if not isinstance(record, dict):
+        raise GatescopeError(f"{path} is not JSON lines of objects: its first line is not one.")
+    _check_column(text_column, list(record), path)
+    options = pa_json.ParseOptions(
+        explicit_schema=pa.schema([(text_column, pa.large_string())]),
+        unexpected_field_behavior="ignore",
+    )
+    try:
+        table = pa_json.read_json(path, parse_options=options)
+    except pa.ArrowException as exc:
+        raise GatescopeError(f"could not read {path} as JSON lines of texts ({exc}).") from exc
+    return table.column(text_column)
+
+
+def _read_parquet(path: Path, text_column: str) -> pa.Array:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        _check_column(text_column, names, path)
+        return pq.read_table(path, columns=[text_column]).column(text_column)
+    except pa.ArrowException as exc:
+        raise GatescopeError(f"could not read {path} as Parquet ({exc}).") from exc
+
+
+def _read_saved_dataset(path: Path, *, text_column: str, split: str) -> _Texts:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise GatescopeError(f"could not load the saved dataset {path} ({exc}).") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise GatescopeError(
+                f"the saved dataset {path} has no split {split!r}: choose one of "
+                f"{', '.join(map(repr, loaded))}."
+            )
+        dataset, split_name = loaded[split], split
+    else:
+        dataset, split_name = loaded, str(loaded.split) if loaded.split else split
+    return _dataset_texts(dataset, f"{path.name}/{split_name}", text_column, str(path))
+
+
+def _read_hub_dataset(name: str, *, text_column: str, split: str) -> _Texts:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # Offline, unknown name, bad split: all mean the same to a user.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GatescopeError(
+            f"could not load the Hugging Face dataset {name!r} ({reason}): check the name, "
+            "or point SOURCE at a local file or folder."
+        ) from exc
+    return _dataset_texts(dataset, f"{name}/{split}", text_column, repr(name))
+
+
+def _dataset_texts(dataset: datasets.Dataset, label: str, text_column: str, what: str) -> _Texts:
+    _check_column(text_column, dataset.column_names, what)
+    # Arrow format respects an indices mapping (a shuffled or selected dataset).
+    column = dataset.select_columns([text_column]).with_format("arrow")[:].column(text_column)
+    return _non_empty(label, column, f"column {text_column!r} of {what}")
+
+
+def _check_column(column: str, names: Sequence[str], where: Path | str) -> None:
+    if column not in names:
+        raise GatescopeError(
+            f"{where} has no column {column!r}: choose the text column among "
+            f"{', '.join(map(repr, names)) or 'none'}."
+        )
+
+
+def _non_empty(label: str, column: pa.ChunkedArray | pa.Array, what: str) -> _Texts:
+    """Keeps the non-null texts with a non-whitespace character, with their row numbers."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise GatescopeError(f"the {what} holds {column.type}, not text.")
+    column = column.cast(pa.large_string())
+    keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0), False)
+    keep_np = keep.to_numpy(zero_copy_only=False)
+    return _Texts(label, column.filter(keep), np.flatnonzero(keep_np).astype(np.int64))
+
+
+def _saved_without_data(path: Path) -> bool:
+    """Whether a folder holds a `save_to_disk` Dataset with no Arrow files (no rows)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("_data_files") == []
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether a folder was written by `datasets` `save_to_disk` (Dataset or DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+# --- tokenizing ---------------------------------------------------------------------------
+
+
+def _load_tokenizer(tokenizer: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    except Exception as exc:  # Hub errors, missing files, bad configs: one user message.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GatescopeError(
+            f"could not load the tokenizer {str(tokenizer)!r} ({reason}): check the name or path."
+        ) from exc
+
+
+def _batch_size(budget: int | None, n_tokens: int, n_texts: int) -> int:
+    """Texts to tokenize next: about what the rest of the budget needs, so few are wasted."""
+    if budget is None:
+        return _MAX_BATCH
+    if n_texts == 0:
+        return _MIN_BATCH
+    per_text = n_tokens / n_texts
+    wanted = int((budget - n_tokens) / per_text * 1.1) + 1
+    return max(_MIN_BATCH, min(_MAX_BATCH, wanted))
+
+
+def _progress_bar(progress: bool, *, total: int, budget: int | None) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="tok" if budget is not None else "text", desc="corpus")
+
+
+def _to_dataset(
+    ids_chunks: list[np.ndarray], lengths: list[int], source_ids: list[str]
+) -> datasets.Dataset:
+    """One in-memory Dataset from token rows, built through Arrow (no cache files)."""
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    offsets_type = np.int32 if offsets[-1] < np.iinfo(np.int32).max else np.int64
+    list_type = pa.ListArray if offsets_type is np.int32 else pa.LargeListArray
+    values = pa.array(np.concatenate(ids_chunks), type=pa.int32())
+    input_ids = list_type.from_arrays(pa.array(offsets.astype(offsets_type)), values)
+    table = pa.table({INPUT_IDS: input_ids, SOURCE_ID: pa.array(source_ids, type=pa.string())})
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def _num_tokens(dataset: datasets.Dataset) -> int:
+    import pyarrow.compute as pc
+
+    column = dataset.select_columns([INPUT_IDS]).with_format("arrow")[:].column(INPUT_IDS)
+    return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gatescope")
+    except PackageNotFoundError:
+        return "unknown"
