@@ -1,0 +1,300 @@
+"""The atlas: a scan's result on disk (``atlas.json`` + ``stats.safetensors``).
+
+Layout of ``stats.safetensors`` (``L`` layers, ``d`` neurons per layer, the 14 ranked
+lists of :data:`~gatescope.constants.TOP_LISTS`, ``k`` entries each):
+
+==============  ====================  =======  =============================================
+name            shape                 dtype    meaning
+==============  ====================  =======  =============================================
+count           [L, case, d]          int64    counted tokens of each sign case
+sum             [L, case, quantity, d] float64 sums of each quantity over the case's tokens
+top_value       [L, d, list, k]       float32  signed values, strongest first (0 if empty)
+top_text        [L, d, list, k]       int32    corpus text index (-1 if empty)
+top_position    [L, d, list, k]       int32    token position in the text (-1 if empty)
+==============  ====================  =======  =============================================
+
+The ranked lists are neuron-major so that one neuron's lists are one contiguous block of
+the memory-mapped file. ``atlas.json`` is written last: a folder without it is never taken
+for a complete atlas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from gatescope.constants import ATLAS_JSON, CASES, CHECKPOINT_DIR, QUANTITIES, STATS_FILE, TOP_LISTS
+from gatescope.errors import GatescopeError
+
+if TYPE_CHECKING:
+    import datasets
+
+    from gatescope.stats import NeuronStats
+
+FORMAT = "gatescope-atlas"
+FORMAT_VERSION = 1
+TENSORS = ("count", "sum", "top_value", "top_text", "top_position")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One entry of a ranked list: the strongest token of a text."""
+
+    value: float  # signed value of the quantity
+    text: int  # index of the text in the corpus
+    position: int  # token position in the text
+
+
+@dataclass
+class NeuronSummary:
+    """Everything the atlas knows about one neuron. Cases and quantities use GLUScope names."""
+
+    layer: int
+    index: int
+    tokens: int  # counted tokens of the corpus
+    count: dict[str, int]  # case -> tokens in the case
+    freq: dict[str, float]  # case -> count / tokens
+    mean: dict[str, dict[str, float]]  # case -> quantity -> mean (NaN if the case never occurs)
+    # case -> quantity -> examples, strongest first; the case's ranked quantities only,
+    # empty slots left out.
+    top: dict[str, dict[str, list[Example]]] = field(default_factory=dict)
+
+
+class Atlas:
+    """Statistics of every neuron of a model over a corpus, with their provenance.
+
+    Build one with :func:`gatescope.scan`, :meth:`load` one from disk, or import the
+    published GLUScope dataset with :func:`gatescope.export.from_hf_dataset`.
+    """
+
+    def __init__(self, meta: dict[str, Any], tensors: Mapping[str, Tensor] | _SafetensorsFile):
+        self.meta = meta
+        self._tensors = tensors
+
+    # --------------------------------------------------------------- building
+
+    @classmethod
+    def from_stats(cls, layers: Sequence[NeuronStats], meta: dict[str, Any]) -> Atlas:
+        """Stacks the per-layer accumulators of a finished scan into an atlas."""
+        states = [layer.state_dict() for layer in layers]
+
+        def stack(name: str) -> Tensor:
+            return torch.stack([state[name].cpu() for state in states])
+
+        # Accumulators keep lists as [list, k, neuron]; the atlas is neuron-major.
+        def ranked(name: str, dtype: torch.dtype) -> Tensor:
+            return stack(name).permute(0, 3, 1, 2).to(dtype).contiguous()
+
+        tensors = {
+            "count": stack("count"),
+            "sum": stack("sum"),
+            "top_value": ranked("top_value", torch.float32),
+            "top_text": ranked("top_text", torch.int32),
+            "top_position": ranked("top_position", torch.int32),
+        }
+        tokens = {int(state["tokens"]) for state in states}
+        if len(tokens) != 1:
+            raise ValueError(f"layers counted different numbers of tokens: {sorted(tokens)}")
+        meta = {**meta, "tokens": tokens.pop()}
+        return cls(complete_meta(meta, tensors), tensors)
+
+    # --------------------------------------------------------------- disk
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Writes the atlas into the folder ``path`` (created if needed).
+
+        ``atlas.json`` goes last and both files are renamed into place, so an interrupted
+        save never leaves a folder that looks like a complete atlas.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if (path / ATLAS_JSON).exists() and not overwrite:
+            raise GatescopeError(f"{path} already holds an atlas: pass --overwrite to replace it.")
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: self.tensor(name).contiguous() for name in TENSORS}
+        (path / ATLAS_JSON).unlink(missing_ok=True)
+        tmp = path / (STATS_FILE + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path / STATS_FILE)
+        write_json_atomic(path / ATLAS_JSON, self.meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Atlas:
+        """Opens an atlas folder; tensors stay memory-mapped until used."""
+        path = Path(path)
+        if not path.is_dir():
+            raise GatescopeError(f"{path} does not exist or is not a folder.")
+        if not (path / ATLAS_JSON).exists():
+            if (path / CHECKPOINT_DIR).exists():
+                raise GatescopeError(
+                    f"{path} holds an unfinished scan: continue it with `gatescope scan ... "
+                    f"--out {path} --resume`."
+                )
+            raise GatescopeError(f"{path} is not an atlas folder (it has no {ATLAS_JSON}).")
+        try:
+            meta = json.loads((path / ATLAS_JSON).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise GatescopeError(f"{path / ATLAS_JSON} is unreadable: {error}.") from error
+        if meta.get("format") != FORMAT:
+            raise GatescopeError(f"{path / ATLAS_JSON} is not a gatescope atlas description.")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise GatescopeError(
+                f"{path} was written by a newer gatescope (format {meta['format_version']}): "
+                "upgrade gatescope to read it."
+            )
+        return cls(meta, _SafetensorsFile(path / STATS_FILE))
+
+    # --------------------------------------------------------------- access
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["layers"])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.meta["d_mlp"])
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta["tokens"])
+
+    def tensor(self, name: str) -> Tensor:
+        """A whole stored tensor (see the module docstring for names and shapes)."""
+        if isinstance(self._tensors, _SafetensorsFile):
+            return self._tensors.get(name)
+        return self._tensors[name]
+
+    def _neuron_slice(self, name: str, layer: int, index: int) -> Tensor:
+        if isinstance(self._tensors, _SafetensorsFile):
+            return self._tensors.get_slice(name, layer, index)
+        return self._tensors[name][layer, index]
+
+    def neuron(self, layer: int, index: int) -> NeuronSummary:
+        """The summary of neuron ``index`` of layer ``layer``; reads only that neuron."""
+        if not 0 <= layer < self.num_layers:
+            raise GatescopeError(
+                f"layer {layer} is out of range: the atlas has layers 0-{self.num_layers - 1}."
+            )
+        if not 0 <= index < self.d_mlp:
+            raise GatescopeError(
+                f"neuron {index} is out of range: layers have neurons 0-{self.d_mlp - 1}."
+            )
+        count = self._tensors_at("count", layer)[:, index].tolist()  # [case]
+        sums = self._tensors_at("sum", layer)[:, :, index].tolist()  # [case][quantity]
+        value = self._neuron_slice("top_value", layer, index).tolist()  # [list][rank]
+        text = self._neuron_slice("top_text", layer, index).tolist()
+        position = self._neuron_slice("top_position", layer, index).tolist()
+
+        tokens = self.tokens
+        summary = NeuronSummary(
+            layer=layer,
+            index=index,
+            tokens=tokens,
+            count=dict(zip(CASES, count, strict=True)),
+            freq={
+                case: (n / tokens if tokens else math.nan)
+                for case, n in zip(CASES, count, strict=True)
+            },
+            mean={
+                case: {
+                    quantity: (total / count[c] if count[c] else math.nan)
+                    for quantity, total in zip(QUANTITIES, sums[c], strict=True)
+                }
+                for c, case in enumerate(CASES)
+            },
+        )
+        for lst, (c, q) in enumerate(TOP_LISTS):
+            examples = [
+                Example(v, t, p)
+                for v, t, p in zip(value[lst], text[lst], position[lst], strict=True)
+                if t >= 0
+            ]
+            summary.top.setdefault(CASES[c], {})[QUANTITIES[q]] = examples
+        return summary
+
+    def _tensors_at(self, name: str, layer: int) -> Tensor:
+        if isinstance(self._tensors, _SafetensorsFile):
+            return self._tensors.get_slice(name, layer)
+        return self._tensors[name][layer]
+
+    def to_hf_dataset(self) -> datasets.Dataset:
+        """The atlas in the GLUScope activation-dataset schema (one row per neuron)."""
+        from gatescope.export import to_hf_dataset
+
+        return to_hf_dataset(self)
+
+    def __repr__(self) -> str:
+        model = self.meta.get("model", {}).get("name", "?")
+        return (
+            f"Atlas(model={model!r}, layers={self.num_layers}, d_mlp={self.d_mlp}, "
+            f"tokens={self.tokens}, k={self.k})"
+        )
+
+
+class _SafetensorsFile:
+    """Lazy, memory-mapped access to the tensors of a ``stats.safetensors`` file."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        if not path.exists():
+            raise GatescopeError(f"{path} is missing: the atlas folder is incomplete.")
+        self._file = safe_open(str(path), framework="pt")
+        missing = set(TENSORS) - set(self._file.keys())
+        if missing:
+            raise GatescopeError(f"{path} lacks the tensors {', '.join(sorted(missing))}.")
+
+    def get(self, name: str) -> Tensor:
+        return self._file.get_tensor(name)
+
+    def get_slice(self, name: str, *index: int) -> Tensor:
+        return self._file.get_slice(name)[index]
+
+
+def complete_meta(meta: dict[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Adds the shape, schema and version fields every atlas.json carries."""
+    from gatescope import __version__
+
+    layers, d_mlp, n_lists, k = tensors["top_value"].shape
+    assert n_lists == len(TOP_LISTS)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gatescope_version": __version__,
+        **meta,
+        "layers": layers,
+        "d_mlp": d_mlp,
+        "k": k,
+        "cases": list(CASES),
+        "quantities": list(QUANTITIES),
+        "lists": [[CASES[c], QUANTITIES[q]] for c, q in TOP_LISTS],
+    }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Writes JSON to a temporary file and renames it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,260 @@
+"""The ``gatescope`` command. Heavy libraries load inside each command: ``--help`` is instant."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from gatescope.errors import GatescopeError
+
+
+class _Group(click.Group):
+    """Turns a user's mistake (GatescopeError) into one sentence and exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GatescopeError as error:
+            raise click.ClickException(str(error)) from None
+        except MemoryError:
+            raise click.ClickException(
+                "out of memory: lower --batch-size (or use a machine with more memory)."
+            ) from None
+        except Exception as error:
+            if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+                raise click.ClickException(
+                    "the GPU ran out of memory: lower --batch-size."
+                ) from None
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gatescope")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """gatescope: a neuron atlas for gated-MLP (SwiGLU, GEGLU) language models.
+
+    \b
+    Typical use:
+      gatescope corpus texts/ --tokenizer MODEL --out corpus/
+      gatescope scan --model MODEL --corpus corpus/ --out atlas/
+      gatescope export atlas/ atlas-dataset/
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(
+        level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--tokenizer", required=True, help="Tokenizer: hub id or local folder (the model's).")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Corpus folder to write."
+)
+@click.option(
+    "--max-length",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Truncate each text to this many tokens (BOS included).",
+)
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Token budget: stop once this many tokens are taken. [default: all texts]",
+)
+@click.option("--seed", default=0, show_default=True, help="Shuffle seed.")
+@click.option(
+    "--text-column",
+    default="text",
+    show_default=True,
+    help="Column holding the text (.jsonl, .parquet, datasets).",
+)
+@click.option("--split", default="train", show_default=True, help="Split of a hub dataset.")
+@click.option(
+    "--separator",
+    default="<|endoftext|>",
+    show_default=True,
+    help="Separator between texts inside a .txt file.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing corpus folder.")
+def corpus(
+    source, tokenizer, out, max_length, tokens, seed, text_column, split, separator, overwrite
+) -> None:
+    """Tokenize SOURCE into a corpus folder for `gatescope scan`.
+
+    SOURCE is a .jsonl, .parquet or .txt file, a folder of them, a folder written by
+    `datasets`, or a Hugging Face dataset name. Each text starts with BOS (EOS when the
+    tokenizer has none), texts are shuffled with --seed, and the same inputs always give the
+    same corpus.
+    """
+    from gatescope.corpus import build_corpus, corpus_metadata, save_corpus
+
+    dataset = build_corpus(
+        source,
+        tokenizer,
+        max_length=max_length,
+        tokens=tokens,
+        seed=seed,
+        text_column=text_column,
+        split=split,
+        separator=separator,
+        progress=True,
+    )
+    metadata = {
+        "source": str(source),
+        "tokenizer": str(tokenizer),
+        "max_length": max_length,
+        "tokens_budget": tokens,
+        "seed": seed,
+        "text_column": text_column,
+    }
+    path = save_corpus(dataset, out, metadata=metadata, overwrite=overwrite)
+    saved = corpus_metadata(path)
+    click.echo(f"wrote {saved['num_texts']:,} texts, {saved['num_tokens']:,} tokens to {path}")
+
+
+@cli.command()
+@click.option("--model", required=True, help="Hugging Face model id or local model folder.")
+@click.option(
+    "--corpus",
+    "corpus_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Corpus folder written by `gatescope corpus`.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Atlas folder to write."
+)
+@click.option(
+    "--batch-size",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Texts per forward pass.",
+)
+@click.option(
+    "--k",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Texts kept per case and quantity.",
+)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16", "float64"]),
+    help="Model dtype; auto = the checkpoint's on a GPU, float32 on a CPU.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--include-bos",
+    is_flag=True,
+    help="Count position 0 too (as GLUScope does; it floods top lists with ties).",
+)
+@click.option(
+    "--refactor-glu",
+    is_flag=True,
+    help="Flip neurons with cos(w_gate, w_in) < 0 first (same function, see DESIGN).",
+)
+@click.option("--resume", is_flag=True, help="Continue the unfinished scan in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
+@click.option(
+    "--checkpoint-every",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between checkpoints.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def scan(
+    model,
+    corpus_path,
+    out,
+    batch_size,
+    k,
+    dtype,
+    device,
+    include_bos,
+    refactor_glu,
+    resume,
+    overwrite,
+    checkpoint_every,
+    quiet,
+) -> None:
+    """Scan a corpus with a model and write the atlas of all its gated-MLP neurons.
+
+    For every neuron: how often each sign case of (gate, in) occurs, the mean of the four
+    quantities per case, and the top-k texts per case and quantity. Checkpoints go into
+    --out every few minutes and on Ctrl-C; --resume continues from the last one.
+    """
+    from gatescope.scanner import scan as run_scan
+
+    atlas = run_scan(
+        model,
+        corpus_path,
+        out=out,
+        resume=resume,
+        overwrite=overwrite,
+        progress=not quiet,
+        batch_size=batch_size,
+        k=k,
+        dtype=dtype,
+        device=device,
+        include_bos=include_bos,
+        refactor_glu=refactor_glu,
+        checkpoint_every=checkpoint_every,
+    )
+    click.echo(
+        f"wrote {atlas.num_layers} layers x {atlas.d_mlp} neurons over "
+        f"{atlas.tokens:,} tokens to {out}"
+    )
+
+
+@cli.command()
+@click.argument("atlas_path", metavar="ATLAS", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    default="hf",
+    show_default=True,
+    type=click.Choice(["hf", "parquet"]),
+    help="hf: a `datasets` folder (save_to_disk); parquet: one file.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+def export(atlas_path, out, fmt, overwrite) -> None:
+    """Export ATLAS as the GLUScope activation dataset (one row per neuron) to OUT."""
+    from gatescope.atlas import Atlas
+    from gatescope.export import export_atlas
+
+    path = export_atlas(Atlas.load(atlas_path), out, format=fmt, overwrite=overwrite)
+    click.echo(f"wrote {path}")
+
+
+@cli.command("import")
+@click.argument("source")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Model the dataset describes (recorded in the atlas).")
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens of its corpus, if known (GLUScope's schema stores only frequencies).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+def import_(source, out, model, tokens, overwrite) -> None:
+    """Import a dataset in the GLUScope schema (SOURCE: folder, .parquet or hub id) as an atlas."""
+    from gatescope.export import import_dataset
+
+    atlas = import_dataset(source, out, model=model, tokens=tokens, overwrite=overwrite)
+    click.echo(f"wrote {atlas.num_layers} layers x {atlas.d_mlp} neurons to {out}")
+
+
+def main() -> None:
+    cli(prog_name="gatescope")

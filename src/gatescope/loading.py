@@ -1,0 +1,109 @@
+"""Loading a Hugging Face causal LM for analysis: device, dtype and clear errors."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from gatescope.errors import GatescopeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GatescopeError(f"--device {device} was asked for, but PyTorch sees no GPU here.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None):
+    """The dtype to run the model in.
+
+    ``auto`` keeps the checkpoint's own dtype on a GPU; on a CPU it is float32, because
+    bfloat16/float16 matrix products are slow (or missing) there.
+    """
+    if dtype not in DTYPES:
+        raise GatescopeError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu" or checkpoint_dtype is None:
+        return torch.float32
+    return checkpoint_dtype
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis and how it was obtained (recorded in atlases)."""
+
+    model: PreTrainedModel
+    name: str  # hub id or local path, as given
+    revision: str | None  # the checkpoint's commit hash, where known
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def load_model(model: str | Path | PreTrainedModel, *, dtype: str = "auto", device: str = "auto"):
+    """Loads ``model`` (hub id, local folder, or an already loaded ``PreTrainedModel``).
+
+    A loaded model is used as it is (its device and dtype are kept). Returns a
+    :class:`LoadedModel` in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        return LoadedModel(model.eval(), str(name), getattr(model.config, "_commit_hash", None))
+
+    name = str(model)
+    target = resolve_device(device)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise GatescopeError(
+            f"could not load the model config of '{name}' ({_first_line(error)}): give a local "
+            "model folder or a Hugging Face model id that is available offline."
+        ) from error
+    checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
+    torch_dtype = resolve_dtype(dtype, target, checkpoint_dtype)
+    logger.info("loading %s as %s on %s", name, torch_dtype, target)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(name, **_dtype_kwarg(torch_dtype))
+    except (OSError, ValueError, KeyError) as error:
+        raise GatescopeError(f"could not load the model '{name}': {_first_line(error)}") from error
+    loaded = loaded.to(target).eval()
+    return LoadedModel(loaded, name, getattr(config, "_commit_hash", None))
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """transformers 5 (and 4.56+) call it ``dtype``; older 4.x ``torch_dtype``."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__) >= Version("4.56")
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
