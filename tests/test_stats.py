@@ -68,9 +68,9 @@ def assert_matches_reference(stats: NeuronStats, ref) -> None:
         expected = ref.top[CASES[c], QUANTITIES[q]]
         for n, entries in enumerate(expected):
             values, texts, positions = zip(*entries, strict=True)
-            np.testing.assert_array_equal(stats.top_text[lst, :, n].numpy(), texts)
-            np.testing.assert_array_equal(stats.top_position[lst, :, n].numpy(), positions)
-            np.testing.assert_allclose(stats.top_value[lst, :, n].numpy(), values, rtol=1e-12)
+            np.testing.assert_array_equal(stats.top_text[lst, n].numpy(), texts)
+            np.testing.assert_array_equal(stats.top_position[lst, n].numpy(), positions)
+            np.testing.assert_allclose(stats.top_value[lst, n].numpy(), values, rtol=1e-12)
 
 
 @pytest.fixture(params=[torch.nn.functional.silu, clipped_silu], ids=["silu", "clipped"])
@@ -112,9 +112,9 @@ def test_fewer_texts_than_k_leaves_empty_slots():
     stats = NeuronStats(d, torch.nn.functional.silu, k=5, dtype=torch.float64)
     for text_index, (gate, up, valid) in batches:
         stats.update(gate, up, text_index, valid)
-    assert (stats.top_text[:, 2:] == -1).all()
-    assert (stats.top_position[:, 2:] == -1).all()
-    assert (stats.top_value[:, 2:] == 0).all()
+    assert (stats.top_text[..., 2:] == -1).all()
+    assert (stats.top_position[..., 2:] == -1).all()
+    assert (stats.top_value[..., 2:] == 0).all()
 
 
 def test_case_that_never_occurs_is_empty():
@@ -179,5 +179,26 @@ def test_float32_inputs_from_bfloat16():
     for c, case in enumerate(CASES):
         np.testing.assert_array_equal(stats.count[c].numpy(), ref.count[case])
     np.testing.assert_array_equal(
-        stats.top_text[0, :, 0].numpy(), [e[1] for e in ref.top[CASES[0], QUANTITIES[0]][0]]
+        stats.top_text[0, 0].numpy(), [e[1] for e in ref.top[CASES[0], QUANTITIES[0]][0]]
     )
+
+
+@pytest.mark.parametrize("length", [16, 37])
+def test_float32_ranking_equals_float64_ranking(act, length):
+    """The float32 path packs keys and text indices into one sort; float64 sorts twice.
+    Both must rank identically, ties (repeated values) included."""
+    d = 20
+    layout = [[length, 9, 30], [12, length], [length, 5, 7, 2]]
+    batches = [
+        (idx, tuple(t.float() if t.is_floating_point() else t for t in batch))
+        for idx, batch in batches_of(5, layout, d)
+    ]
+    single = NeuronStats(d, act, k=K, dtype=torch.float32)
+    double = NeuronStats(d, act, k=K, dtype=torch.float64)
+    for text_index, (gate, up, valid) in batches:
+        single.update(gate, up, text_index, valid)
+        double.update(gate.double(), up.double(), text_index, valid)
+    assert torch.equal(single.count, double.count)
+    assert torch.equal(single.top_text, double.top_text)
+    assert torch.equal(single.top_position, double.top_position)
+    torch.testing.assert_close(single.top_value.double(), double.top_value, rtol=1e-6, atol=0)

@@ -89,9 +89,9 @@ class Atlas:
         def stack(name: str) -> Tensor:
             return torch.stack([state[name].cpu() for state in states])
 
-        # Accumulators keep lists as [list, k, neuron]; the atlas is neuron-major.
+        # Accumulators keep lists as [list, neuron, rank]; the atlas is neuron-major.
         def ranked(name: str, dtype: torch.dtype) -> Tensor:
-            return stack(name).permute(0, 3, 1, 2).to(dtype).contiguous()
+            return stack(name).permute(0, 2, 1, 3).to(dtype).contiguous()
 
         tensors = {
             "count": stack("count"),

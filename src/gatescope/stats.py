@@ -34,15 +34,22 @@ N_CASES = len(CASES)
 N_QUANTITIES = len(QUANTITIES)
 N_LISTS = len(TOP_LISTS)
 
-#: Elements of one [texts, positions, d_mlp] workspace buffer per chunk. About 25 such
-#: buffers live at once; 2**20 float32 elements (4 MiB) keeps a chunk in a CPU's last-level
-#: cache, while on a GPU larger chunks only save kernel launches.
+#: Elements of one [texts, positions, d_mlp] workspace buffer per chunk. About 20 such
+#: buffers live at once; 2**20 float32 elements (4 MiB) keeps a chunk near a CPU's cache,
+#: while on a GPU larger chunks only save kernel launches.
 CPU_CHUNK_ELEMENTS = 2**20
 GPU_CHUNK_ELEMENTS = 2**24
 
-#: Above this fraction of candidates needing a position, one dense argmax over every list
-#: is cheaper than gathering single columns.
+#: Above this fraction of candidates needing a position, the two-level argmax over every
+#: list is cheaper than gathering single columns.
 DENSE_POSITIONS_FRACTION = 1 / 8
+
+#: Positions per block of the two-level argmax: the block maxima come from a fast ``amax``,
+#: the argmax runs over BLOCK times fewer values, then one block per text is searched.
+BLOCK = 16
+
+#: Text indices are packed into 31 bits of the ranking key.
+MAX_TEXTS = 2**31 - 1
 
 
 class NeuronStats:
@@ -82,13 +89,16 @@ class NeuronStats:
         self.sum = torch.zeros(
             N_CASES, N_QUANTITIES, d_mlp, dtype=torch.float64, device=self.device
         )
-        # Ranked lists [list, rank, neuron]; empty slots hold text -1, position -1, value 0.
-        self.top_value = torch.zeros(N_LISTS, k, d_mlp, dtype=dtype, device=self.device)
-        self.top_text = torch.full((N_LISTS, k, d_mlp), -1, dtype=torch.int64, device=self.device)
+        # Ranked lists [list, neuron, rank]; empty slots hold text -1, position -1, value 0.
+        self.top_value = torch.zeros(N_LISTS, d_mlp, k, dtype=dtype, device=self.device)
+        self.top_text = torch.full((N_LISTS, d_mlp, k), -1, dtype=torch.int64, device=self.device)
         self.top_position = torch.full_like(self.top_text, -1)
 
         self._workspace: dict[str, Tensor] = {}
         self._workspace_shape: tuple[int, ...] = ()
+        self._block_offsets = torch.arange(BLOCK, device=self.device).view(1, BLOCK, 1)
+        self._reverse_rank = torch.arange(BLOCK, 0, -1, device=self.device, dtype=torch.int16)
+        self._reverse_rank = self._reverse_rank.view(1, BLOCK, 1)
 
     # ------------------------------------------------------------------ update
 
@@ -99,10 +109,11 @@ class NeuronStats:
         Args:
             gate: [batch, pos, d_mlp] ``g``, the gate projection's output.
             up: [batch, pos, d_mlp] ``u``, the up (in) projection's output.
-            text_index: [batch] int64, the corpus index of each text (global, unique).
+            text_index: [batch] int64, the corpus index of each text (global, unique,
+                below 2**31).
             valid: [batch, pos] bool, the counted tokens (not padding, BOS per option).
         """
-        batch, positions, d_mlp = gate.shape
+        batch, length, d_mlp = gate.shape
         if d_mlp != self.d_mlp:
             raise ValueError(
                 f"expected {self.d_mlp} neurons, got gate of shape {tuple(gate.shape)}"
@@ -111,26 +122,21 @@ class NeuronStats:
         text_index = text_index.to(self.device, torch.int64)
         self.tokens += valid.sum()
 
-        # Per text: the strongest value of each list and its position, [list, batch, neuron].
+        # Per text: the strongest value of each list, its ranking key and position.
         values = torch.empty(N_LISTS, batch, d_mlp, dtype=self.dtype, device=self.device)
         keys = torch.empty_like(values)
-        positions_found = torch.full(values.shape, -1, dtype=torch.int64, device=self.device)
-        threshold = self._threshold()
+        found = torch.full(values.shape, -1, dtype=torch.int64, device=self.device)
+        threshold = self._keys(self.top_value[..., -1], self.top_text[..., -1])  # [list, neuron]
 
-        chunk = max(1, self.chunk_elements // (positions * d_mlp))
+        chunk = max(1, self.chunk_elements // (length * d_mlp))
         for start in range(0, batch, chunk):
             texts = slice(start, min(start + chunk, batch))
             self._update_chunk(
-                gate[texts],
-                up[texts],
-                valid[texts],
-                values[:, texts],
-                keys[:, texts],
-                positions_found[:, texts],
-                threshold,
-            )
-        texts = text_index.view(1, batch, 1).expand(N_LISTS, batch, d_mlp)
-        self._merge_top(values, keys, texts, positions_found)
+                gate[texts], up[texts], valid[texts],
+                values[:, texts], keys[:, texts], found[:, texts], threshold,
+            )  # fmt: skip
+        text = text_index.view(1, 1, batch).expand(N_LISTS, d_mlp, batch)
+        self._merge_top(values.transpose(1, 2), keys.transpose(1, 2), text, found.transpose(1, 2))
 
     def _update_chunk(
         self,
@@ -139,22 +145,23 @@ class NeuronStats:
         valid: Tensor,
         values: Tensor,
         keys: Tensor,
-        positions_found: Tensor,
+        found: Tensor,
         threshold: Tensor,
     ) -> None:
         """Accumulates counts and sums of a chunk of texts and fills in their candidates.
 
-        ``values``, ``keys`` and ``positions_found`` ([list, chunk, neuron]) are views into
-        the batch's candidate tensors and are written in place.
+        ``values``, ``keys`` and ``found`` ([list, chunk, neuron]) are views into the
+        batch's candidate tensors and are written in place.
         """
-        texts, positions, _ = gate.shape
-        ws = self._buffers(texts, positions)
-        q, signs, cases, masked = ws["q"], ws["signs"], ws["cases"], ws["masked"]
+        texts, length, _ = gate.shape
+        q, signs, cases, masked = self._buffers(texts, length)
 
-        # q: [quantity, text, pos, neuron] = g, u, act(g), act(g) * u. Padding and uncounted
-        # tokens get g = 0, which puts them in no case (and act(0) = 0 for every GLU act).
-        torch.mul(gate, valid.unsqueeze(-1), out=q[0])
-        q[1].copy_(up)
+        # q: [quantity, text, pos, neuron] = g, u, act(g), act(g) * u over positions padded
+        # to whole blocks. Padding, uncounted tokens and the block tail get g = 0, which
+        # puts them in no case (and act(0) = 0 for every GLU activation).
+        torch.mul(gate, valid.unsqueeze(-1), out=q[0, :, :length])
+        q[1, :, :length].copy_(up)
+        q[:2, :, length:].zero_()
         q[2].copy_(self.act(q[0]))
         torch.mul(q[2], q[1], out=q[3])
 
@@ -164,17 +171,14 @@ class NeuronStats:
         torch.clamp(signs[1], min=0, out=signs[0])
         torch.sub(signs[0], signs[1], out=signs[1])
         # cases: [case, text, pos, neuron] one-hot, case = 2 * (g < 0) + (u < 0).
-        torch.mul(
-            signs[:, 0].unsqueeze(1),
-            signs[:, 1].unsqueeze(0),
-            out=cases.view(2, 2, *cases.shape[1:]),
-        )
+        g_sign, u_sign = signs[:, 0], signs[:, 1]
+        torch.mul(g_sign.unsqueeze(1), u_sign.unsqueeze(0), out=cases.view(2, 2, *cases.shape[1:]))
         # Counts per text are sums of 0/1 floats: exact below 2**24 positions.
         count_per_text = cases.sum(dim=2)  # [case, text, neuron]
         self.count += count_per_text.sum(dim=1).to(torch.int64)
 
         for c in range(N_CASES):
-            # masked: [quantity, text, pos, neuron], the quantities on the tokens of case c, else 0.
+            # masked: [quantity, text, pos, neuron], the quantities on case c's tokens, else 0.
             torch.mul(q, cases[c], out=masked)
             self.sum[c] += masked.sum(dim=2).sum(dim=1, dtype=torch.float64)
             lists = _LISTS_OF_CASE[c]
@@ -186,7 +190,7 @@ class NeuronStats:
             # Ranking key |value|; -inf marks a text in which the case never occurs.
             keys[lists] = torch.where(present, values[lists].abs(), float("-inf"))
             need = present & (keys[lists] >= threshold[lists].unsqueeze(1))
-            positions_found[lists] = self._positions(masked, cases[c], values[lists], need, lists)
+            found[lists] = self._positions(masked, cases[c], values[lists], need, lists)
 
     def _positions(
         self, masked: Tensor, case_mask: Tensor, values: Tensor, need: Tensor, lists: slice
@@ -205,13 +209,14 @@ class NeuronStats:
             ``need``, -1 elsewhere.
         """
         found = torch.full(values.shape, -1, dtype=torch.int64, device=values.device)
-        case, quantities = TOP_LISTS[lists.start][0], [q for _, q in TOP_LISTS[lists]]
+        case = TOP_LISTS[lists.start][0]
+        quantities = [qi for _, qi in TOP_LISTS[lists]]
         if need.sum() > DENSE_POSITIONS_FRACTION * need.numel():
             for i, qi in enumerate(quantities):
-                reduce = torch.max if SIGNS[case][qi] > 0 else torch.min
-                found[i] = torch.where(need[i], reduce(masked[qi], dim=1).indices, -1)
+                first = self._first_extreme(masked[qi], SIGNS[case][qi])
+                found[i] = torch.where(need[i], first, -1)
             # A value of exactly 0 (act underflow) is also the fill value of the other cases'
-            # tokens, so the dense argmax may have picked one of those: look those up below.
+            # tokens, so the dense search may have picked one of those: look those up below.
             need = need & (values == 0)
         if need.any():
             lst, text, neuron = need.nonzero(as_tuple=True)
@@ -222,11 +227,28 @@ class NeuronStats:
             found[lst, text, neuron] = hit.to(torch.uint8).argmax(dim=1)  # first hit
         return found
 
-    # ------------------------------------------------------------------ top-k
+    def _first_extreme(self, x: Tensor, sign: int) -> Tensor:
+        """[text, neuron]: the first position of the maximum (sign > 0) or minimum of ``x``.
 
-    def _threshold(self) -> Tensor:
-        """[list, neuron]: the key a candidate must reach to possibly enter each list."""
-        return self._keys(self.top_value[:, -1], self.top_text[:, -1])
+        Two levels, because argmax kernels are several times slower than amax ones: the
+        extreme of each block of positions, the first block holding the overall extreme,
+        then the first position inside that block.
+
+        Args:
+            x: [text, pos, neuron] with pos a multiple of BLOCK.
+        """
+        texts, length, neurons = x.shape
+        blocks = x.view(texts, length // BLOCK, BLOCK, neurons)
+        if sign > 0:
+            best, block = blocks.amax(dim=2).max(dim=1)
+        else:
+            best, block = blocks.amin(dim=2).min(dim=1)
+        window = block.unsqueeze(1) * BLOCK + self._block_offsets  # [text, BLOCK, neuron]
+        hit = x.gather(1, window) == best.unsqueeze(1)
+        first = BLOCK - (hit * self._reverse_rank).amax(dim=1)
+        return block * BLOCK + first
+
+    # ------------------------------------------------------------------ top-k
 
     @staticmethod
     def _keys(value: Tensor, text: Tensor) -> Tensor:
@@ -234,24 +256,31 @@ class NeuronStats:
         return torch.where(text >= 0, value.abs(), float("-inf"))
 
     def _merge_top(self, value: Tensor, key: Tensor, text: Tensor, position: Tensor) -> None:
-        """Merges candidates [list, n, neuron] into the ranked lists.
+        """Merges candidates [list, neuron, n] into the ranked lists.
 
-        Order: key descending, then text index ascending (two stable sorts). Candidates
-        with key -inf never enter; slots left without one are emptied.
+        Order: key descending, then text index ascending. Candidates with key -inf never
+        enter; slots left without one are emptied.
         """
-        key = torch.cat([self._keys(self.top_value, self.top_text), key], dim=1)
-        value = torch.cat([self.top_value, value], dim=1)
-        text = torch.cat([self.top_text, text], dim=1)
-        position = torch.cat([self.top_position, position], dim=1)
+        key = torch.cat([self._keys(self.top_value, self.top_text), key], dim=-1)
+        value = torch.cat([self.top_value, value], dim=-1)
+        text = torch.cat([self.top_text, text], dim=-1)
+        position = torch.cat([self.top_position, position], dim=-1)
 
-        by_text = torch.sort(text, dim=1, stable=True).indices
-        by_key = torch.sort(key.gather(1, by_text), dim=1, descending=True, stable=True).indices
-        best = by_text.gather(1, by_key[:, : self.k])
+        if self.dtype == torch.float32:
+            # One sort of unique int64 keys: the bits of a non-negative float32 order like
+            # the float, and the text index (descending) breaks ties towards lower indices.
+            packed = (key.view(torch.int32).to(torch.int64) << 31) | (MAX_TEXTS - text)
+            packed = packed.masked_fill_(key == float("-inf"), -1)
+            best = packed.sort(dim=-1, descending=True).indices[..., : self.k]
+        else:  # float64 keys do not fit beside an index: two stable sorts
+            by_text = torch.sort(text, dim=-1, stable=True).indices
+            by_key = torch.sort(key.gather(-1, by_text), dim=-1, descending=True, stable=True)
+            best = by_text.gather(-1, by_key.indices[..., : self.k])
 
-        empty = key.gather(1, best) == float("-inf")
-        self.top_value = value.gather(1, best).masked_fill_(empty, 0)
-        self.top_text = text.gather(1, best).masked_fill_(empty, -1)
-        self.top_position = position.gather(1, best).masked_fill_(empty, -1)
+        empty = key.gather(-1, best) == float("-inf")
+        self.top_value = value.gather(-1, best).masked_fill_(empty, 0)
+        self.top_text = text.gather(-1, best).masked_fill_(empty, -1)
+        self.top_position = position.gather(-1, best).masked_fill_(empty, -1)
 
     # ------------------------------------------------------------------ merge, state
 
@@ -294,19 +323,38 @@ class NeuronStats:
 
     # ------------------------------------------------------------------ helpers
 
-    def _buffers(self, texts: int, positions: int) -> dict[str, Tensor]:
-        """Workspace buffers for a chunk, reused across calls of the same shape."""
-        shape = (texts, positions, self.d_mlp)
-        if self._workspace_shape != shape:
+    def _buffers(self, texts: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Workspace buffers q, signs, cases, masked for ``texts`` texts of ``length``.
+
+        Positions are padded to whole blocks. Buffers are kept for the next call (a fresh
+        allocation costs more than the arithmetic on a CPU); a smaller last chunk uses views.
+        """
+        padded = -(-length // BLOCK) * BLOCK
+        if (
+            len(self._workspace_shape) != 2
+            or self._workspace_shape[0] < texts
+            or (self._workspace_shape[1] != padded)
+        ):
+            shape = (
+                max(texts, self._workspace_shape[0] if self._workspace_shape else 0),
+                padded,
+                self.d_mlp,
+            )
             new = lambda *lead: torch.empty(*lead, *shape, dtype=self.dtype, device=self.device)  # noqa: E731
-            self._workspace_shape = shape
+            self._workspace_shape = shape[:2]
             self._workspace = {
                 "q": new(N_QUANTITIES),
                 "signs": new(2, 2),
                 "cases": new(N_CASES),
                 "masked": new(N_QUANTITIES),
             }
-        return self._workspace
+        ws = self._workspace
+        return (
+            ws["q"][:, :texts],
+            ws["signs"][:, :, :texts],
+            ws["cases"][:, :texts],
+            ws["masked"][:, :texts],
+        )
 
 
 def _lists_of_case(case: int) -> slice:
