@@ -1,0 +1,540 @@
+"""Export an atlas in the GLUScope activation-dataset schema, and import that schema back.
+
+One row per neuron, layer-major (row ``layer * d_mlp + neuron``), with the columns:
+
+* ``layer``, ``neuron`` (int32);
+* ``<case>_freq`` (float64): tokens of the case / counted tokens;
+* ``<case>_<quantity>_mean`` (float64): mean over the case's tokens, NaN when it never occurs;
+* for every ranked list (``TOP_LISTS``: each case and quantity but ``swish`` in the two
+  ``gate+`` cases): ``<case>_<quantity>_max_values`` (list of ``k`` float32, strongest first,
+  0 in empty slots), ``<case>_<quantity>_max_indices`` (list of ``k`` int32 text indices, -1
+  in empty slots) and, beyond GLUScope, ``<case>_<quantity>_max_positions`` (list of ``k``
+  int32 token positions, -1 in empty slots).
+
+The atlas metadata (token count, k, model, corpus, options, ...) travels as JSON in the
+dataset's ``info.description`` (and, in a parquet file, in the schema metadata, since
+``datasets`` does not keep the description there), so an export imports back exactly.
+GLUScope's own dataset has neither positions nor a token count: its import gets positions
+-1 and counts ``round(freq * tokens)`` for a given or nominal token count.
+
+Counts and sums are not columns of the schema: an import rebuilds them as
+``count = round(freq * tokens)`` (exact for our exports) and ``sum = mean * count``, which
+can differ from the scanned sum in the last bit of its float64 mantissa.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from gatescope.atlas import Atlas, _json_default, complete_meta
+from gatescope.constants import ATLAS_JSON, CASES, QUANTITIES, TOP_LISTS
+from gatescope.errors import GatescopeError
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMATS",
+    "export_atlas",
+    "from_hf_dataset",
+    "import_dataset",
+    "schema_columns",
+    "to_hf_dataset",
+]
+
+#: Output formats of :func:`export_atlas`.
+FORMATS = ("hf", "parquet")
+
+#: Key of the atlas metadata in the description JSON and in a parquet file's schema metadata.
+META_KEY = "gatescope_meta"
+
+#: Token count assumed when importing a dataset that records none (GLUScope's): counts are
+#: then ``round(freq * NOMINAL_TOKENS)`` and the metadata says ``"tokens_exact": false``.
+NOMINAL_TOKENS = 10**9
+
+# Suffixes of the three columns of a ranked list, in the order of the atlas tensors.
+_LIST_FIELDS = (
+    ("max_values", "top_value"),
+    ("max_indices", "top_text"),
+    ("max_positions", "top_position"),
+)
+# Empty-slot value and stored dtype of each ranked-list tensor.
+_LIST_FILL = {
+    "top_value": (0.0, np.float32),
+    "top_text": (-1, np.int32),
+    "top_position": (-1, np.int32),
+}
+# Metadata that describes a file layout, not the scan: the importing gatescope sets it anew.
+_LAYOUT_KEYS = ("format", "format_version", "layers", "d_mlp", "k", "cases", "quantities", "lists")
+
+
+def schema_columns(*, positions: bool = True) -> list[str]:
+    """The column names of the schema, in the order :func:`to_hf_dataset` writes them.
+
+    Args:
+        positions: Include our ``_max_positions`` columns (GLUScope's dataset has none).
+    """
+    columns = ["layer", "neuron"]
+    for c, case in enumerate(CASES):
+        columns.append(f"{case}_freq")
+        columns += [f"{case}_{quantity}_mean" for quantity in QUANTITIES]
+        for lc, q in TOP_LISTS:
+            if lc == c:
+                fields = [suffix for suffix, _ in _LIST_FIELDS]
+                if not positions:
+                    fields.remove("max_positions")
+                columns += [f"{case}_{QUANTITIES[q]}_{suffix}" for suffix in fields]
+    return columns
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
+    """The atlas as a ``datasets.Dataset`` in the GLUScope schema (see the module docstring).
+
+    Built column by column from the whole tensors; ``info.description`` holds the atlas
+    metadata as JSON (``{"description": ..., "gatescope_meta": meta}``).
+
+    Args:
+        atlas: Any atlas, in memory or memory-mapped from disk.
+
+    Returns:
+        A dataset of ``layers * d_mlp`` rows, layer-major.
+    """
+    import datasets
+    import pyarrow as pa
+
+    layers, d_mlp, k = atlas.num_layers, atlas.d_mlp, atlas.k
+    rows = layers * d_mlp
+    count = atlas.tensor("count").numpy()  # [L, case, d]
+    sums = atlas.tensor("sum").numpy()  # [L, case, quantity, d]
+    tokens = atlas.tokens
+
+    columns: dict[str, pa.Array] = {
+        "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), d_mlp)),
+        "neuron": pa.array(np.tile(np.arange(d_mlp, dtype=np.int32), layers)),
+    }
+    with np.errstate(divide="ignore", invalid="ignore"):
+        freq = count / tokens if tokens else np.full(count.shape, np.nan)
+        mean = np.where(count[:, :, None, :] > 0, sums / count[:, :, None, :], np.nan)
+    for c, case in enumerate(CASES):
+        columns[f"{case}_freq"] = pa.array(freq[:, c].reshape(rows).astype(np.float64))
+        for q, quantity in enumerate(QUANTITIES):
+            columns[f"{case}_{quantity}_mean"] = pa.array(mean[:, c, q].reshape(rows))
+    ranked = {name: atlas.tensor(name).numpy() for _, name in _LIST_FIELDS}  # [L, d, list, k]
+    for lst, (c, q) in enumerate(TOP_LISTS):
+        for suffix, name in _LIST_FIELDS:
+            flat = ranked[name][:, :, lst, :].reshape(rows * k).astype(_LIST_FILL[name][1])
+            columns[f"{CASES[c]}_{QUANTITIES[q]}_{suffix}"] = _list_array(flat, rows, k)
+
+    table = pa.table({name: columns[name] for name in schema_columns()})
+    from datasets.fingerprint import generate_random_fingerprint
+
+    info = datasets.DatasetInfo(description=_describe(atlas.meta))
+    # The default fingerprint pickles and hashes the whole table: seconds and gigabytes for
+    # a 7B model, for an in-memory dataset that is never cached on disk.
+    return datasets.Dataset(table, info=info, fingerprint=generate_random_fingerprint())
+
+
+def export_atlas(
+    atlas: Atlas, out: str | Path, *, format: str = "hf", overwrite: bool = False
+) -> Path:
+    """Writes the atlas in the GLUScope schema.
+
+    The output is written under a temporary name next to ``out`` and renamed into place, so
+    an interrupted export never leaves something that looks complete.
+
+    Args:
+        atlas: The atlas to export.
+        out: Target path. ``"hf"``: a folder for ``datasets.load_from_disk``. ``"parquet"``:
+            one parquet file, written at ``out`` exactly as given (no suffix is added).
+        format: ``"hf"`` or ``"parquet"``.
+        overwrite: Replace an existing ``out`` (only a dataset folder, an empty folder or a
+            file; any other folder is refused).
+
+    Returns:
+        The path written.
+    """
+    if format not in FORMATS:
+        raise GatescopeError(
+            f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}."
+        )
+    out = Path(out)
+    _check_target(out, overwrite)
+    dataset = to_hf_dataset(atlas)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.gatescope-tmp")
+    _remove(tmp)  # left over by an interrupted export
+    try:
+        if format == "hf":
+            dataset.save_to_disk(str(tmp))
+        else:
+            _write_parquet(dataset, tmp)
+        _move_into_place(tmp, out)
+    finally:
+        _remove(tmp)
+    logger.info("exported %d neurons (%s) to %s", dataset.num_rows, format, out)
+    return out
+
+
+def _list_array(flat: np.ndarray, rows: int, k: int) -> pa.Array:
+    """A list column of ``rows`` lists of ``k`` items from ``flat`` [rows * k]."""
+    import pyarrow as pa
+
+    big = (rows + 1) * k >= 2**31
+    offsets = np.arange(0, (rows + 1) * k, k, dtype=np.int64 if big else np.int32)
+    array_type = pa.LargeListArray if big else pa.ListArray
+    return array_type.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    """The ``info.description`` of an export: a sentence and the atlas metadata, as JSON."""
+    model = meta.get("model", {}).get("name") or "a model"
+    text = f"Neuron statistics of {model} in the GLUScope activation-dataset schema (gatescope)."
+    return json.dumps({"description": text, META_KEY: meta}, default=_json_default)
+
+
+def _write_parquet(dataset: datasets.Dataset, path: Path) -> None:
+    """Writes one parquet file that keeps the description in the schema metadata."""
+    import pyarrow.parquet as pq
+
+    table = dataset.data.table
+    metadata = {**(table.schema.metadata or {}), META_KEY.encode(): dataset.info.description}
+    pq.write_table(table.replace_schema_metadata(metadata), str(path))
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise GatescopeError(f"{out} already exists: pass --overwrite to replace it.")
+    if out.is_dir() and not out.is_symlink():
+        is_dataset = (out / "dataset_info.json").exists() or (out / "state.json").exists()
+        if not is_dataset and any(out.iterdir()):
+            raise GatescopeError(
+                f"{out} is a folder that is not a dataset export: refusing to replace it, "
+                "choose another output path."
+            )
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames ``tmp`` to ``out``, replacing what is there (file or folder)."""
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.gatescope-old")
+        _remove(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        _remove(old)
+    else:
+        os.replace(tmp, out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def from_hf_dataset(
+    dataset: datasets.Dataset | pa.Table,
+    *,
+    meta: dict[str, Any] | None = None,
+    tokens: int | None = None,
+) -> Atlas:
+    """Builds an in-memory atlas from a dataset in the GLUScope schema.
+
+    Reads our exports exactly (metadata from ``info.description``) and GLUScope's own
+    dataset, which has no ``_max_positions`` columns (positions become -1) and no token
+    count. Rows may come in any order; ``layer`` and ``neuron`` place them.
+
+    Args:
+        dataset: The dataset (or a pyarrow table of it), one row per neuron.
+        meta: Metadata entries that replace those restored from the dataset.
+        tokens: Counted tokens of the corpus behind the dataset; without it (and without
+            restored metadata) a nominal 10**9 is used and recorded as
+            ``"tokens_exact": false``: frequencies stay right, counts are nominal.
+
+    Returns:
+        The atlas: ``count`` [L, case, d] = round(freq * tokens), ``sum`` [L, case,
+        quantity, d] = mean * count, ranked lists [L, d, list, k] with ``k`` the length
+        of the dataset's lists.
+    """
+    table = _as_table(dataset)
+    restored = _restored_meta(dataset, table)
+    columns = set(table.column_names)
+    required = schema_columns(positions=False)
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise GatescopeError(
+            f"the dataset is not in the GLUScope schema: it lacks the columns {', '.join(missing)}."
+        )
+    rows = table.num_rows
+    if rows == 0:
+        raise GatescopeError("the dataset has no rows: there are no neurons to import.")
+    layer = _integers(table, "layer")
+    neuron = _integers(table, "neuron")
+    layers, d_mlp = int(layer.max()) + 1, int(neuron.max()) + 1
+    place = _places(layer, neuron, layers, d_mlp)  # [row] -> layer * d_mlp + neuron
+
+    meta = {**restored, **(meta or {})}
+    if tokens is not None:
+        meta.pop("tokens_exact", None)  # the caller knows the count
+    else:
+        tokens = meta.get("tokens")
+    if tokens is None:
+        tokens = NOMINAL_TOKENS
+        meta["tokens_exact"] = False
+        logger.warning(
+            "the dataset records no token count: counts assume a nominal %d tokens", tokens
+        )
+    tokens = int(tokens)
+    meta["tokens"] = tokens
+
+    count = np.zeros((layers * d_mlp, len(CASES)), dtype=np.int64)
+    sums = np.zeros((layers * d_mlp, len(CASES), len(QUANTITIES)), dtype=np.float64)
+    for c, case in enumerate(CASES):
+        freq = _floats(table, f"{case}_freq")
+        count[place, c] = np.rint(np.nan_to_num(freq * tokens, nan=0.0)).astype(np.int64)
+        for q, quantity in enumerate(QUANTITIES):
+            mean = _floats(table, f"{case}_{quantity}_mean")
+            sums[place, c, q] = np.where(np.isnan(mean), 0.0, mean * count[place, c])
+
+    k = _list_length(table, _ranked_column(0, "max_values"), layer, neuron, expected=None)
+    ranked = {
+        name: np.full((layers * d_mlp, len(TOP_LISTS), k), fill, dtype=dtype)
+        for name, (fill, dtype) in _LIST_FILL.items()
+    }
+    for lst in range(len(TOP_LISTS)):
+        for suffix, name in _LIST_FIELDS:
+            column = _ranked_column(lst, suffix)
+            if column not in columns:  # GLUScope has no positions: they stay -1
+                continue
+            _list_length(table, column, layer, neuron, expected=k)
+            fill, dtype = _LIST_FILL[name]
+            ranked[name][place, lst] = _list_values(table, column, fill, dtype).reshape(rows, k)
+
+    def neuron_last(array: np.ndarray) -> torch.Tensor:  # [L * d, ...] -> [L, ..., d]
+        moved = np.moveaxis(array.reshape(layers, d_mlp, *array.shape[1:]), 1, -1)
+        return torch.from_numpy(np.ascontiguousarray(moved))
+
+    tensors = {
+        "count": neuron_last(count),
+        "sum": neuron_last(sums),
+        **{
+            name: torch.from_numpy(array.reshape(layers, d_mlp, *array.shape[1:]))
+            for name, array in ranked.items()
+        },
+    }
+    meta.setdefault("model", {"name": None})
+    meta.setdefault("corpus", {})
+    meta.setdefault("options", {})
+    return Atlas(complete_meta(meta, tensors), tensors)
+
+
+def import_dataset(
+    source: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    tokens: int | None = None,
+    overwrite: bool = False,
+) -> Atlas:
+    """Imports a dataset in the GLUScope schema into an atlas folder.
+
+    Args:
+        source: A ``save_to_disk`` folder, a parquet file (recognized by its content, whatever
+            its suffix), or a Hugging Face dataset id (its ``train`` split), such as
+            GLUScope's published OLMo-7B dataset.
+        out: The atlas folder to write.
+        model: The model the statistics belong to (sets ``meta["model"]["name"]``).
+        tokens: Counted tokens of the corpus, when the dataset does not record them.
+        overwrite: Replace an atlas already in ``out``.
+
+    Returns:
+        The atlas, loaded from ``out``.
+    """
+    out = Path(out)
+    if (out / ATLAS_JSON).exists() and not overwrite:
+        raise GatescopeError(f"{out} already holds an atlas: pass --overwrite to replace it.")
+    dataset = _load_source(source)
+    atlas = from_hf_dataset(dataset, tokens=tokens)
+    if model is not None:
+        atlas.meta["model"] = {**(atlas.meta.get("model") or {}), "name": model}
+    atlas.meta["imported_from"] = str(source)
+    atlas.save(out, overwrite=overwrite)
+    logger.info("imported %s into %s", source, out)
+    return Atlas.load(out)
+
+
+def _load_source(source: str | Path) -> datasets.Dataset | pa.Table:
+    """The dataset behind ``source`` (see :func:`import_dataset`)."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise GatescopeError(f"{path} is not a saved dataset folder ({error}).") from error
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded and len(loaded) != 1:
+                raise GatescopeError(
+                    f"{path} holds the splits {', '.join(loaded)}: import a folder of one split."
+                )
+            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        return loaded
+    if path.is_file():
+        with path.open("rb") as file:
+            if file.read(4) != b"PAR1":
+                raise GatescopeError(
+                    f"{path} is not a parquet file: import a parquet file, a dataset folder or "
+                    "a Hugging Face dataset id."
+                )
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(str(path))
+        except (OSError, pa.ArrowException) as error:
+            raise GatescopeError(f"{path} is an unreadable parquet file ({error}).") from error
+    if isinstance(source, Path) or path.suffix == ".parquet" or str(source).startswith((".", "/")):
+        raise GatescopeError(f"{source} does not exist.")
+    try:
+        return datasets.load_dataset(str(source), split="train")
+    except Exception as error:  # offline, unknown id, no train split, ...: all user-facing
+        raise GatescopeError(
+            f"{source} is no local dataset folder or .parquet file, and loading it as a Hugging "
+            f"Face dataset id failed ({type(error).__name__}: {error}); check the path or id, "
+            "and the network."
+        ) from error
+
+
+def _as_table(dataset: datasets.Dataset | pa.Table) -> pa.Table:
+    import datasets
+    import pyarrow as pa
+
+    if isinstance(dataset, pa.Table):
+        return dataset
+    if isinstance(dataset, datasets.DatasetDict):
+        raise GatescopeError(
+            f"expected one split, got a DatasetDict with {', '.join(dataset)}: pass e.g. "
+            "dataset['train']."
+        )
+    if not isinstance(dataset, datasets.Dataset):
+        raise GatescopeError(
+            f"expected a datasets.Dataset or a pyarrow Table, got {type(dataset).__name__}."
+        )
+    table = dataset.data.table
+    # A shuffled or selected dataset reads through an indices mapping; datasets' own
+    # formatting applies it ten times slower than one take.
+    indices = getattr(dataset, "_indices", None)
+    if indices is not None:
+        table = table.take(indices.column(0))
+    return table
+
+
+def _restored_meta(dataset: datasets.Dataset | pa.Table, table: pa.Table) -> dict[str, Any]:
+    """The atlas metadata an export carries, without its layout keys; {} when absent."""
+    texts = [getattr(getattr(dataset, "info", None), "description", None)]
+    texts.append((table.schema.metadata or {}).get(META_KEY.encode()))
+    for text in texts:
+        if not text:
+            continue
+        try:
+            meta = json.loads(text).get(META_KEY)
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            continue  # a free-text description (GLUScope's): no metadata
+        if isinstance(meta, dict):
+            return {key: value for key, value in meta.items() if key not in _LAYOUT_KEYS}
+    return {}
+
+
+def _ranked_column(lst: int, suffix: str) -> str:
+    c, q = TOP_LISTS[lst]
+    return f"{CASES[c]}_{QUANTITIES[q]}_{suffix}"
+
+
+def _integers(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count:
+        raise GatescopeError(f"the column {name} has {column.null_count} empty values.")
+    values = column.to_numpy().astype(np.int64)
+    if values.min() < 0:
+        raise GatescopeError(f"the column {name} has negative values.")
+    return values
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    """[rows] float64, NaN for nulls."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = pc.fill_null(table.column(name).cast(pa.float64()), float("nan"))
+    return column.to_numpy()
+
+
+def _places(layer: np.ndarray, neuron: np.ndarray, layers: int, d_mlp: int) -> np.ndarray:
+    """[row] index ``layer * d_mlp + neuron``, checking that every neuron is there once."""
+    place = layer * d_mlp + neuron
+    seen = np.bincount(place, minlength=layers * d_mlp)
+    if (seen > 1).any():
+        first = int(np.argmax(seen > 1))
+        raise GatescopeError(
+            f"the dataset has {int((seen > 1).sum())} neurons in more than one row "
+            f"(first: layer {first // d_mlp}, neuron {first % d_mlp})."
+        )
+    if (seen == 0).any():
+        first = int(np.argmax(seen == 0))
+        raise GatescopeError(
+            f"the dataset lacks {int((seen == 0).sum())} of the {layers * d_mlp} neurons of "
+            f"{layers} layers x {d_mlp} (first missing: layer {first // d_mlp}, neuron "
+            f"{first % d_mlp})."
+        )
+    return place
+
+
+def _list_length(
+    table: pa.Table, name: str, layer: np.ndarray, neuron: np.ndarray, expected: int | None
+) -> int:
+    """The common length of the lists of a column; ``expected`` if given, else that of row 0."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(table.column(name))
+    if lengths.null_count:
+        raise GatescopeError(f"the column {name} has {lengths.null_count} empty (null) lists.")
+    lengths = lengths.to_numpy()
+    k = int(lengths[0]) if expected is None else expected
+    wrong = np.flatnonzero(lengths != k)
+    if wrong.size:
+        row = int(wrong[0])
+        raise GatescopeError(
+            f"the column {name} has a list of length {int(lengths[row])} at layer "
+            f"{int(layer[row])}, neuron {int(neuron[row])}, but the ranked lists have length {k}."
+        )
+    if k == 0:
+        raise GatescopeError(f"the column {name} has empty lists: the ranked lists need k >= 1.")
+    return k
+
+
+def _list_values(table: pa.Table, name: str, fill: float, dtype: type) -> np.ndarray:
+    """The items of a list column, flattened: [rows * k] of ``dtype``, nulls -> ``fill``."""
+    import pyarrow.compute as pc
+
+    items = table.column(name).combine_chunks().flatten()
+    return pc.fill_null(items, fill).to_numpy(zero_copy_only=False).astype(dtype)
