@@ -1,0 +1,127 @@
+"""How much a scan costs beyond the model's own forward pass (target <= 1.3, goal 1.1).
+
+A random Llama (hidden 512, d_mlp 1408, 8 layers, vocab 8192), 24 texts of 256 tokens,
+batch 8, float32 on the CPU. Prints, measured in this one run (medians of --repeats):
+
+* scan time / bare forward time of the same model on the same batches (``model(...)``,
+  logits included, as a user would run it), and against the decoder alone (no lm_head;
+  the scan skips the unembedding because it needs no logits);
+* scan tokens/s;
+* peak memory (resident set) of a scan over the corpus and over a corpus 4x as long: it
+  must not grow with corpus length.
+
+    python benchmarks/scan_overhead.py [--repeats 3] [--texts 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import gatescope
+
+HIDDEN, D_MLP, LAYERS, VOCAB, HEADS = 512, 1408, 8, 8192, 8
+LENGTH, BATCH = 256, 8
+
+
+def make_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=D_MLP,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=LENGTH,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_corpus(texts: int, seed: int = 0) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (texts, LENGTH), generator=generator)
+    ids[:, 0] = 1  # BOS
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def time_forward(model, corpus: datasets.Dataset, decoder_only: bool) -> float:
+    """Seconds for the bare forward over the batches the scan uses (all texts are 256 long)."""
+    ids = torch.tensor(corpus["input_ids"])
+    mask = torch.ones_like(ids)
+    run = model.base_model if decoder_only else model
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(ids), BATCH):
+            run(input_ids=ids[i : i + BATCH], attention_mask=mask[i : i + BATCH], use_cache=False)
+    return time.perf_counter() - start
+
+
+def time_scan(model, corpus: datasets.Dataset) -> float:
+    start = time.perf_counter()
+    gatescope.scan(model, corpus, batch_size=BATCH, progress=False)
+    return time.perf_counter() - start
+
+
+def peak_rss_mib_during(fn) -> float:
+    """Peak resident memory while ``fn`` runs (Linux: reset the high-water mark first)."""
+    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    if not (status.exists() and clear.exists()):
+        return float("nan")
+    clear.write_text("5")  # resets VmHWM to the current RSS
+    fn()
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--texts", type=int, default=24)
+    args = parser.parse_args()
+
+    model, corpus = make_model(), make_corpus(args.texts)
+    tokens = args.texts * LENGTH
+    time_forward(model, corpus.select(range(BATCH)), decoder_only=False)  # warm-up
+    gatescope.scan(model, corpus.select(range(BATCH)), batch_size=BATCH, progress=False)
+
+    forward, decoder, scan = [], [], []
+    for _ in range(args.repeats):  # interleaved, so machine noise hits all three alike
+        forward.append(time_forward(model, corpus, decoder_only=False))
+        decoder.append(time_forward(model, corpus, decoder_only=True))
+        scan.append(time_scan(model, corpus))
+    forward_s, decoder_s, scan_s = map(statistics.median, (forward, decoder, scan))
+
+    print(f"model: Llama hidden {HIDDEN}, d_mlp {D_MLP}, {LAYERS} layers, vocab {VOCAB}, float32")
+    print(
+        f"corpus: {args.texts} texts x {LENGTH} tokens, batch {BATCH}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    print(f"bare forward (logits):    {forward_s:7.3f} s  {tokens / forward_s:9,.0f} tok/s")
+    print(f"bare forward (no lm_head):{decoder_s:7.3f} s  {tokens / decoder_s:9,.0f} tok/s")
+    print(f"scan:                     {scan_s:7.3f} s  {tokens / scan_s:9,.0f} tok/s")
+    print(
+        f"ratio scan / bare forward:            {scan_s / forward_s:.3f}  (target <= 1.3, goal 1.1)"
+    )
+    print(f"ratio scan / bare forward no lm_head: {scan_s / decoder_s:.3f}")
+
+    long_corpus = make_corpus(4 * args.texts, seed=1)
+    short_peak = peak_rss_mib_during(lambda: time_scan(model, corpus))
+    long_peak = peak_rss_mib_during(lambda: time_scan(model, long_corpus))
+    print(
+        f"peak RSS: {short_peak:,.0f} MiB over {args.texts} texts, "
+        f"{long_peak:,.0f} MiB over {4 * args.texts} texts "
+        f"(growth {long_peak - short_peak:+,.0f} MiB)"
+    )
+
+
+if __name__ == "__main__":
+    main()
