@@ -272,10 +272,10 @@ def complete_meta(meta: dict[str, Any], tensors: Mapping[str, Tensor]) -> dict[s
     layers, d_mlp, n_lists, k = tensors["top_value"].shape
     assert n_lists == len(TOP_LISTS)
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "gatescope_version": __version__,
         **meta,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "layers": layers,
         "d_mlp": d_mlp,
         "k": k,
@@ -288,11 +288,12 @@ def complete_meta(meta: dict[str, Any], tensors: Mapping[str, Tensor]) -> dict[s
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes JSON to a temporary file and renames it into place."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=json_default) + "\n")
     os.replace(tmp, path)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for the paths and dtypes found in atlas metadata."""
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, torch.dtype):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gatescope.atlas import Atlas, _json_default, complete_meta
+from gatescope.atlas import Atlas, json_default, complete_meta
 from gatescope.constants import ATLAS_JSON, CASES, QUANTITIES, TOP_LISTS
 from gatescope.errors import GatescopeError
 
@@ -203,7 +203,7 @@ def _describe(meta: dict[str, Any]) -> str:
     """The ``info.description`` of an export: a sentence and the atlas metadata, as JSON."""
     model = meta.get("model", {}).get("name") or "a model"
     text = f"Neuron statistics of {model} in the GLUScope activation-dataset schema (gatescope)."
-    return json.dumps({"description": text, META_KEY: meta}, default=_json_default)
+    return json.dumps({"description": text, META_KEY: meta}, default=json_default)
 
 
 def _write_parquet(dataset: datasets.Dataset, path: Path) -> None:
