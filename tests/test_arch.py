@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.models import FAMILIES, NON_GATED, VARIANTS, tiny_model, tiny_non_gated
 from torch import nn
 
 from gatescope.arch import (
@@ -21,6 +20,7 @@ from gatescope.arch import (
     unembedding,
 )
 from gatescope.errors import GatescopeError
+from tests.models import FAMILIES, NON_GATED, VARIANTS, tiny_model, tiny_non_gated
 
 ALL = FAMILIES + VARIANTS
 NUM_LAYERS, HIDDEN, D_MLP, VOCAB = 2, 32, 64, 128

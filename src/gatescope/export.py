@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gatescope.atlas import Atlas, json_default, complete_meta
+from gatescope.atlas import Atlas, complete_meta, json_default
 from gatescope.constants import ATLAS_JSON, CASES, QUANTITIES, TOP_LISTS
 from gatescope.errors import GatescopeError
 
