@@ -26,12 +26,6 @@ ALL = FAMILIES + VARIANTS
 NUM_LAYERS, HIDDEN, D_MLP, VOCAB = 2, 32, 64, 128
 
 
-def _fixture(name: str) -> Path:
-    root = os.environ.get("GATESCOPE_FIXTURES")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    return base / name
-
-
 def _ids(seed: int = 0, batch: int = 3, length: int = 12, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -310,17 +304,14 @@ def test_tiny_model_is_deterministic() -> None:
 
 
 @pytest.fixture(scope="module")
-def stories260k() -> nn.Module:
-    path = _fixture("stories260K")
-    if not (path / "config.json").exists():
-        pytest.skip(f"fixture {path} not found (set GATESCOPE_FIXTURES to the fixtures folder)")
+def stories260k_model(stories260k: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    return AutoModelForCausalLM.from_pretrained(stories260k).eval()
 
 
-def test_stories260k(stories260k: nn.Module) -> None:
-    model = stories260k
+def test_stories260k(stories260k_model: nn.Module) -> None:
+    model = stories260k_model
     mlps = find_gated_mlps(model)
     assert len(mlps) == 5 and {m.d_mlp for m in mlps} == {172}
     ids = _ids(vocab=model.config.vocab_size, length=24)

@@ -26,9 +26,6 @@ from gatescope.corpus import (
 )
 from gatescope.errors import GatescopeError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-STORIES260K = FIXTURES / "stories260K"
-TINYSTORIES = FIXTURES / "tinystories" / "tinystories-2MiB.txt"
 SEP = "<|endoftext|>"
 
 WORDS = [f"w{i}" for i in range(300)]
@@ -429,23 +426,22 @@ def test_fingerprint_depends_on_tokens_only() -> None:
 # --- the real fixtures --------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not (STORIES260K.is_dir() and TINYSTORIES.is_file()), reason="../shared/fixtures is absent"
-)
-def test_real_tokenizer_and_tinystories(tmp_path: Path) -> None:
+def test_real_tokenizer_and_tinystories(
+    tmp_path: Path, stories260k: Path, tinystories: Path
+) -> None:
     from transformers import AutoTokenizer
 
-    real = AutoTokenizer.from_pretrained(str(STORIES260K))
-    corpus = build_corpus(TINYSTORIES, str(STORIES260K), max_length=128, tokens=5000, seed=7)
+    real = AutoTokenizer.from_pretrained(str(stories260k))
+    corpus = build_corpus(tinystories, str(stories260k), max_length=128, tokens=5000, seed=7)
     assert sum(len(ids) for ids in corpus[INPUT_IDS]) == 5000
     assert all(ids[0] == 1 and 2 <= len(ids) <= 128 for ids in corpus[INPUT_IDS])
-    pieces = TINYSTORIES.read_text(encoding="utf-8").split(SEP)
+    pieces = tinystories.read_text(encoding="utf-8").split(SEP)
     for source_id, ids in rows_of(corpus)[:-1]:  # The last one may be cut by the budget.
         name, row = source_id.rsplit(":", 1)
-        assert name == TINYSTORIES.name
+        assert name == tinystories.name
         expected = real(pieces[int(row)].strip(), add_special_tokens=False)["input_ids"]
         assert ids[1:] == expected[:127]
-    again = build_corpus(TINYSTORIES, real, max_length=128, tokens=5000, seed=7)
+    again = build_corpus(tinystories, real, max_length=128, tokens=5000, seed=7)
     assert fingerprint(again) == fingerprint(corpus)
     out = save_corpus(corpus, tmp_path / "ts", metadata={"tokenizer": real.name_or_path})
     assert fingerprint(load_corpus(out)) == fingerprint(corpus)
