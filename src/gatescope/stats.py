@@ -13,12 +13,12 @@ For each neuron and sign case ``c`` (``gate+_in+``, ``gate+_in-``, ``gate-_in+``
   value, the text index and the token position. Ties go to the lower text index.
 
 How it stays cheap: a batch is processed in chunks of whole texts small enough to stay in
-cache, with preallocated workspace buffers (fresh multi-megabyte allocations cost more than
-the arithmetic on CPU). Within a case every quantity has a fixed sign (constants.SIGNS), so
-a text's strongest token is a plain ``amax``/``amin`` over positions of the quantity masked
-by the case. Argmax-with-indices is ten times slower than ``amax``, so positions are found
-only for candidates that can still enter a top-k list: densely while the lists fill up,
-by gathering single columns once they are full (then few texts qualify).
+cache, with reused workspace buffers (fresh multi-megabyte allocations cost more than the
+arithmetic on a CPU). Within a case every quantity has a fixed sign (constants.SIGNS), so a
+text's strongest token is a plain ``amax``/``amin`` over positions of the quantity masked by
+the case. Argmax kernels are several times slower than ``amax`` ones, so positions come from
+block maxima (see ``_strongest``). Each batch's candidates are merged into the ranked lists
+with one sort of packed (|value|, text index) keys.
 """
 
 from __future__ import annotations
@@ -35,17 +35,14 @@ N_QUANTITIES = len(QUANTITIES)
 N_LISTS = len(TOP_LISTS)
 
 #: Elements of one [texts, positions, d_mlp] workspace buffer per chunk. About 20 such
-#: buffers live at once; 2**20 float32 elements (4 MiB) keeps a chunk near a CPU's cache,
-#: while on a GPU larger chunks only save kernel launches.
-CPU_CHUNK_ELEMENTS = 2**20
+#: buffers live at once; 2**18 float32 elements (1 MiB) keeps a chunk in a CPU's cache (on
+#: the benchmark model one text per chunk was fastest), while on a GPU larger chunks only
+#: save kernel launches.
+CPU_CHUNK_ELEMENTS = 2**18
 GPU_CHUNK_ELEMENTS = 2**24
 
-#: Above this fraction of candidates needing a position, the two-level argmax over every
-#: list is cheaper than gathering single columns.
-DENSE_POSITIONS_FRACTION = 1 / 8
-
-#: Positions per block of the two-level argmax: the block maxima come from a fast ``amax``,
-#: the argmax runs over BLOCK times fewer values, then one block per text is searched.
+#: Positions per block of the two-level search for a text's strongest token: block maxima
+#: come from a fast ``amax``, then only the first block holding the maximum is searched.
 BLOCK = 16
 
 #: Text indices are packed into 31 bits of the ranking key.
@@ -96,9 +93,14 @@ class NeuronStats:
 
         self._workspace: dict[str, Tensor] = {}
         self._workspace_shape: tuple[int, ...] = ()
-        self._block_offsets = torch.arange(BLOCK, device=self.device).view(1, BLOCK, 1)
-        self._reverse_rank = torch.arange(BLOCK, 0, -1, device=self.device, dtype=torch.int16)
-        self._reverse_rank = self._reverse_rank.view(1, BLOCK, 1)
+        self._block_offsets = torch.arange(BLOCK, device=self.device).view(1, 1, BLOCK, 1)
+        self._signs = torch.tensor(SIGNS, dtype=dtype, device=self.device).view(
+            N_CASES, N_QUANTITIES, 1, 1, 1
+        )
+        self._ranked_quantities = [
+            torch.tensor([q for c, q in TOP_LISTS if c == case], device=self.device)
+            for case in range(N_CASES)
+        ]
 
     # ------------------------------------------------------------------ update
 
@@ -126,14 +128,13 @@ class NeuronStats:
         values = torch.empty(N_LISTS, batch, d_mlp, dtype=self.dtype, device=self.device)
         keys = torch.empty_like(values)
         found = torch.full(values.shape, -1, dtype=torch.int64, device=self.device)
-        threshold = self._keys(self.top_value[..., -1], self.top_text[..., -1])  # [list, neuron]
 
         chunk = max(1, self.chunk_elements // (length * d_mlp))
         for start in range(0, batch, chunk):
             texts = slice(start, min(start + chunk, batch))
             self._update_chunk(
                 gate[texts], up[texts], valid[texts],
-                values[:, texts], keys[:, texts], found[:, texts], threshold,
+                values[:, texts], keys[:, texts], found[:, texts],
             )  # fmt: skip
         text = text_index.view(1, 1, batch).expand(N_LISTS, d_mlp, batch)
         self._merge_top(values.transpose(1, 2), keys.transpose(1, 2), text, found.transpose(1, 2))
@@ -146,7 +147,6 @@ class NeuronStats:
         values: Tensor,
         keys: Tensor,
         found: Tensor,
-        threshold: Tensor,
     ) -> None:
         """Accumulates counts and sums of a chunk of texts and fills in their candidates.
 
@@ -165,11 +165,10 @@ class NeuronStats:
         q[2].copy_(self.act(q[0]))
         torch.mul(q[2], q[1], out=q[3])
 
-        # signs: [pos/neg, g/u, text, pos, neuron] as 0/1 floats. sign() is 0 at 0, so a zero
-        # g or u is in no case, as DESIGN.md requires.
-        torch.sign(q[:2], out=signs[1])
-        torch.clamp(signs[1], min=0, out=signs[0])
-        torch.sub(signs[0], signs[1], out=signs[1])
+        # signs: [pos/neg, g/u, text, pos, neuron] as 0/1 floats. A zero g or u is neither
+        # positive nor negative, so it is in no case, as DESIGN.md requires.
+        torch.gt(q[:2], 0, out=signs[0])
+        torch.lt(q[:2], 0, out=signs[1])
         # cases: [case, text, pos, neuron] one-hot, case = 2 * (g < 0) + (u < 0).
         g_sign, u_sign = signs[:, 0], signs[:, 1]
         torch.mul(g_sign.unsqueeze(1), u_sign.unsqueeze(0), out=cases.view(2, 2, *cases.shape[1:]))
@@ -182,71 +181,56 @@ class NeuronStats:
             torch.mul(q, cases[c], out=masked)
             self.sum[c] += masked.sum(dim=2).sum(dim=1, dtype=torch.float64)
             lists = _LISTS_OF_CASE[c]
-            for lst in range(lists.start, lists.stop):
-                qi = TOP_LISTS[lst][1]
-                reduce = torch.amax if SIGNS[c][qi] > 0 else torch.amin
-                reduce(masked[qi], dim=1, out=values[lst])
             present = count_per_text[c] > 0  # [text, neuron]
+            value, position = self._strongest(masked, cases[c], present, c)
+            values[lists] = value
+            found[lists] = position
             # Ranking key |value|; -inf marks a text in which the case never occurs.
-            keys[lists] = torch.where(present, values[lists].abs(), float("-inf"))
-            need = present & (keys[lists] >= threshold[lists].unsqueeze(1))
-            found[lists] = self._positions(masked, cases[c], values[lists], need, lists)
+            keys[lists] = torch.where(present, value.abs(), float("-inf"))
 
-    def _positions(
-        self, masked: Tensor, case_mask: Tensor, values: Tensor, need: Tensor, lists: slice
-    ) -> Tensor:
-        """Token positions of the candidates that may enter a ranked list.
-
-        Args:
-            masked: [quantity, text, pos, neuron] quantities of one case (0 elsewhere).
-            case_mask: [text, pos, neuron] 0/1 membership of that case.
-            values: [list, text, neuron] each text's strongest value of the case's lists.
-            need: [list, text, neuron] bool, which candidates need their position.
-            lists: The lists (a slice of TOP_LISTS, all of one case) of ``values`` and ``need``.
-
-        Returns:
-            [list, text, neuron] int64: the first position of the strongest token where
-            ``need``, -1 elsewhere.
-        """
-        found = torch.full(values.shape, -1, dtype=torch.int64, device=values.device)
-        case = TOP_LISTS[lists.start][0]
-        quantities = [qi for _, qi in TOP_LISTS[lists]]
-        if need.sum() > DENSE_POSITIONS_FRACTION * need.numel():
-            for i, qi in enumerate(quantities):
-                first = self._first_extreme(masked[qi], SIGNS[case][qi])
-                found[i] = torch.where(need[i], first, -1)
-            # A value of exactly 0 (act underflow) is also the fill value of the other cases'
-            # tokens, so the dense search may have picked one of those: look those up below.
-            need = need & (values == 0)
-        if need.any():
-            lst, text, neuron = need.nonzero(as_tuple=True)
-            quantity = torch.tensor(quantities, device=values.device)[lst]
-            column = masked[quantity, text, :, neuron]  # [candidate, pos]
-            in_case = case_mask[text, :, neuron] > 0
-            hit = (column == values[lst, text, neuron].unsqueeze(1)) & in_case
-            found[lst, text, neuron] = hit.to(torch.uint8).argmax(dim=1)  # first hit
-        return found
-
-    def _first_extreme(self, x: Tensor, sign: int) -> Tensor:
-        """[text, neuron]: the first position of the maximum (sign > 0) or minimum of ``x``.
+    def _strongest(
+        self, masked: Tensor, case_mask: Tensor, present: Tensor, case: int
+    ) -> tuple[Tensor, Tensor]:
+        """Each text's strongest token of one case, for each ranked quantity of the case.
 
         Two levels, because argmax kernels are several times slower than amax ones: the
-        extreme of each block of positions, the first block holding the overall extreme,
-        then the first position inside that block.
+        extremes of each block of BLOCK positions (all quantities at once, one pass for max
+        and one for min), the first block holding a text's strongest value, then the first
+        position inside that block.
 
         Args:
-            x: [text, pos, neuron] with pos a multiple of BLOCK.
+            masked: [quantity, text, pos, neuron] the quantities on the case's tokens, else 0;
+                pos is a multiple of BLOCK.
+            case_mask: [text, pos, neuron] 0/1 membership of the case.
+            present: [text, neuron] bool, whether the case occurs in the text.
+            case: The case index.
+
+        Returns:
+            value: [list, text, neuron] signed strongest value of each of the case's lists.
+            position: [list, text, neuron] int64, its first position (meaningless where the
+                case never occurs in the text).
         """
-        texts, length, neurons = x.shape
-        blocks = x.view(texts, length // BLOCK, BLOCK, neurons)
-        if sign > 0:
-            best, block = blocks.amax(dim=2).max(dim=1)
-        else:
-            best, block = blocks.amin(dim=2).min(dim=1)
-        window = block.unsqueeze(1) * BLOCK + self._block_offsets  # [text, BLOCK, neuron]
-        hit = x.gather(1, window) == best.unsqueeze(1)
-        first = BLOCK - (hit * self._reverse_rank).amax(dim=1)
-        return block * BLOCK + first
+        quantities, texts, length, neurons = masked.shape
+        blocks = masked.view(quantities, texts, length // BLOCK, BLOCK, neurons)
+        sign = self._signs[case]  # [quantity, 1, 1, 1]: each quantity's sign in this case
+        strength = torch.where(sign > 0, blocks.amax(dim=3), blocks.amin(dim=3).neg_())
+        block = _first_max(strength, dim=2)  # [quantity, text, neuron]
+        value = strength.amax(dim=2) * sign.view(-1, 1, 1)
+
+        window = block.unsqueeze(2) * BLOCK + self._block_offsets  # [quantity, text, BLOCK, neuron]
+        position = block * BLOCK + _first_max(masked.gather(2, window) * sign, dim=2)
+        ranked = self._ranked_quantities[case]
+        value, position = value[ranked], position[ranked]  # [list, text, neuron]
+
+        # A strongest value of exactly 0 (act underflow, as GELU-tanh does far out) is also
+        # the fill value of other cases' tokens: search those columns among the case's tokens.
+        zero = (value == 0) & present
+        if zero.any():
+            lst, text, neuron = zero.nonzero(as_tuple=True)
+            in_case = case_mask[text, :, neuron] > 0  # [candidate, pos]
+            hit = (masked[ranked[lst], text, :, neuron] == 0) & in_case
+            position[lst, text, neuron] = hit.to(torch.uint8).argmax(dim=1)  # first hit
+        return value, position
 
     # ------------------------------------------------------------------ top-k
 
@@ -355,6 +339,21 @@ class NeuronStats:
             ws["cases"][:, :texts],
             ws["masked"][:, :texts],
         )
+
+
+def _first_max(x: Tensor, dim: int) -> Tensor:
+    """Index of the first maximum of ``x`` along ``dim`` (int64).
+
+    ``max(dim).indices`` does not promise the first of equal maxima on every device, and its
+    CPU kernel is several times slower than ``amax``: compare with the maximum and keep the
+    first hit (weights n, n-1, ..., 1 make the first hit the largest).
+    """
+    size = x.shape[dim]
+    shape = [1] * x.dim()
+    shape[dim] = size
+    weights = torch.arange(size, 0, -1, device=x.device, dtype=torch.int32).view(shape)
+    hits = x == x.amax(dim=dim, keepdim=True)
+    return size - (hits * weights).amax(dim=dim).to(torch.int64)
 
 
 def _lists_of_case(case: int) -> slice:
