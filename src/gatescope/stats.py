@@ -346,14 +346,16 @@ def _first_max(x: Tensor, dim: int) -> Tensor:
 
     ``max(dim).indices`` does not promise the first of equal maxima on every device, and its
     CPU kernel is several times slower than ``amax``: compare with the maximum and keep the
-    first hit (weights n, n-1, ..., 1 make the first hit the largest).
+    first hit (weights n, n-1, ..., 1 make the first hit the largest). Hits are floats
+    because comparisons into bool tensors are slow on a CPU.
     """
     size = x.shape[dim]
     shape = [1] * x.dim()
     shape[dim] = size
-    weights = torch.arange(size, 0, -1, device=x.device, dtype=torch.int32).view(shape)
-    hits = x == x.amax(dim=dim, keepdim=True)
-    return size - (hits * weights).amax(dim=dim).to(torch.int64)
+    weights = torch.arange(size, 0, -1, device=x.device, dtype=x.dtype).view(shape)
+    hits = torch.empty_like(x)
+    torch.eq(x, x.amax(dim=dim, keepdim=True), out=hits)
+    return size - hits.mul_(weights).amax(dim=dim).to(torch.int64)
 
 
 def _lists_of_case(case: int) -> slice:
