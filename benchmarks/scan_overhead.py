@@ -86,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--texts", type=int, default=24)
+    parser.add_argument("--verbose", action="store_true", help="print every repeat")
     args = parser.parse_args()
 
     model, corpus = make_model(), make_corpus(args.texts)
@@ -99,6 +100,9 @@ def main() -> None:
         decoder.append(time_forward(model, corpus, decoder_only=True))
         scan.append(time_scan(model, corpus))
     forward_s, decoder_s, scan_s = map(statistics.median, (forward, decoder, scan))
+    if args.verbose:
+        for name, times in ("forward", forward), ("decoder", decoder), ("scan", scan):
+            print(f"{name:8s}", " ".join(f"{t:.3f}" for t in times))
 
     print(f"model: Llama hidden {HIDDEN}, d_mlp {D_MLP}, {LAYERS} layers, vocab {VOCAB}, float32")
     print(

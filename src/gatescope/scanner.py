@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -95,7 +96,7 @@ def scan(
     """
     from gatescope.arch import find_gated_mlps, refactored_glu
     from gatescope.loading import load_model
-    from gatescope.stats import NeuronStats
+    from gatescope.stats import NeuronStats, Workspace
 
     opts = ScanOptions(**options)
     out = Path(out) if out is not None else None
@@ -112,12 +113,20 @@ def scan(
         raise GatescopeError(f"the model's layers have different MLP sizes {sorted(d_mlps)}.")
 
     stats_dtype = torch.float64 if loaded.dtype == torch.float64 else torch.float32
-    layers = [
-        NeuronStats(
-            mlp.d_mlp, mlp.act_fn, k=opts.k, device=mlp.down_proj.weight.device, dtype=stats_dtype
+    workspaces = defaultdict(Workspace)  # one per device: layers take turns
+    layers = []
+    for mlp in mlps:
+        device = mlp.down_proj.weight.device
+        layers.append(
+            NeuronStats(
+                mlp.d_mlp,
+                mlp.act_fn,
+                k=opts.k,
+                device=device,
+                dtype=stats_dtype,
+                workspace=workspaces[device],
+            )
         )
-        for mlp in mlps
-    ]
     identity = {
         "model": loaded.name,
         "revision": loaded.revision,

@@ -48,6 +48,11 @@ BLOCK = 16
 #: Text indices are packed into 31 bits of the ranking key.
 MAX_TEXTS = 2**31 - 1
 
+#: Candidates (texts) kept per list and neuron before they are merged into the ranked
+#: lists, on a CPU: a merge sorts every list, so it runs once per few batches. On a GPU the
+#: merge is cheap and memory is not, so candidates are merged after every batch.
+CPU_PENDING_TEXTS = 32
+
 
 class NeuronStats:
     """Accumulates the statistics of the ``d_mlp`` neurons of one gated MLP layer.
@@ -60,6 +65,7 @@ class NeuronStats:
         dtype: Floating type of the computation and of the stored top-k values: float32 for
             float32/bfloat16/float16 models, float64 for float64 models. Sums are float64.
         chunk_elements: Size of one workspace buffer; ``None`` picks a default per device.
+        workspace: Scratch buffers to share with the other layers on the same device.
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class NeuronStats:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         chunk_elements: int | None = None,
+        workspace: Workspace | None = None,
     ) -> None:
         self.d_mlp = d_mlp
         self.act = act
@@ -86,13 +93,13 @@ class NeuronStats:
         self.sum = torch.zeros(
             N_CASES, N_QUANTITIES, d_mlp, dtype=torch.float64, device=self.device
         )
-        # Ranked lists [list, neuron, rank]; empty slots hold text -1, position -1, value 0.
-        self.top_value = torch.zeros(N_LISTS, d_mlp, k, dtype=dtype, device=self.device)
-        self.top_text = torch.full((N_LISTS, d_mlp, k), -1, dtype=torch.int64, device=self.device)
-        self.top_position = torch.full_like(self.top_text, -1)
+        # The ranked lists and the candidates waiting to enter them, [list, neuron, slot]:
+        # slots [0, k) hold the lists in rank order, slots [k, used) the pending candidates.
+        # Empty slots hold text -1, position -1, value 0.
+        self._pending_texts = CPU_PENDING_TEXTS if self.device.type == "cpu" else 0
+        self._allocate_slots(k + self._pending_texts)
 
-        self._workspace: dict[str, Tensor] = {}
-        self._workspace_shape: tuple[int, ...] = ()
+        self.workspace = workspace if workspace is not None else Workspace()
         self._block_offsets = torch.arange(BLOCK, device=self.device).view(1, 1, BLOCK, 1)
         self._signs = torch.tensor(SIGNS, dtype=dtype, device=self.device).view(
             N_CASES, N_QUANTITIES, 1, 1, 1
@@ -136,8 +143,9 @@ class NeuronStats:
                 gate[texts], up[texts], valid[texts],
                 values[:, texts], keys[:, texts], found[:, texts],
             )  # fmt: skip
-        text = text_index.view(1, 1, batch).expand(N_LISTS, d_mlp, batch)
-        self._merge_top(values.transpose(1, 2), keys.transpose(1, 2), text, found.transpose(1, 2))
+        # Candidates of texts in which the case never occurs (key -inf) are empty slots.
+        text = torch.where(keys == float("-inf"), -1, text_index.view(1, batch, 1))
+        self._add_candidates(values.transpose(1, 2), text.transpose(1, 2), found.transpose(1, 2))
 
     def _update_chunk(
         self,
@@ -234,37 +242,85 @@ class NeuronStats:
 
     # ------------------------------------------------------------------ top-k
 
-    @staticmethod
-    def _keys(value: Tensor, text: Tensor) -> Tensor:
-        """Ranking keys |value|, -inf for empty slots."""
-        return torch.where(text >= 0, value.abs(), float("-inf"))
+    @property
+    def top_value(self) -> Tensor:
+        """[list, neuron, rank] signed values of the ranked lists, strongest first."""
+        self._merge_pending()
+        return self._value[..., : self.k]
 
-    def _merge_top(self, value: Tensor, key: Tensor, text: Tensor, position: Tensor) -> None:
-        """Merges candidates [list, neuron, n] into the ranked lists.
+    @property
+    def top_text(self) -> Tensor:
+        """[list, neuron, rank] int32 text indices of the ranked lists (-1: empty)."""
+        self._merge_pending()
+        return self._text[..., : self.k]
 
-        Order: key descending, then text index ascending. Candidates with key -inf never
-        enter; slots left without one are emptied.
+    @property
+    def top_position(self) -> Tensor:
+        """[list, neuron, rank] int32 token positions of the ranked lists (-1: empty)."""
+        self._merge_pending()
+        return self._position[..., : self.k]
+
+    def _allocate_slots(self, slots: int) -> None:
+        """(Re)allocates the slot tensors, keeping the ranked lists."""
+        shape = (N_LISTS, self.d_mlp, slots)
+        value = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        text = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+        position = torch.full_like(text, -1)
+        if hasattr(self, "_value"):
+            self._merge_pending()
+            value[..., : self.k] = self._value[..., : self.k]
+            text[..., : self.k] = self._text[..., : self.k]
+            position[..., : self.k] = self._position[..., : self.k]
+        self._value, self._text, self._position = value, text, position
+        self._used = self.k
+
+    def _add_candidates(self, value: Tensor, text: Tensor, position: Tensor) -> None:
+        """Queues candidates [list, neuron, n] (text -1: none) for the ranked lists."""
+        n = value.shape[-1]
+        if self.k + n > self._value.shape[-1]:
+            self._allocate_slots(self.k + max(n, self._pending_texts))
+        if self._used + n > self._value.shape[-1]:
+            self._merge_pending()
+        slots = slice(self._used, self._used + n)
+        self._value[..., slots] = value
+        self._text[..., slots] = text
+        self._position[..., slots] = position
+        self._used += n
+        if not self._pending_texts:
+            self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        """Merges the pending candidates into the ranked lists.
+
+        Order: |value| descending, then text index ascending. Slots left without a
+        candidate are emptied.
         """
-        key = torch.cat([self._keys(self.top_value, self.top_text), key], dim=-1)
-        value = torch.cat([self.top_value, value], dim=-1)
-        text = torch.cat([self.top_text, text], dim=-1)
-        position = torch.cat([self.top_position, position], dim=-1)
+        if self._used == self.k:
+            return
+        value = self._value[..., : self._used]
+        text = self._text[..., : self._used]
+        key = torch.where(text >= 0, value.abs(), float("-inf"))
 
         if self.dtype == torch.float32:
             # One sort of unique int64 keys: the bits of a non-negative float32 order like
             # the float, and the text index (descending) breaks ties towards lower indices.
             packed = (key.view(torch.int32).to(torch.int64) << 31) | (MAX_TEXTS - text)
-            packed = packed.masked_fill_(key == float("-inf"), -1)
+            packed = packed.masked_fill_(text < 0, -1)
             best = packed.sort(dim=-1, descending=True).indices[..., : self.k]
         else:  # float64 keys do not fit beside an index: two stable sorts
             by_text = torch.sort(text, dim=-1, stable=True).indices
             by_key = torch.sort(key.gather(-1, by_text), dim=-1, descending=True, stable=True)
             best = by_text.gather(-1, by_key.indices[..., : self.k])
 
-        empty = key.gather(-1, best) == float("-inf")
-        self.top_value = value.gather(-1, best).masked_fill_(empty, 0)
-        self.top_text = text.gather(-1, best).masked_fill_(empty, -1)
-        self.top_position = position.gather(-1, best).masked_fill_(empty, -1)
+        empty = text.gather(-1, best) < 0
+        ranked = (
+            value.gather(-1, best).masked_fill_(empty, 0),
+            text.gather(-1, best).masked_fill_(empty, -1),
+            self._position[..., : self._used].gather(-1, best).masked_fill_(empty, -1),
+        )
+        for slots, new in zip((self._value, self._text, self._position), ranked, strict=True):
+            slots[..., : self.k] = new
+        self._used = self.k
 
     # ------------------------------------------------------------------ merge, state
 
@@ -275,9 +331,12 @@ class NeuronStats:
         self.tokens += other.tokens.to(self.device)
         self.count += other.count.to(self.device)
         self.sum += other.sum.to(self.device)
-        value = other.top_value.to(self.device, self.dtype)
-        text = other.top_text.to(self.device)
-        self._merge_top(value, self._keys(value, text), text, other.top_position.to(self.device))
+        self._add_candidates(
+            other.top_value.to(self.device, self.dtype),
+            other.top_text.to(self.device),
+            other.top_position.to(self.device),
+        )
+        self._merge_pending()
 
     def state_dict(self) -> dict[str, Tensor]:
         """The accumulated state; ``load_state_dict`` restores it exactly."""
@@ -301,44 +360,53 @@ class NeuronStats:
         self.tokens = state["tokens"].to(self.device, torch.int64).clone()
         self.count = state["count"].to(self.device, torch.int64).clone()
         self.sum = state["sum"].to(self.device, torch.float64).clone()
-        self.top_value = state["top_value"].to(self.device, self.dtype).clone()
-        self.top_text = state["top_text"].to(self.device, torch.int64).clone()
-        self.top_position = state["top_position"].to(self.device, torch.int64).clone()
+        self._merge_pending()
+        self._value[..., : self.k] = state["top_value"]
+        self._text[..., : self.k] = state["top_text"]
+        self._position[..., : self.k] = state["top_position"]
 
     # ------------------------------------------------------------------ helpers
 
     def _buffers(self, texts: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Workspace buffers q, signs, cases, masked for ``texts`` texts of ``length``.
-
-        Positions are padded to whole blocks. Buffers are kept for the next call (a fresh
-        allocation costs more than the arithmetic on a CPU); a smaller last chunk uses views.
-        """
+        """Workspace buffers q, signs, cases, masked for ``texts`` texts of ``length``."""
         padded = -(-length // BLOCK) * BLOCK
-        if (
-            len(self._workspace_shape) != 2
-            or self._workspace_shape[0] < texts
-            or (self._workspace_shape[1] != padded)
-        ):
-            shape = (
-                max(texts, self._workspace_shape[0] if self._workspace_shape else 0),
-                padded,
-                self.d_mlp,
-            )
-            new = lambda *lead: torch.empty(*lead, *shape, dtype=self.dtype, device=self.device)  # noqa: E731
-            self._workspace_shape = shape[:2]
-            self._workspace = {
-                "q": new(N_QUANTITIES),
-                "signs": new(2, 2),
-                "cases": new(N_CASES),
-                "masked": new(N_QUANTITIES),
-            }
-        ws = self._workspace
+        ws = self.workspace.get(texts, padded, self.d_mlp, self.dtype, self.device)
         return (
             ws["q"][:, :texts],
             ws["signs"][:, :, :texts],
             ws["cases"][:, :texts],
             ws["masked"][:, :texts],
         )
+
+
+class Workspace:
+    """Scratch buffers for :meth:`NeuronStats.update`, shared by the layers of a model.
+
+    A fresh multi-megabyte allocation costs more than the arithmetic done in it on a CPU,
+    and one set of buffers for all layers stays in cache while the layers take turns (hooks
+    run one layer at a time). Not for concurrent updates from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+        self._key: tuple = ()
+
+    def get(
+        self, texts: int, padded: int, d_mlp: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Tensor]:
+        """Buffers [..., at least ``texts``, ``padded``, ``d_mlp``]; a smaller chunk uses views."""
+        capacity = self._key[0] if self._key else 0
+        if self._key[1:] != (padded, d_mlp, dtype, device) or capacity < texts:
+            shape = (max(texts, capacity), padded, d_mlp)
+            new = lambda *lead: torch.empty(*lead, *shape, dtype=dtype, device=device)  # noqa: E731
+            self._key = (shape[0], padded, d_mlp, dtype, device)
+            self._buffers = {
+                "q": new(N_QUANTITIES),
+                "signs": new(2, 2),
+                "cases": new(N_CASES),
+                "masked": new(N_QUANTITIES),
+            }
+        return self._buffers
 
 
 def _first_max(x: Tensor, dim: int) -> Tensor:
