@@ -202,3 +202,15 @@ def test_float32_ranking_equals_float64_ranking(act, length):
     assert torch.equal(single.top_text, double.top_text)
     assert torch.equal(single.top_position, double.top_position)
     torch.testing.assert_close(single.top_value.double(), double.top_value, rtol=1e-6, atol=0)
+
+
+def test_batch_larger_than_the_pending_room():
+    """A batch of more texts than the candidates kept between merges grows the room."""
+    d = 6
+    layout = [[5, 3, 4] * 14, [6, 2]]  # 42 texts, then 2
+    batches = batches_of(6, layout, d)
+    stats = NeuronStats(d, torch.nn.functional.silu, k=K, dtype=torch.float64)
+    for text_index, (gate, up, valid) in batches:
+        stats.update(gate, up, text_index, valid)
+    ref = reference_stats(brute_force_inputs(batches, torch.nn.functional.silu), K)
+    assert_matches_reference(stats, ref)

@@ -97,7 +97,8 @@ class NeuronStats:
         # slots [0, k) hold the lists in rank order, slots [k, used) the pending candidates.
         # Empty slots hold text -1, position -1, value 0.
         self._pending_texts = CPU_PENDING_TEXTS if self.device.type == "cpu" else 0
-        self._allocate_slots(k + self._pending_texts)
+        self._value, self._text, self._position = self._empty_slots(k + self._pending_texts)
+        self._used = k
 
         self.workspace = workspace if workspace is not None else Workspace()
         self._block_offsets = torch.arange(BLOCK, device=self.device).view(1, 1, BLOCK, 1)
@@ -260,25 +261,25 @@ class NeuronStats:
         self._merge_pending()
         return self._position[..., : self.k]
 
-    def _allocate_slots(self, slots: int) -> None:
-        """(Re)allocates the slot tensors, keeping the ranked lists."""
+    def _empty_slots(self, slots: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Value, text and position tensors [list, neuron, slots], all empty."""
         shape = (N_LISTS, self.d_mlp, slots)
-        value = torch.zeros(shape, dtype=self.dtype, device=self.device)
         text = torch.full(shape, -1, dtype=torch.int32, device=self.device)
-        position = torch.full_like(text, -1)
-        if hasattr(self, "_value"):
-            self._merge_pending()
-            value[..., : self.k] = self._value[..., : self.k]
-            text[..., : self.k] = self._text[..., : self.k]
-            position[..., : self.k] = self._position[..., : self.k]
-        self._value, self._text, self._position = value, text, position
-        self._used = self.k
+        return torch.zeros(shape, dtype=self.dtype, device=self.device), text, text.clone()
+
+    def _grow_slots(self, slots: int) -> None:
+        """Room for more pending candidates, keeping the ranked lists."""
+        self._merge_pending()
+        grown = self._empty_slots(slots)
+        for new, old in zip(grown, (self._value, self._text, self._position), strict=True):
+            new[..., : self.k] = old[..., : self.k]
+        self._value, self._text, self._position = grown
 
     def _add_candidates(self, value: Tensor, text: Tensor, position: Tensor) -> None:
         """Queues candidates [list, neuron, n] (text -1: none) for the ranked lists."""
         n = value.shape[-1]
         if self.k + n > self._value.shape[-1]:
-            self._allocate_slots(self.k + max(n, self._pending_texts))
+            self._grow_slots(self.k + max(n, self._pending_texts))
         if self._used + n > self._value.shape[-1]:
             self._merge_pending()
         slots = slice(self._used, self._used + n)
