@@ -163,7 +163,7 @@ class NeuronStats:
         batch's candidate tensors and are written in place.
         """
         texts, length, _ = gate.shape
-        q, signs, cases, masked = self._buffers(texts, length)
+        q, cases, masked = self._buffers(texts, length)
 
         # q: [quantity, text, pos, neuron] = g, u, act(g), act(g) * u over positions padded
         # to whole blocks. Padding, uncounted tokens and the block tail get g = 0, which
@@ -175,7 +175,9 @@ class NeuronStats:
         torch.mul(q[2], q[1], out=q[3])
 
         # signs: [pos/neg, g/u, text, pos, neuron] as 0/1 floats. A zero g or u is neither
-        # positive nor negative, so it is in no case, as DESIGN.md requires.
+        # positive nor negative, so it is in no case, as DESIGN.md requires. They live in
+        # the buffer of `masked` (needed only later): a smaller workspace stays in cache.
+        signs = masked.view(2, 2, *masked.shape[1:])
         torch.gt(q[:2], 0, out=signs[0])
         torch.lt(q[:2], 0, out=signs[1])
         # cases: [case, text, pos, neuron] one-hot, case = 2 * (g < 0) + (u < 0).
@@ -368,16 +370,11 @@ class NeuronStats:
 
     # ------------------------------------------------------------------ helpers
 
-    def _buffers(self, texts: int, length: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Workspace buffers q, signs, cases, masked for ``texts`` texts of ``length``."""
+    def _buffers(self, texts: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Workspace buffers q, cases, masked for ``texts`` texts of ``length``."""
         padded = -(-length // BLOCK) * BLOCK
         ws = self.workspace.get(texts, padded, self.d_mlp, self.dtype, self.device)
-        return (
-            ws["q"][:, :texts],
-            ws["signs"][:, :, :texts],
-            ws["cases"][:, :texts],
-            ws["masked"][:, :texts],
-        )
+        return ws["q"][:, :texts], ws["cases"][:, :texts], ws["masked"][:, :texts]
 
 
 class Workspace:
@@ -403,7 +400,6 @@ class Workspace:
             self._key = (shape[0], padded, d_mlp, dtype, device)
             self._buffers = {
                 "q": new(N_QUANTITIES),
-                "signs": new(2, 2),
                 "cases": new(N_CASES),
                 "masked": new(N_QUANTITIES),
             }
