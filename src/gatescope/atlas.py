@@ -33,6 +33,7 @@ from torch import Tensor
 
 from gatescope.constants import ATLAS_JSON, CASES, CHECKPOINT_DIR, QUANTITIES, STATS_FILE, TOP_LISTS
 from gatescope.errors import GatescopeError
+from gatescope.files import write_json_atomic
 
 if TYPE_CHECKING:
     import datasets
@@ -174,14 +175,13 @@ class Atlas:
 
     def tensor(self, name: str) -> Tensor:
         """A whole stored tensor (see the module docstring for names and shapes)."""
-        if isinstance(self._tensors, _SafetensorsFile):
-            return self._tensors.get(name)
-        return self._tensors[name]
+        return self._read(name)
 
-    def _neuron_slice(self, name: str, layer: int, index: int) -> Tensor:
+    def _read(self, name: str, *index: int) -> Tensor:
+        """``tensor(name)[index]``, reading only that part of a memory-mapped file."""
         if isinstance(self._tensors, _SafetensorsFile):
-            return self._tensors.get_slice(name, layer, index)
-        return self._tensors[name][layer, index]
+            return self._tensors.get_slice(name, *index) if index else self._tensors.get(name)
+        return self._tensors[name][index]
 
     def neuron(self, layer: int, index: int) -> NeuronSummary:
         """The summary of neuron ``index`` of layer ``layer``; reads only that neuron."""
@@ -193,11 +193,11 @@ class Atlas:
             raise GatescopeError(
                 f"neuron {index} is out of range: layers have neurons 0-{self.d_mlp - 1}."
             )
-        count = self._tensors_at("count", layer)[:, index].tolist()  # [case]
-        sums = self._tensors_at("sum", layer)[:, :, index].tolist()  # [case][quantity]
-        value = self._neuron_slice("top_value", layer, index).tolist()  # [list][rank]
-        text = self._neuron_slice("top_text", layer, index).tolist()
-        position = self._neuron_slice("top_position", layer, index).tolist()
+        count = self._read("count", layer)[:, index].tolist()  # [case]
+        sums = self._read("sum", layer)[:, :, index].tolist()  # [case][quantity]
+        value = self._read("top_value", layer, index).tolist()  # [list][rank]
+        text = self._read("top_text", layer, index).tolist()
+        position = self._read("top_position", layer, index).tolist()
 
         tokens = self.tokens
         summary = NeuronSummary(
@@ -225,11 +225,6 @@ class Atlas:
             ]
             summary.top.setdefault(CASES[c], {})[QUANTITIES[q]] = examples
         return summary
-
-    def _tensors_at(self, name: str, layer: int) -> Tensor:
-        if isinstance(self._tensors, _SafetensorsFile):
-            return self._tensors.get_slice(name, layer)
-        return self._tensors[name][layer]
 
     def to_hf_dataset(self) -> datasets.Dataset:
         """The atlas in the GLUScope activation-dataset schema (one row per neuron)."""
@@ -283,19 +278,3 @@ def complete_meta(meta: dict[str, Any], tensors: Mapping[str, Tensor]) -> dict[s
         "quantities": list(QUANTITIES),
         "lists": [[CASES[c], QUANTITIES[q]] for c, q in TOP_LISTS],
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file and renames it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for the paths and dtypes found in atlas metadata."""
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")

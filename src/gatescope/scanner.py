@@ -144,7 +144,7 @@ def scan(
         last_save = time.monotonic()
         for done in range(start, len(batches)):
             indices = batches[done]
-            input_ids, attention_mask = texts.batch(indices, device=loaded.model.device)
+            input_ids, attention_mask = texts.batch(indices, device=loaded.device)
             feed.set(torch.as_tensor(indices), _counted(attention_mask, opts.include_bos))
             loaded.model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
