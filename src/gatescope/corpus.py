@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gatescope import __version__
 from gatescope.constants import CORPUS_JSON, INPUT_IDS, SOURCE_ID
 from gatescope.errors import GatescopeError
+from gatescope.files import replace_path
 
 if TYPE_CHECKING:
     import datasets
@@ -242,7 +244,7 @@ def save_corpus(
         num_texts=dataset.num_rows,
         num_tokens=_num_tokens(dataset),
         fingerprint=fingerprint(dataset),
-        gatescope_version=_version(),
+        gatescope_version=__version__,
     )
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,14 +252,7 @@ def save_corpus(
     try:
         dataset.save_to_disk(str(tmp))
         (tmp / CORPUS_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        if out.exists():
-            # Move the old folder away first: a rename cannot replace a non-empty folder.
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_path(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -591,12 +586,3 @@ def _num_tokens(dataset: datasets.Dataset) -> int:
 
     column = dataset.select_columns([INPUT_IDS]).with_format("arrow")[:].column(INPUT_IDS)
     return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gatescope")
-    except PackageNotFoundError:
-        return "unknown"

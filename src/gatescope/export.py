@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from gatescope.atlas import Atlas, complete_meta, json_default
+from gatescope.atlas import Atlas, complete_meta
 from gatescope.constants import ATLAS_JSON, CASES, QUANTITIES, TOP_LISTS
 from gatescope.errors import GatescopeError
+from gatescope.files import json_default, remove_path, replace_path
 
 if TYPE_CHECKING:
     import datasets
@@ -176,15 +175,15 @@ def export_atlas(
     dataset = to_hf_dataset(atlas)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.gatescope-tmp")
-    _remove(tmp)  # left over by an interrupted export
+    remove_path(tmp)  # left over by an interrupted export
     try:
         if format == "hf":
             dataset.save_to_disk(str(tmp))
         else:
             _write_parquet(dataset, tmp)
-        _move_into_place(tmp, out)
+        replace_path(tmp, out)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
     logger.info("exported %d neurons (%s) to %s", dataset.num_rows, format, out)
     return out
 
@@ -227,25 +226,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
                 f"{out} is a folder that is not a dataset export: refusing to replace it, "
                 "choose another output path."
             )
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames ``tmp`` to ``out``, replacing what is there (file or folder)."""
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f".{out.name}.gatescope-old")
-        _remove(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _remove(old)
-    else:
-        os.replace(tmp, out)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 # ---------------------------------------------------------------------------- import
