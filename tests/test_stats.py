@@ -90,13 +90,26 @@ def batches_of(seed: int, layout: list[list[int]], d: int, indices=None):
     return out
 
 
+@pytest.fixture(params=["cpu", "torch"])
+def kernel(request):
+    """Both passes: the fused CPU kernel and the torch operations (the GPU path)."""
+    return request.param
+
+
+# The torch pass in chunks of one text, a few texts and the whole batch; the fused CPU pass
+# (no chunks) over neurons in one partial block and in several blocks with a partial tail.
 @pytest.mark.parametrize("k", [K, 20], ids=["k4", "k_exceeds_texts"])
-@pytest.mark.parametrize("chunk_elements", [1, 10_000, 2**20])
-def test_matches_brute_force(act, chunk_elements, k):
-    d = 24
+@pytest.mark.parametrize(
+    ("kernel", "chunk_elements", "d"),
+    [("torch", 1, 24), ("torch", 10_000, 24), ("torch", 2**20, 24), ("cpu", None, 24),
+     ("cpu", None, 150)],
+)  # fmt: skip
+def test_matches_brute_force(act, kernel, chunk_elements, d, k):
     layout = [[9, 5, 12], [12, 3], [7, 7, 7, 2], [10], [4, 11, 6]]
     batches = batches_of(0, layout, d)
-    stats = NeuronStats(d, act, k=k, dtype=torch.float64, chunk_elements=chunk_elements)
+    stats = NeuronStats(
+        d, act, k=k, dtype=torch.float64, kernel=kernel, chunk_elements=chunk_elements
+    )
     for text_index, (gate, up, valid) in batches:
         stats.update(gate, up, text_index, valid)
     ref = reference_stats(brute_force_inputs(batches, act), k)
@@ -117,12 +130,12 @@ def test_fewer_texts_than_k_leaves_empty_slots():
     assert (stats.top_value[..., 2:] == 0).all()
 
 
-def test_case_that_never_occurs_is_empty():
+def test_case_that_never_occurs_is_empty(kernel):
     d = 6
     gate = torch.rand(2, 5, d, dtype=torch.float64) + 0.1  # g > 0 everywhere
     up = torch.randn(2, 5, d, dtype=torch.float64)
     valid = torch.ones(2, 5, dtype=torch.bool)
-    stats = NeuronStats(d, torch.nn.functional.silu, k=3, dtype=torch.float64)
+    stats = NeuronStats(d, torch.nn.functional.silu, k=3, dtype=torch.float64, kernel=kernel)
     stats.update(gate, up, torch.tensor([0, 1]), valid)
     assert (stats.count[2:] == 0).all()
     for lst, (c, _) in enumerate(TOP_LISTS):
@@ -164,10 +177,10 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(resumed.state_dict()[name], tensor), name
 
 
-def test_float32_inputs_from_bfloat16():
+def test_float32_inputs_from_bfloat16(kernel):
     d = 12
     ((text_index, (gate, up, valid)),) = batches_of(4, [[6, 6]], d)
-    stats = NeuronStats(d, torch.nn.functional.silu, k=K)
+    stats = NeuronStats(d, torch.nn.functional.silu, k=K, kernel=kernel)
     stats.update(gate.bfloat16(), up.bfloat16(), text_index, valid)
     ref = reference_stats(
         brute_force_inputs(
@@ -184,7 +197,7 @@ def test_float32_inputs_from_bfloat16():
 
 
 @pytest.mark.parametrize("length", [16, 37])
-def test_float32_ranking_equals_float64_ranking(act, length):
+def test_float32_ranking_equals_float64_ranking(act, kernel, length):
     """The float32 path packs keys and text indices into one sort; float64 sorts twice.
     Both must rank identically, ties (repeated values) included."""
     d = 20
@@ -193,8 +206,8 @@ def test_float32_ranking_equals_float64_ranking(act, length):
         (idx, tuple(t.float() if t.is_floating_point() else t for t in batch))
         for idx, batch in batches_of(5, layout, d)
     ]
-    single = NeuronStats(d, act, k=K, dtype=torch.float32)
-    double = NeuronStats(d, act, k=K, dtype=torch.float64)
+    single = NeuronStats(d, act, k=K, dtype=torch.float32, kernel=kernel)
+    double = NeuronStats(d, act, k=K, dtype=torch.float64, kernel=kernel)
     for text_index, (gate, up, valid) in batches:
         single.update(gate, up, text_index, valid)
         double.update(gate.double(), up.double(), text_index, valid)
@@ -204,13 +217,38 @@ def test_float32_ranking_equals_float64_ranking(act, length):
     torch.testing.assert_close(single.top_value.double(), double.top_value, rtol=1e-6, atol=0)
 
 
-def test_batch_larger_than_the_pending_room():
+def test_batch_larger_than_the_pending_room(kernel):
     """A batch of more texts than the candidates kept between merges grows the room."""
     d = 6
     layout = [[5, 3, 4] * 14, [6, 2]]  # 42 texts, then 2
     batches = batches_of(6, layout, d)
-    stats = NeuronStats(d, torch.nn.functional.silu, k=K, dtype=torch.float64)
+    stats = NeuronStats(d, torch.nn.functional.silu, k=K, dtype=torch.float64, kernel=kernel)
     for text_index, (gate, up, valid) in batches:
         stats.update(gate, up, text_index, valid)
     ref = reference_stats(brute_force_inputs(batches, torch.nn.functional.silu), K)
     assert_matches_reference(stats, ref)
+
+
+def test_cpu_and_torch_passes_agree_in_float32(act):
+    """The two passes on the same float32 batches: identical counts and ranked lists (the
+    values are the same float32 numbers), sums equal to float64 rounding."""
+    d = 200  # three full blocks of the CPU kernel and a partial one
+    layout = [[40, 17, 33], [25, 40], [9, 31, 31, 2]]
+    batches = [
+        (idx, tuple(t.float() if t.is_floating_point() else t for t in batch))
+        for idx, batch in batches_of(7, layout, d)
+    ]
+    fused = NeuronStats(d, act, k=K, kernel="cpu")
+    plain = NeuronStats(d, act, k=K, kernel="torch")
+    for text_index, (gate, up, valid) in batches:
+        fused.update(gate, up, text_index, valid)
+        plain.update(gate, up, text_index, valid)
+    assert torch.equal(fused.count, plain.count)
+    for name in ("top_text", "top_position", "top_value"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    torch.testing.assert_close(fused.sum, plain.sum, rtol=1e-12, atol=1e-9)
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="kernel"):
+        NeuronStats(4, torch.nn.functional.silu, kernel="fast")

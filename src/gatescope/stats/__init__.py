@@ -1,0 +1,23 @@
+"""Streaming GLUScope statistics of gated-MLP neurons: the math of DESIGN.md.
+
+This package is the only place that computes statistics; everything else feeds it or
+reads its state. No Hugging Face imports: it takes a layer's ``g`` and ``u`` activations.
+
+For each neuron and sign case ``c`` (``gate+_in+``, ``gate+_in-``, ``gate-_in+``,
+``gate-_in-``) it accumulates over the counted tokens of a corpus:
+
+* ``count[c]``: tokens in the case (``freq = count / tokens``);
+* ``sum[c, q]``: float64 sums of the four quantities ``q`` (``mean = sum / count``);
+* for each of the 14 ranked lists ``(c, q)`` (:data:`~gatescope.constants.TOP_LISTS`): the
+  ``k`` texts whose strongest token of case ``c`` has the largest ``|q|``, with the signed
+  value, the text index and the token position. Ties go to the lower text index.
+
+Modules: ``accumulator`` (the state, the ranked lists, merging), ``torch_pass`` (a batch's
+counts, sums and per-text strongest tokens in torch operations, any device) and
+``cpu_pass`` (the same as one fused numba kernel, several times faster on a CPU).
+"""
+
+from gatescope.stats.accumulator import NeuronStats
+from gatescope.stats.torch_pass import Workspace
+
+__all__ = ["NeuronStats", "Workspace"]

@@ -1,0 +1,268 @@
+"""The per-layer accumulator: counts, float64 sums and the ranked top-k lists.
+
+A pass (:mod:`~gatescope.stats.cpu_pass` on a CPU, :mod:`~gatescope.stats.torch_pass`
+elsewhere) turns a batch into counts, sums and each text's strongest token per list; this
+module keeps the state and merges those per-text candidates into the ranked lists with one
+sort of packed (|value|, text index) keys.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
+from gatescope.stats.torch_pass import TorchPass, Workspace
+
+N_CASES = len(CASES)
+N_QUANTITIES = len(QUANTITIES)
+N_LISTS = len(TOP_LISTS)
+
+#: Text indices are packed into 31 bits of the ranking key.
+MAX_TEXTS = 2**31 - 1
+
+#: Candidates (texts) kept per list and neuron before they are merged into the ranked
+#: lists, on a CPU: a merge sorts every list, so it runs once per few batches. On a GPU the
+#: merge is cheap and memory is not, so candidates are merged after every batch.
+CPU_PENDING_TEXTS = 32
+
+KERNELS = ("auto", "cpu", "torch")
+
+
+class NeuronStats:
+    """Accumulates the statistics of the ``d_mlp`` neurons of one gated MLP layer.
+
+    Args:
+        d_mlp: Number of neurons.
+        act: The model's activation function (SiLU, GELU, ...), applied to ``gate``.
+        k: Length of each ranked list.
+        device: Where the state lives; ``update`` expects its tensors there.
+        dtype: Floating type of the computation and of the stored top-k values: float32 for
+            float32/bfloat16/float16 models, float64 for float64 models. Sums are float64.
+        kernel: ``"cpu"`` (the fused CPU pass), ``"torch"`` (torch operations, any device)
+            or ``"auto"``: the fused pass on a CPU, torch elsewhere.
+        chunk_elements: Workspace size of the torch pass; ``None`` picks one per device.
+        workspace: The torch pass's scratch buffers, to share with the other layers.
+    """
+
+    def __init__(
+        self,
+        d_mlp: int,
+        act: Callable[[Tensor], Tensor],
+        *,
+        k: int = 16,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        kernel: str = "auto",
+        chunk_elements: int | None = None,
+        workspace: Workspace | None = None,
+    ) -> None:
+        self.d_mlp = d_mlp
+        self.act = act
+        self.k = k
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._pass = self._choose_pass(kernel, chunk_elements, workspace)
+
+        self.tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.count = torch.zeros(N_CASES, d_mlp, dtype=torch.int64, device=self.device)
+        self.sum = torch.zeros(
+            N_CASES, N_QUANTITIES, d_mlp, dtype=torch.float64, device=self.device
+        )
+        # The ranked lists and the candidates waiting to enter them, [list, neuron, slot]:
+        # slots [0, k) hold the lists in rank order, slots [k, used) the pending candidates.
+        # Empty slots hold text -1, position -1, value 0.
+        self._pending_texts = CPU_PENDING_TEXTS if self.device.type == "cpu" else 0
+        self._value, self._text, self._position = self._empty_slots(k + self._pending_texts)
+        self._used = k
+        # Each list's sign: strength * sign is the signed value.
+        self._list_signs = torch.tensor(
+            [SIGNS[c][q] for c, q in TOP_LISTS], dtype=dtype, device=self.device
+        ).view(N_LISTS, 1, 1)
+
+    def _choose_pass(self, kernel: str, chunk_elements: int | None, workspace: Workspace | None):
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+        if kernel == "auto":
+            kernel = "cpu" if self.device.type == "cpu" and _numba_works() else "torch"
+        if kernel == "cpu":
+            if self.device.type != "cpu":
+                raise ValueError(f"the cpu kernel cannot run on {self.device}")
+            from gatescope.stats.cpu_pass import cpu_pass
+
+            return functools.partial(cpu_pass, act=self.act)
+        return TorchPass(
+            self.act,
+            device=self.device,
+            dtype=self.dtype,
+            chunk_elements=chunk_elements,
+            workspace=workspace,
+        )
+
+    # ------------------------------------------------------------------ update
+
+    @torch.no_grad()
+    def update(self, gate: Tensor, up: Tensor, text_index: Tensor, valid: Tensor) -> None:
+        """Adds one batch of texts.
+
+        Args:
+            gate: [batch, pos, d_mlp] ``g``, the gate projection's output.
+            up: [batch, pos, d_mlp] ``u``, the up (in) projection's output.
+            text_index: [batch] int64, the corpus index of each text (global, unique,
+                below 2**31).
+            valid: [batch, pos] bool, the counted tokens (not padding, BOS per option).
+        """
+        batch, _, d_mlp = gate.shape
+        if d_mlp != self.d_mlp:
+            raise ValueError(
+                f"expected {self.d_mlp} neurons, got gate of shape {tuple(gate.shape)}"
+            )
+        valid = valid.to(self.device)
+        text_index = text_index.to(self.device, torch.int64)
+        self.tokens += valid.sum()
+        gate, up = gate.to(self.dtype), up.to(self.dtype)
+        # [list, text, neuron]: each text's strongest token per list (-inf: case absent).
+        strength, position = self._pass(gate, up, valid, self.count, self.sum)
+        present = strength != float("-inf")
+        value = torch.where(present, strength * self._list_signs, 0)
+        text = torch.where(present, text_index.view(1, batch, 1), -1)
+        self._add_candidates(value.transpose(1, 2), text.transpose(1, 2), position.transpose(1, 2))
+
+    # ------------------------------------------------------------------ top-k
+
+    @property
+    def top_value(self) -> Tensor:
+        """[list, neuron, rank] signed values of the ranked lists, strongest first."""
+        self._merge_pending()
+        return self._value[..., : self.k]
+
+    @property
+    def top_text(self) -> Tensor:
+        """[list, neuron, rank] int32 text indices of the ranked lists (-1: empty)."""
+        self._merge_pending()
+        return self._text[..., : self.k]
+
+    @property
+    def top_position(self) -> Tensor:
+        """[list, neuron, rank] int32 token positions of the ranked lists (-1: empty)."""
+        self._merge_pending()
+        return self._position[..., : self.k]
+
+    def _empty_slots(self, slots: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Value, text and position tensors [list, neuron, slots], all empty."""
+        shape = (N_LISTS, self.d_mlp, slots)
+        text = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device), text, text.clone()
+
+    def _grow_slots(self, slots: int) -> None:
+        """Room for more pending candidates, keeping the ranked lists."""
+        self._merge_pending()
+        grown = self._empty_slots(slots)
+        for new, old in zip(grown, (self._value, self._text, self._position), strict=True):
+            new[..., : self.k] = old[..., : self.k]
+        self._value, self._text, self._position = grown
+
+    def _add_candidates(self, value: Tensor, text: Tensor, position: Tensor) -> None:
+        """Queues candidates [list, neuron, n] (text -1: none) for the ranked lists."""
+        n = value.shape[-1]
+        if self.k + n > self._value.shape[-1]:
+            self._grow_slots(self.k + max(n, self._pending_texts))
+        if self._used + n > self._value.shape[-1]:
+            self._merge_pending()
+        slots = slice(self._used, self._used + n)
+        self._value[..., slots] = value
+        self._text[..., slots] = text
+        self._position[..., slots] = position
+        self._used += n
+        if not self._pending_texts:
+            self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        """Merges the pending candidates into the ranked lists.
+
+        Order: |value| descending, then text index ascending. Slots left without a
+        candidate are emptied.
+        """
+        if self._used == self.k:
+            return
+        value = self._value[..., : self._used]
+        text = self._text[..., : self._used]
+        key = torch.where(text >= 0, value.abs(), float("-inf"))
+
+        if self.dtype == torch.float32:
+            # One sort of unique int64 keys: the bits of a non-negative float32 order like
+            # the float, and the text index (descending) breaks ties towards lower indices.
+            packed = (key.view(torch.int32).to(torch.int64) << 31) | (MAX_TEXTS - text)
+            packed = packed.masked_fill_(text < 0, -1)
+            best = packed.sort(dim=-1, descending=True).indices[..., : self.k]
+        else:  # float64 keys do not fit beside an index: two stable sorts
+            by_text = torch.sort(text, dim=-1, stable=True).indices
+            by_key = torch.sort(key.gather(-1, by_text), dim=-1, descending=True, stable=True)
+            best = by_text.gather(-1, by_key.indices[..., : self.k])
+
+        empty = text.gather(-1, best) < 0
+        ranked = (
+            value.gather(-1, best).masked_fill_(empty, 0),
+            text.gather(-1, best).masked_fill_(empty, -1),
+            self._position[..., : self._used].gather(-1, best).masked_fill_(empty, -1),
+        )
+        for slots, new in zip((self._value, self._text, self._position), ranked, strict=True):
+            slots[..., : self.k] = new
+        self._used = self.k
+
+    # ------------------------------------------------------------------ merge, state
+
+    def merge(self, other: NeuronStats) -> None:
+        """Adds the statistics of ``other`` (disjoint texts of the same layer) to these."""
+        if (other.d_mlp, other.k) != (self.d_mlp, self.k):
+            raise ValueError("cannot merge statistics of different shapes or k")
+        self.tokens += other.tokens.to(self.device)
+        self.count += other.count.to(self.device)
+        self.sum += other.sum.to(self.device)
+        self._add_candidates(
+            other.top_value.to(self.device, self.dtype),
+            other.top_text.to(self.device),
+            other.top_position.to(self.device),
+        )
+        self._merge_pending()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The accumulated state; ``load_state_dict`` restores it exactly."""
+        return {
+            "tokens": self.tokens,
+            "count": self.count,
+            "sum": self.sum,
+            "top_value": self.top_value,
+            "top_text": self.top_text,
+            "top_position": self.top_position,
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = self.state_dict()
+        for name, tensor in expected.items():
+            if state[name].shape != tensor.shape:
+                raise ValueError(
+                    f"state '{name}' has shape {tuple(state[name].shape)}, "
+                    f"expected {tuple(tensor.shape)}"
+                )
+        self.tokens = state["tokens"].to(self.device, torch.int64).clone()
+        self.count = state["count"].to(self.device, torch.int64).clone()
+        self.sum = state["sum"].to(self.device, torch.float64).clone()
+        self._merge_pending()
+        self._value[..., : self.k] = state["top_value"]
+        self._text[..., : self.k] = state["top_text"]
+        self._position[..., : self.k] = state["top_position"]
+
+
+def _numba_works() -> bool:
+    """Whether the fused CPU pass can be used (numba imports); warns once if not."""
+    try:
+        import gatescope.stats.cpu_pass  # noqa: F401
+    except ImportError as error:  # numba missing or broken: slower, same results
+        warnings.warn(f"numba is unavailable ({error}); using the slower torch pass", stacklevel=4)
+        return False
+    return True

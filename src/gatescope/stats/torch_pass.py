@@ -1,0 +1,250 @@
+"""The statistics pass in torch operations: any device (the GPU path).
+
+Within a case every quantity has a fixed sign (constants.SIGNS), so a text's strongest
+token is a plain ``amax``/``amin`` over positions of the quantity masked by the case.
+A batch is processed in chunks of whole texts, in reused workspace buffers: fresh
+multi-megabyte allocations cost more than the arithmetic done in them. Argmax kernels are
+several times slower than ``amax`` ones, so positions come from block maxima (see
+``TorchPass._strongest``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
+
+N_CASES = len(CASES)
+N_QUANTITIES = len(QUANTITIES)
+N_LISTS = len(TOP_LISTS)
+
+#: Elements of one [texts, positions, d_mlp] workspace buffer per chunk. About 12 such
+#: buffers live at once; 2**18 float32 elements (1 MiB) keeps a chunk in a CPU's cache,
+#: while on a GPU larger chunks only save kernel launches.
+CPU_CHUNK_ELEMENTS = 2**18
+GPU_CHUNK_ELEMENTS = 2**24
+
+#: Positions per block of the two-level search for a text's strongest token: block maxima
+#: come from a fast ``amax``, then only the first block holding the maximum is searched.
+BLOCK = 16
+
+
+class TorchPass:
+    """Adds batches to a layer's counts and sums and finds each text's strongest tokens.
+
+    Args:
+        act: The model's activation function, applied to ``g``.
+        device: Where the tensors live.
+        dtype: Floating type of the computation (float32 or float64).
+        chunk_elements: Size of one workspace buffer; ``None`` picks a default per device.
+        workspace: Scratch buffers shared with the other layers on the same device.
+    """
+
+    def __init__(
+        self,
+        act: Callable[[Tensor], Tensor],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        chunk_elements: int | None = None,
+        workspace: Workspace | None = None,
+    ) -> None:
+        self.act = act
+        self.device = device
+        self.dtype = dtype
+        if chunk_elements is None:
+            chunk_elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+        self.chunk_elements = chunk_elements
+        self.workspace = workspace if workspace is not None else Workspace()
+        self._block_offsets = torch.arange(BLOCK, device=device).view(1, 1, BLOCK, 1)
+        self._signs = torch.tensor(SIGNS, dtype=dtype, device=device).view(
+            N_CASES, N_QUANTITIES, 1, 1, 1
+        )
+        self._ranked_quantities = [
+            torch.tensor([q for c, q in TOP_LISTS if c == case], device=device)
+            for case in range(N_CASES)
+        ]
+
+    def __call__(
+        self, gate: Tensor, up: Tensor, valid: Tensor, count: Tensor, sums: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Same contract as :func:`gatescope.stats.cpu_pass.cpu_pass`.
+
+        Args:
+            gate, up: [text, pos, neuron] ``g`` and ``u``.
+            valid: [text, pos] bool, the counted tokens.
+            count: [case, neuron] int64, added to in place.
+            sums: [case, quantity, neuron] float64, added to in place.
+
+        Returns:
+            strength: [list, text, neuron] the largest |value| of each list's quantity over
+                the text's tokens of the list's case; -inf where the case does not occur.
+            position: [list, text, neuron] int64, the first position holding it.
+        """
+        batch, length, neurons = gate.shape
+        strength = torch.empty(N_LISTS, batch, neurons, dtype=self.dtype, device=self.device)
+        position = torch.empty(N_LISTS, batch, neurons, dtype=torch.int64, device=self.device)
+        chunk = max(1, self.chunk_elements // (length * neurons))
+        for start in range(0, batch, chunk):
+            texts = slice(start, min(start + chunk, batch))
+            self._chunk(
+                gate[texts], up[texts], valid[texts], count, sums,
+                strength[:, texts], position[:, texts],
+            )  # fmt: skip
+        return strength, position
+
+    def _chunk(
+        self,
+        gate: Tensor,
+        up: Tensor,
+        valid: Tensor,
+        count: Tensor,
+        sums: Tensor,
+        strength: Tensor,
+        position: Tensor,
+    ) -> None:
+        """One chunk of texts; ``strength`` and ``position`` ([list, chunk, neuron]) are
+        views into the batch's results and are written in place."""
+        texts, length, _ = gate.shape
+        q, cases, masked = self._buffers(texts, length, gate.shape[2])
+
+        # q: [quantity, text, pos, neuron] = g, u, act(g), act(g) * u over positions padded
+        # to whole blocks. Padding, uncounted tokens and the block tail get g = 0, which
+        # puts them in no case (and act(0) = 0 for every GLU activation).
+        torch.mul(gate, valid.unsqueeze(-1), out=q[0, :, :length])
+        q[1, :, :length].copy_(up)
+        q[:2, :, length:].zero_()
+        q[2].copy_(self.act(q[0]))
+        torch.mul(q[2], q[1], out=q[3])
+
+        # signs: [pos/neg, g/u, text, pos, neuron] as 0/1 floats. A zero g or u is neither
+        # positive nor negative, so it is in no case, as DESIGN.md requires. They live in
+        # the buffer of `masked` (needed only later): a smaller workspace stays in cache.
+        signs = masked.view(2, 2, *masked.shape[1:])
+        torch.gt(q[:2], 0, out=signs[0])
+        torch.lt(q[:2], 0, out=signs[1])
+        # cases: [case, text, pos, neuron] one-hot, case = 2 * (g < 0) + (u < 0).
+        g_sign, u_sign = signs[:, 0], signs[:, 1]
+        torch.mul(g_sign.unsqueeze(1), u_sign.unsqueeze(0), out=cases.view(2, 2, *cases.shape[1:]))
+        # Counts per text are sums of 0/1 floats: exact below 2**24 positions.
+        count_per_text = cases.sum(dim=2)  # [case, text, neuron]
+        count += count_per_text.sum(dim=1).to(torch.int64)
+
+        for c in range(N_CASES):
+            # masked: [quantity, text, pos, neuron], the quantities on case c's tokens, else 0.
+            torch.mul(q, cases[c], out=masked)
+            sums[c] += masked.sum(dim=(1, 2), dtype=torch.float64)
+            lists = _LISTS_OF_CASE[c]
+            present = count_per_text[c] > 0  # [text, neuron]
+            case_strength, case_position = self._strongest(masked, cases[c], present, c)
+            strength[lists] = torch.where(present, case_strength, float("-inf"))
+            position[lists] = case_position
+
+    def _strongest(
+        self, masked: Tensor, case_mask: Tensor, present: Tensor, case: int
+    ) -> tuple[Tensor, Tensor]:
+        """Each text's strongest token of one case, for each ranked quantity of the case.
+
+        Two levels, because argmax kernels are several times slower than amax ones: the
+        extremes of each block of BLOCK positions (all quantities at once, one pass for max
+        and one for min), the first block holding a text's strongest value, then the first
+        position inside that block.
+
+        Args:
+            masked: [quantity, text, pos, neuron] the quantities on the case's tokens, else 0;
+                pos is a multiple of BLOCK.
+            case_mask: [text, pos, neuron] 0/1 membership of the case.
+            present: [text, neuron] bool, whether the case occurs in the text.
+            case: The case index.
+
+        Returns:
+            strength: [list, text, neuron] |strongest value| of each of the case's lists.
+            position: [list, text, neuron] int64, its first position (meaningless where the
+                case never occurs in the text).
+        """
+        quantities, texts, length, neurons = masked.shape
+        blocks = masked.view(quantities, texts, length // BLOCK, BLOCK, neurons)
+        sign = self._signs[case]  # [quantity, 1, 1, 1]: each quantity's sign in this case
+        block_strength = torch.where(sign > 0, blocks.amax(dim=3), blocks.amin(dim=3).neg_())
+        block = _first_max(block_strength, dim=2)  # [quantity, text, neuron]
+        strength = block_strength.amax(dim=2)
+
+        window = block.unsqueeze(2) * BLOCK + self._block_offsets  # [quantity, text, BLOCK, neuron]
+        position = block * BLOCK + _first_max(masked.gather(2, window) * sign, dim=2)
+        ranked = self._ranked_quantities[case]
+        strength, position = strength[ranked], position[ranked]  # [list, text, neuron]
+
+        # A strongest value of exactly 0 (act underflow, as GELU-tanh does far out) is also
+        # the fill value of other cases' tokens: search those columns among the case's tokens.
+        zero = (strength == 0) & present
+        if zero.any():
+            lst, text, neuron = zero.nonzero(as_tuple=True)
+            in_case = case_mask[text, :, neuron] > 0  # [candidate, pos]
+            hit = (masked[ranked[lst], text, :, neuron] == 0) & in_case
+            position[lst, text, neuron] = hit.to(torch.uint8).argmax(dim=1)  # first hit
+        return strength, position
+
+    def _buffers(self, texts: int, length: int, neurons: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Workspace buffers q, cases, masked for ``texts`` texts of ``length``."""
+        padded = -(-length // BLOCK) * BLOCK
+        ws = self.workspace.get(texts, padded, neurons, self.dtype, self.device)
+        return ws["q"][:, :texts], ws["cases"][:, :texts], ws["masked"][:, :texts]
+
+
+class Workspace:
+    """Scratch buffers for :class:`TorchPass`, shared by the layers of a model.
+
+    A fresh multi-megabyte allocation costs more than the arithmetic done in it on a CPU,
+    and one set of buffers for all layers stays in cache while the layers take turns (hooks
+    run one layer at a time). Not for concurrent updates from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+        self._key: tuple = ()
+
+    def get(
+        self, texts: int, padded: int, d_mlp: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Tensor]:
+        """Buffers [..., at least ``texts``, ``padded``, ``d_mlp``]; a smaller chunk uses views."""
+        capacity = self._key[0] if self._key else 0
+        if self._key[1:] != (padded, d_mlp, dtype, device) or capacity < texts:
+            shape = (max(texts, capacity), padded, d_mlp)
+            new = lambda *lead: torch.empty(*lead, *shape, dtype=dtype, device=device)  # noqa: E731
+            self._key = (shape[0], padded, d_mlp, dtype, device)
+            self._buffers = {
+                "q": new(N_QUANTITIES),
+                "cases": new(N_CASES),
+                "masked": new(N_QUANTITIES),
+            }
+        return self._buffers
+
+
+def _first_max(x: Tensor, dim: int) -> Tensor:
+    """Index of the first maximum of ``x`` along ``dim`` (int64).
+
+    ``max(dim).indices`` does not promise the first of equal maxima on every device, and its
+    CPU kernel is several times slower than ``amax``: compare with the maximum and keep the
+    first hit (weights n, n-1, ..., 1 make the first hit the largest). Hits are floats
+    because comparisons into bool tensors are slow on a CPU.
+    """
+    size = x.shape[dim]
+    shape = [1] * x.dim()
+    shape[dim] = size
+    weights = torch.arange(size, 0, -1, device=x.device, dtype=x.dtype).view(shape)
+    hits = torch.empty_like(x)
+    torch.eq(x, x.amax(dim=dim, keepdim=True), out=hits)
+    return size - hits.mul_(weights).amax(dim=dim).to(torch.int64)
+
+
+def _lists_of_case(case: int) -> slice:
+    """The ranked lists of one case: TOP_LISTS is ordered by case, so they form a slice."""
+    indices = [i for i, (c, _) in enumerate(TOP_LISTS) if c == case]
+    assert indices == list(range(indices[0], indices[-1] + 1)), "TOP_LISTS must be case-major"
+    return slice(indices[0], indices[-1] + 1)
+
+
+_LISTS_OF_CASE: tuple[slice, ...] = tuple(_lists_of_case(c) for c in range(N_CASES))
