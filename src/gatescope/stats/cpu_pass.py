@@ -28,12 +28,16 @@ from gatescope.constants import SIGNS, TOP_LISTS
 BLOCK = 64
 
 N_LISTS = len(TOP_LISTS)
-# Rows of a block's accumulator array, each BLOCK long. Counts are exact in float64.
-COUNT = 0  # [case]
-SUM = COUNT + 4  # [case * 4 + quantity]
-STRENGTH = SUM + 16  # [list] the text's strongest |value| so far, -inf before any token
-POSITION = STRENGTH + N_LISTS  # [list] its position
-ROWS = POSITION + N_LISTS
+# A block's accumulators are rows of BLOCK neurons in two flat arrays. `totals` (float64,
+# for the whole batch): the counts per case (exact in float64), then the sums per case and
+# quantity. `best` (the input dtype, reset for every text): the strongest |value| so far
+# per list (-inf before any token of the case), then its position (exact below 2**24).
+COUNT = 0  # totals[COUNT + case]
+SUM = COUNT + 4  # totals[SUM + 4 * case + quantity]
+TOTAL_ROWS = SUM + 16
+STRENGTH = 0  # best[STRENGTH + list]
+POSITION = STRENGTH + N_LISTS  # best[POSITION + list]
+BEST_ROWS = POSITION + N_LISTS
 
 # The kernel below spells out every ranked list; this is the table it implements.
 _KERNEL_LISTS = (
@@ -89,90 +93,90 @@ def _batch(g, u, a, valid, count, sums, strength, position):  # pragma: no cover
     for block in numba.prange((neurons + BLOCK - 1) // BLOCK):
         first = block * BLOCK
         width = min(BLOCK, neurons - first)
-        acc = np.zeros(ROWS * BLOCK)
+        totals = np.zeros(TOTAL_ROWS * BLOCK)
+        best = np.empty(BEST_ROWS * BLOCK, dtype=g.dtype)
         for text in range(texts):
-            acc[STRENGTH * BLOCK : POSITION * BLOCK] = -np.inf
-            acc[POSITION * BLOCK : ROWS * BLOCK] = -1.0
-            _text(g, u, a, valid, text, first, width, acc)
-            _store_text(acc, text, first, width, strength, position)
-        _store_block(acc, first, width, count, sums)
+            best[: POSITION * BLOCK] = -np.inf
+            best[POSITION * BLOCK :] = -1
+            _text(g, u, a, valid, text, first, width, totals, best)
+            _store_text(best, text, first, width, strength, position)
+        _store_block(totals, first, width, count, sums)
 
 
 # The loops below are not inlined into `_batch`: inside its parallel loop they made numba's
-# compilation take minutes instead of seconds.
+# compilation take a minute instead of seconds.
 
 
 @numba.njit(boundscheck=False)
-def _store_text(acc, text, first, width, strength, position):  # pragma: no cover - compiled
+def _store_text(best, text, first, width, strength, position):  # pragma: no cover - compiled
     """Writes a text's strongest values and positions of a block's neurons."""
     for lst in range(N_LISTS):
         for j in range(width):
-            strength[lst, text, first + j] = acc[(STRENGTH + lst) * BLOCK + j]
-            position[lst, text, first + j] = int(acc[(POSITION + lst) * BLOCK + j])
+            strength[lst, text, first + j] = best[(STRENGTH + lst) * BLOCK + j]
+            position[lst, text, first + j] = int(best[(POSITION + lst) * BLOCK + j])
 
 
 @numba.njit(boundscheck=False)
-def _store_block(acc, first, width, count, sums):  # pragma: no cover - compiled
+def _store_block(totals, first, width, count, sums):  # pragma: no cover - compiled
     """Adds a block's counts and sums to the layer's."""
     for case in range(4):
         for j in range(width):
-            count[case, first + j] += int(acc[(COUNT + case) * BLOCK + j])
+            count[case, first + j] += int(totals[(COUNT + case) * BLOCK + j])
             for quantity in range(4):
-                sums[case, quantity, first + j] += acc[(SUM + 4 * case + quantity) * BLOCK + j]
+                sums[case, quantity, first + j] += totals[(SUM + 4 * case + quantity) * BLOCK + j]
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _text(g, u, a, valid, text, first, width, acc):  # pragma: no cover - compiled
+def _text(g, u, a, valid, text, first, width, totals, best):  # pragma: no cover - compiled
     """One text's tokens for the neurons [first, first + width) of a block."""
     for t in range(g.shape[1]):
         if not valid[text, t]:
             continue
         for j in range(width):
             n = first + j
-            gv, uv, av = np.float64(g[text, t, n]), np.float64(u[text, t, n]), a[text, t, n]
-            p = np.float64(av * u[text, t, n])  # rounded in the input dtype, as torch's a * u
-            av = np.float64(av)
+            gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
+            pv = av * uv  # rounded in the input dtype, as torch's a * u is
             # A zero g or u is in no case.
             pp = (gv > 0) & (uv > 0)
             pn = (gv > 0) & (uv < 0)
             np_ = (gv < 0) & (uv > 0)
             nn = (gv < 0) & (uv < 0)
-            _add(acc, j, 0, pp, gv, uv, av, p)
-            _add(acc, j, 1, pn, gv, uv, av, p)
-            _add(acc, j, 2, np_, gv, uv, av, p)
-            _add(acc, j, 3, nn, gv, uv, av, p)
+            _add(totals, j, 0, pp, gv, uv, av, pv)
+            _add(totals, j, 1, pn, gv, uv, av, pv)
+            _add(totals, j, 2, np_, gv, uv, av, pv)
+            _add(totals, j, 3, nn, gv, uv, av, pv)
             # Within a case every quantity has a fixed sign (constants.SIGNS): the strength
             # is the value times that sign.
-            _keep(acc, j, 0, pp, gv, t)
-            _keep(acc, j, 1, pp, uv, t)
-            _keep(acc, j, 2, pp, p, t)
-            _keep(acc, j, 3, pn, gv, t)
-            _keep(acc, j, 4, pn, -uv, t)
-            _keep(acc, j, 5, pn, -p, t)
-            _keep(acc, j, 6, np_, -gv, t)
-            _keep(acc, j, 7, np_, uv, t)
-            _keep(acc, j, 8, np_, -av, t)
-            _keep(acc, j, 9, np_, -p, t)
-            _keep(acc, j, 10, nn, -gv, t)
-            _keep(acc, j, 11, nn, -uv, t)
-            _keep(acc, j, 12, nn, -av, t)
-            _keep(acc, j, 13, nn, p, t)
+            _keep(best, j, 0, pp, gv, t)
+            _keep(best, j, 1, pp, uv, t)
+            _keep(best, j, 2, pp, pv, t)
+            _keep(best, j, 3, pn, gv, t)
+            _keep(best, j, 4, pn, -uv, t)
+            _keep(best, j, 5, pn, -pv, t)
+            _keep(best, j, 6, np_, -gv, t)
+            _keep(best, j, 7, np_, uv, t)
+            _keep(best, j, 8, np_, -av, t)
+            _keep(best, j, 9, np_, -pv, t)
+            _keep(best, j, 10, nn, -gv, t)
+            _keep(best, j, 11, nn, -uv, t)
+            _keep(best, j, 12, nn, -av, t)
+            _keep(best, j, 13, nn, pv, t)
 
 
 @numba.njit(inline="always")
-def _add(acc, j, case, in_case, g, u, a, p):  # pragma: no cover - compiled
-    """Counts the token and adds its quantities, if it is in ``case``."""
-    acc[(COUNT + case) * BLOCK + j] += 1.0 if in_case else 0.0
-    acc[(SUM + 4 * case) * BLOCK + j] += g if in_case else 0.0
-    acc[(SUM + 4 * case + 1) * BLOCK + j] += u if in_case else 0.0
-    acc[(SUM + 4 * case + 2) * BLOCK + j] += a if in_case else 0.0
-    acc[(SUM + 4 * case + 3) * BLOCK + j] += p if in_case else 0.0
+def _add(totals, j, case, in_case, g, u, a, p):  # pragma: no cover - compiled
+    """Counts the token and adds its quantities (in float64), if it is in ``case``."""
+    totals[(COUNT + case) * BLOCK + j] += 1.0 if in_case else 0.0
+    totals[(SUM + 4 * case) * BLOCK + j] += np.float64(g) if in_case else 0.0
+    totals[(SUM + 4 * case + 1) * BLOCK + j] += np.float64(u) if in_case else 0.0
+    totals[(SUM + 4 * case + 2) * BLOCK + j] += np.float64(a) if in_case else 0.0
+    totals[(SUM + 4 * case + 3) * BLOCK + j] += np.float64(p) if in_case else 0.0
 
 
 @numba.njit(inline="always")
-def _keep(acc, j, lst, in_case, strength, t):  # pragma: no cover - compiled
+def _keep(best, j, lst, in_case, strength, t):  # pragma: no cover - compiled
     """Keeps the token if it is the list's strongest so far (strictly: the first one wins)."""
     s = strength if in_case else -np.inf
-    stronger = s > acc[(STRENGTH + lst) * BLOCK + j]
-    acc[(POSITION + lst) * BLOCK + j] = t if stronger else acc[(POSITION + lst) * BLOCK + j]
-    acc[(STRENGTH + lst) * BLOCK + j] = s if stronger else acc[(STRENGTH + lst) * BLOCK + j]
+    stronger = s > best[(STRENGTH + lst) * BLOCK + j]
+    best[(POSITION + lst) * BLOCK + j] = t if stronger else best[(POSITION + lst) * BLOCK + j]
+    best[(STRENGTH + lst) * BLOCK + j] = s if stronger else best[(STRENGTH + lst) * BLOCK + j]
