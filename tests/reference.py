@@ -29,6 +29,8 @@ class Reference:
     tokens: int
     count: dict[str, np.ndarray]  # case -> [d]
     mean: dict[tuple[str, str], np.ndarray]  # (case, quantity) -> [d], NaN when absent
+    maximum: dict[tuple[str, str], np.ndarray]  # (case, quantity) -> [d], NaN when absent
+    minimum: dict[tuple[str, str], np.ndarray]  # (case, quantity) -> [d], NaN when absent
     # (case, quantity) -> [d] lists of (value, text, position), length k, padded (0, -1, -1)
     top: dict[tuple[str, str], list[list[tuple[float, int, int]]]]
 
@@ -46,6 +48,8 @@ def reference_stats(texts, k: int) -> Reference:
     tokens = sum(len(qs["position"]) for _, qs in texts)
     count = {c: np.zeros(d, dtype=np.int64) for c in CASES}
     sums = {(c, q): np.zeros(d) for c in CASES for q in QUANTITIES}
+    maximum = {(c, q): np.full(d, -np.inf) for c in CASES for q in QUANTITIES}
+    minimum = {(c, q): np.full(d, np.inf) for c in CASES for q in QUANTITIES}
     candidates = {(c, q): [[] for _ in range(d)] for c in CASES for q in QUANTITIES}
     for text_index, qs in texts:
         g, u = qs["hook_pre"], qs["hook_pre_linear"]
@@ -55,6 +59,11 @@ def reference_stats(texts, k: int) -> Reference:
             for q in QUANTITIES:
                 values = np.where(mask, qs[q], 0.0)
                 sums[c, q] += values.sum(axis=0)
+                if mask.any():
+                    high = np.where(mask, qs[q], -np.inf).max(axis=0)
+                    low = np.where(mask, qs[q], np.inf).min(axis=0)
+                    maximum[c, q] = np.maximum(maximum[c, q], high)
+                    minimum[c, q] = np.minimum(minimum[c, q], low)
                 if not ranked(c, q):
                     continue
                 for n in range(d):
@@ -78,4 +87,10 @@ def reference_stats(texts, k: int) -> Reference:
         for entries in per_neuron:
             best = sorted(entries, key=lambda e: (-abs(e[0]), e[1]))[:k]
             top[key].append(best + [(0.0, -1, -1)] * (k - len(best)))
-    return Reference(tokens=tokens, count=count, mean=mean, top=top)
+    for key in maximum:
+        never = count[key[0]] == 0
+        maximum[key][never] = np.nan
+        minimum[key][never] = np.nan
+    return Reference(
+        tokens=tokens, count=count, mean=mean, maximum=maximum, minimum=minimum, top=top
+    )

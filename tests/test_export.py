@@ -34,6 +34,7 @@ RANKED = [
     if not (case.startswith("gate+") and quantity == "swish")
 ]
 POSITION_COLUMNS = [f"{case}_{quantity}_max_positions" for case, quantity in RANKED]
+EXTREME_COLUMNS = [f"{case}_{q}_{e}" for case in CASES for q in QUANTITIES for e in ("max", "min")]
 META = {
     "model": {"name": "tiny/swiglu", "revision": "abc"},
     "corpus": {"name": "synthetic", "texts": 40},
@@ -41,11 +42,13 @@ META = {
 }
 
 
-def expected_columns(positions: bool = True) -> set[str]:
+def expected_columns(extras: bool = True) -> set[str]:
     columns = {"layer", "neuron"}
     columns |= {f"{case}_freq" for case in CASES}
     columns |= {f"{case}_{quantity}_mean" for case in CASES for quantity in QUANTITIES}
-    suffixes = ["max_values", "max_indices"] + (["max_positions"] if positions else [])
+    if extras:
+        columns |= {f"{case}_{q}_{e}" for case in CASES for q in QUANTITIES for e in ("max", "min")}
+    suffixes = ["max_values", "max_indices"] + (["max_positions"] if extras else [])
     columns |= {f"{case}_{quantity}_{s}" for case, quantity in RANKED for s in suffixes}
     return columns
 
@@ -79,16 +82,19 @@ def dataset(atlas: Atlas) -> datasets.Dataset:
 
 
 def assert_same_tensors(a: Atlas, b: Atlas) -> None:
-    for name in ("count", "top_value", "top_text", "top_position"):
+    for name in ("count", "max", "min", "top_value", "top_text", "top_position"):
         assert a.tensor(name).dtype == b.tensor(name).dtype, name
-        assert torch.equal(a.tensor(name), b.tensor(name)), name
+        torch.testing.assert_close(
+            a.tensor(name), b.tensor(name), rtol=0, atol=0, equal_nan=True, msg=name
+        )
     # The schema stores means, not sums: sum = mean * count is exact up to float64 rounding.
     torch.testing.assert_close(b.tensor("sum"), a.tensor("sum"), rtol=1e-14, atol=0)
 
 
 def glu_scope_like(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The dataset as GLUScope publishes it: no positions, no metadata in the description."""
-    table = dataset.remove_columns(POSITION_COLUMNS).with_format("arrow")[:]
+    """The dataset as GLUScope publishes it: no positions or extremes, no metadata in the
+    description."""
+    table = dataset.remove_columns(POSITION_COLUMNS + EXTREME_COLUMNS).with_format("arrow")[:]
     return datasets.Dataset(table.replace_schema_metadata(None))
 
 
@@ -121,8 +127,10 @@ def test_rows_equal_the_neuron_summaries(
     for case in CASES:
         assert row[f"{case}_freq"] == summary.freq[case]
         for quantity in QUANTITIES:
-            mean, expected = row[f"{case}_{quantity}_mean"], summary.mean[case][quantity]
-            assert (math.isnan(mean) and math.isnan(expected)) or mean == expected
+            for stat in ("mean", "max", "min"):
+                got, expected = row[f"{case}_{quantity}_{stat}"], getattr(summary, stat)[case]
+                expected = expected[quantity]
+                assert (math.isnan(got) and math.isnan(expected)) or got == expected, stat
     for case, quantity in RANKED:
         examples = summary.top[case][quantity]
         empty = K - len(examples)
@@ -192,7 +200,7 @@ def test_reexport_of_an_import_is_identical(dataset: datasets.Dataset) -> None:
 
 def test_glu_scope_like_import(atlas: Atlas, dataset: datasets.Dataset, tmp_path) -> None:
     glu = glu_scope_like(dataset)
-    assert set(glu.column_names) == expected_columns(positions=False)
+    assert set(glu.column_names) == expected_columns(extras=False)
     assert glu.info.description in ("", None)
 
     imported = from_hf_dataset(glu)
@@ -204,6 +212,12 @@ def test_glu_scope_like_import(atlas: Atlas, dataset: datasets.Dataset, tmp_path
     freq = imported.tensor("count").double() / imported.tokens
     expected = atlas.tensor("count").double() / atlas.tokens
     torch.testing.assert_close(freq, expected, rtol=0, atol=1e-9)
+    # Of the extremes only each ranked list's strongest value is known.
+    got, expected = imported.neuron(1, 3), atlas.neuron(1, 3)
+    assert got.min["gate-_in+"]["hook_post"] == expected.min["gate-_in+"]["hook_post"]
+    assert got.max["gate+_in+"]["hook_pre"] == expected.max["gate+_in+"]["hook_pre"]
+    assert math.isnan(got.max["gate-_in+"]["hook_post"])
+    assert math.isnan(got.max["gate+_in+"]["swish"])
     mean = imported.neuron(1, 3).mean["gate-_in+"]["hook_post"]
     assert mean == pytest.approx(atlas.neuron(1, 3).mean["gate-_in+"]["hook_post"], rel=1e-6)
 

@@ -8,6 +8,7 @@ name            shape                 dtype    meaning
 ==============  ====================  =======  =============================================
 count           [L, case, d]          int64    counted tokens of each sign case
 sum             [L, case, quantity, d] float64 sums of each quantity over the case's tokens
+max, min        [L, case, quantity, d] float32 extremes over the case's tokens (NaN: none)
 top_value       [L, d, list, k]       float32  signed values, strongest first (0 if empty)
 top_text        [L, d, list, k]       int32    corpus text index (-1 if empty)
 top_position    [L, d, list, k]       int32    token position in the text (-1 if empty)
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 FORMAT = "gatescope-atlas"
 FORMAT_VERSION = 1
-TENSORS = ("count", "sum", "top_value", "top_text", "top_position")
+TENSORS = ("count", "sum", "max", "min", "top_value", "top_text", "top_position")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class NeuronSummary:
     count: dict[str, int]  # case -> tokens in the case
     freq: dict[str, float]  # case -> count / tokens
     mean: dict[str, dict[str, float]]  # case -> quantity -> mean (NaN if the case never occurs)
+    max: dict[str, dict[str, float]]  # case -> quantity -> largest value (NaN: never, unknown)
+    min: dict[str, dict[str, float]]  # case -> quantity -> smallest value (NaN: never, unknown)
     # case -> quantity -> examples, strongest first; the case's ranked quantities only,
     # empty slots left out.
     top: dict[str, dict[str, list[Example]]] = field(default_factory=dict)
@@ -97,6 +100,8 @@ class Atlas:
         tensors = {
             "count": stack("count"),
             "sum": stack("sum"),
+            "max": stack("max").to(torch.float32),
+            "min": stack("min").to(torch.float32),
             "top_value": ranked("top_value", torch.float32),
             "top_text": ranked("top_text", torch.int32),
             "top_position": ranked("top_position", torch.int32),
@@ -195,6 +200,10 @@ class Atlas:
             )
         count = self._read("count", layer)[:, index].tolist()  # [case]
         sums = self._read("sum", layer)[:, :, index].tolist()  # [case][quantity]
+        extremes = {
+            name: self._read(name, layer)[:, :, index].tolist()  # [case][quantity]
+            for name in ("max", "min")
+        }
         value = self._read("top_value", layer, index).tolist()  # [list][rank]
         text = self._read("top_text", layer, index).tolist()
         position = self._read("top_position", layer, index).tolist()
@@ -216,6 +225,8 @@ class Atlas:
                 }
                 for c, case in enumerate(CASES)
             },
+            max=_by_case(extremes["max"]),
+            min=_by_case(extremes["min"]),
         )
         for lst, (c, q) in enumerate(TOP_LISTS):
             examples = [
@@ -238,6 +249,14 @@ class Atlas:
             f"Atlas(model={model!r}, layers={self.num_layers}, d_mlp={self.d_mlp}, "
             f"tokens={self.tokens}, k={self.k})"
         )
+
+
+def _by_case(values: list[list[float]]) -> dict[str, dict[str, float]]:
+    """[case][quantity] nested lists as case -> quantity -> value."""
+    return {
+        case: dict(zip(QUANTITIES, row, strict=True))
+        for case, row in zip(CASES, values, strict=True)
+    }
 
 
 class _SafetensorsFile:

@@ -5,6 +5,8 @@ One row per neuron, layer-major (row ``layer * d_mlp + neuron``), with the colum
 * ``layer``, ``neuron`` (int32);
 * ``<case>_freq`` (float64): tokens of the case / counted tokens;
 * ``<case>_<quantity>_mean`` (float64): mean over the case's tokens, NaN when it never occurs;
+* beyond GLUScope, ``<case>_<quantity>_max`` and ``<case>_<quantity>_min`` (float32): the
+  extremes over the case's tokens, NaN when it never occurs;
 * for every ranked list (``TOP_LISTS``: each case and quantity but ``swish`` in the two
   ``gate+`` cases): ``<case>_<quantity>_max_values`` (list of ``k`` float32, strongest first,
   0 in empty slots), ``<case>_<quantity>_max_indices`` (list of ``k`` int32 text indices, -1
@@ -14,8 +16,9 @@ One row per neuron, layer-major (row ``layer * d_mlp + neuron``), with the colum
 The atlas metadata (token count, k, model, corpus, options, ...) travels as JSON in the
 dataset's ``info.description`` (and, in a parquet file, in the schema metadata, since
 ``datasets`` does not keep the description there), so an export imports back exactly.
-GLUScope's own dataset has neither positions nor a token count: its import gets positions
--1 and counts ``round(freq * tokens)`` for a given or nominal token count.
+GLUScope's own dataset has neither positions, extremes nor a token count: its import gets
+positions -1, counts ``round(freq * tokens)`` for a given or nominal token count, and of
+the extremes only the strongest value of each ranked list (the other one is NaN).
 
 Counts and sums are not columns of the schema: an import rebuilds them as
 ``count = round(freq * tokens)`` (exact for our exports) and ``sum = mean * count``, which
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 
 from gatescope.atlas import Atlas, complete_meta
-from gatescope.constants import ATLAS_JSON, CASES, QUANTITIES, TOP_LISTS
+from gatescope.constants import ATLAS_JSON, CASES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.files import json_default, remove_path, replace_path
 
@@ -74,24 +77,29 @@ _LIST_FILL = {
     "top_text": (-1, np.int32),
     "top_position": (-1, np.int32),
 }
+# Our extreme columns, named by the atlas tensor they hold.
+_EXTREMES = ("max", "min")
 # Metadata that describes a file layout, not the scan: the importing gatescope sets it anew.
 _LAYOUT_KEYS = ("format", "format_version", "layers", "d_mlp", "k", "cases", "quantities", "lists")
 
 
-def schema_columns(*, positions: bool = True) -> list[str]:
+def schema_columns(*, extras: bool = True) -> list[str]:
     """The column names of the schema, in the order :func:`to_hf_dataset` writes them.
 
     Args:
-        positions: Include our ``_max_positions`` columns (GLUScope's dataset has none).
+        extras: Include our columns beyond GLUScope's: ``_max``, ``_min`` and
+            ``_max_positions``.
     """
     columns = ["layer", "neuron"]
     for c, case in enumerate(CASES):
         columns.append(f"{case}_freq")
         columns += [f"{case}_{quantity}_mean" for quantity in QUANTITIES]
+        if extras:
+            columns += [f"{case}_{q}_{extreme}" for q in QUANTITIES for extreme in _EXTREMES]
         for lc, q in TOP_LISTS:
             if lc == c:
                 fields = [suffix for suffix, _ in _LIST_FIELDS]
-                if not positions:
+                if not extras:
                     fields.remove("max_positions")
                 columns += [f"{case}_{QUANTITIES[q]}_{suffix}" for suffix in fields]
     return columns
@@ -119,6 +127,7 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
     rows = layers * d_mlp
     count = atlas.tensor("count").numpy()  # [L, case, d]
     sums = atlas.tensor("sum").numpy()  # [L, case, quantity, d]
+    extremes = {name: atlas.tensor(name).numpy() for name in _EXTREMES}  # [L, case, q, d]
     tokens = atlas.tokens
 
     columns: dict[str, pa.Array] = {
@@ -132,6 +141,9 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
         columns[f"{case}_freq"] = pa.array(freq[:, c].reshape(rows).astype(np.float64))
         for q, quantity in enumerate(QUANTITIES):
             columns[f"{case}_{quantity}_mean"] = pa.array(mean[:, c, q].reshape(rows))
+            for extreme in _EXTREMES:
+                values = extremes[extreme][:, c, q].reshape(rows).astype(np.float32)
+                columns[f"{case}_{quantity}_{extreme}"] = pa.array(values)
     ranked = {name: atlas.tensor(name).numpy() for _, name in _LIST_FIELDS}  # [L, d, list, k]
     for lst, (c, q) in enumerate(TOP_LISTS):
         for suffix, name in _LIST_FIELDS:
@@ -258,7 +270,7 @@ def from_hf_dataset(
     table = _as_table(dataset)
     restored = _restored_meta(dataset, table)
     columns = set(table.column_names)
-    required = schema_columns(positions=False)
+    required = schema_columns(extras=False)
     missing = [name for name in required if name not in columns]
     if missing:
         raise GatescopeError(
@@ -313,9 +325,11 @@ def from_hf_dataset(
         moved = np.moveaxis(array.reshape(layers, d_mlp, *array.shape[1:]), 1, -1)
         return torch.from_numpy(np.ascontiguousarray(moved))
 
+    extremes = _imported_extremes(table, columns, place, ranked["top_value"], count)
     tensors = {
         "count": neuron_last(count),
         "sum": neuron_last(sums),
+        **{name: neuron_last(array) for name, array in extremes.items()},
         **{
             name: torch.from_numpy(array.reshape(layers, d_mlp, *array.shape[1:]))
             for name, array in ranked.items()
@@ -325,6 +339,35 @@ def from_hf_dataset(
     meta.setdefault("corpus", {})
     meta.setdefault("options", {})
     return Atlas(complete_meta(meta, tensors), tensors)
+
+
+def _imported_extremes(
+    table: pa.Table,
+    columns: set[str],
+    place: np.ndarray,
+    top_value: np.ndarray,
+    count: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The ``max`` and ``min`` arrays [L * d, case, quantity] of an import.
+
+    Our exports carry them; for GLUScope's dataset the strongest value of each ranked list
+    is one of the two (the maximum of a positive quantity, the minimum of a negative one),
+    and everything else is unknown (NaN).
+    """
+    shape = (count.shape[0], len(CASES), len(QUANTITIES))
+    extremes = {name: np.full(shape, np.nan, dtype=np.float32) for name in _EXTREMES}
+    if all(f"{CASES[0]}_{QUANTITIES[0]}_{name}" in columns for name in _EXTREMES):
+        for c, case in enumerate(CASES):
+            for q, quantity in enumerate(QUANTITIES):
+                for name in _EXTREMES:
+                    values = _floats(table, f"{case}_{quantity}_{name}")
+                    extremes[name][place, c, q] = values
+        return extremes
+    for lst, (c, q) in enumerate(TOP_LISTS):
+        name = "max" if SIGNS[c][q] > 0 else "min"
+        strongest = top_value[:, lst, 0]
+        extremes[name][:, c, q] = np.where(count[:, c] > 0, strongest, np.nan)
+    return extremes
 
 
 def import_dataset(

@@ -73,16 +73,24 @@ class NeuronStats:
         self.sum = torch.zeros(
             N_CASES, N_QUANTITIES, d_mlp, dtype=torch.float64, device=self.device
         )
+        # [case, quantity, neuron] the largest and smallest |value| over the case's tokens
+        # (-inf / +inf while the case has not occurred); `maximum`/`minimum` sign them.
+        self._strongest = torch.full(
+            (N_CASES, N_QUANTITIES, d_mlp), float("-inf"), dtype=dtype, device=self.device
+        )
+        self._weakest = torch.full_like(self._strongest, float("inf"))
         # The ranked lists and the candidates waiting to enter them, [list, neuron, slot]:
         # slots [0, k) hold the lists in rank order, slots [k, used) the pending candidates.
         # Empty slots hold text -1, position -1, value 0.
         self._pending_texts = CPU_PENDING_TEXTS if self.device.type == "cpu" else 0
         self._value, self._text, self._position = self._empty_slots(k + self._pending_texts)
         self._used = k
-        # Each list's sign: strength * sign is the signed value.
-        self._list_signs = torch.tensor(
-            [SIGNS[c][q] for c, q in TOP_LISTS], dtype=dtype, device=self.device
-        ).view(N_LISTS, 1, 1)
+        # A value is its strength (|value|) times its (case, quantity)'s sign.
+        self._signs = torch.tensor(SIGNS, dtype=dtype, device=self.device).unsqueeze(-1)
+        self._list_pairs = torch.tensor(
+            [c * N_QUANTITIES + q for c, q in TOP_LISTS], device=self.device
+        )
+        self._list_signs = self._signs.flatten()[self._list_pairs].view(N_LISTS, 1, 1)
 
     def _choose_pass(self, kernel: str, chunk_elements: int | None, workspace: Workspace | None):
         if kernel not in KERNELS:
@@ -125,8 +133,14 @@ class NeuronStats:
         text_index = text_index.to(self.device, torch.int64)
         self.tokens += valid.sum()
         gate, up = gate.to(self.dtype), up.to(self.dtype)
-        # [list, text, neuron]: each text's strongest token per list (-inf: case absent).
-        strength, position = self._pass(gate, up, valid, self.count, self.sum)
+        # [case * 4 + quantity, text, neuron]: each text's strongest token (-inf: the case
+        # does not occur in the text).
+        strength, position = self._pass(gate, up, valid, self.count, self.sum, self._weakest)
+        strongest = strength.amax(dim=1).view(N_CASES, N_QUANTITIES, d_mlp)
+        torch.maximum(self._strongest, strongest, out=self._strongest)
+
+        lists = self._list_pairs
+        strength, position = strength[lists], position[lists]  # [list, text, neuron]
         present = strength != float("-inf")
         value = torch.where(present, strength * self._list_signs, 0)
         text = torch.where(present, text_index.view(1, batch, 1), -1)
@@ -151,6 +165,30 @@ class NeuronStats:
         """[list, neuron, rank] int32 token positions of the ranked lists (-1: empty)."""
         self._merge_pending()
         return self._position[..., : self.k]
+
+    @property
+    def maximum(self) -> Tensor:
+        """[case, quantity, neuron] the largest value over the case's tokens (NaN: none)."""
+        return self._signed(self._strongest, -self._weakest)
+
+    @property
+    def minimum(self) -> Tensor:
+        """[case, quantity, neuron] the smallest value over the case's tokens (NaN: none)."""
+        return self._signed(self._weakest, -self._strongest)
+
+    def _signed(self, if_positive: Tensor, if_negative: Tensor) -> Tensor:
+        """Per (case, quantity) sign, one of two |value| extremes made signed."""
+        value = torch.where(self._signs > 0, if_positive, if_negative)
+        return value.masked_fill_(self._strongest == float("-inf"), float("nan"))
+
+    def _set_extremes(self, maximum: Tensor, minimum: Tensor) -> None:
+        """The inverse of ``maximum`` and ``minimum``."""
+        positive = self._signs > 0
+        never = maximum.isnan()
+        strongest = torch.where(positive, maximum, -minimum)
+        weakest = torch.where(positive, minimum, -maximum)
+        self._strongest = strongest.masked_fill_(never, float("-inf")).to(self.dtype)
+        self._weakest = weakest.masked_fill_(never, float("inf")).to(self.dtype)
 
     def _empty_slots(self, slots: int) -> tuple[Tensor, Tensor, Tensor]:
         """Value, text and position tensors [list, neuron, slots], all empty."""
@@ -223,6 +261,8 @@ class NeuronStats:
         self.tokens += other.tokens.to(self.device)
         self.count += other.count.to(self.device)
         self.sum += other.sum.to(self.device)
+        torch.maximum(self._strongest, other._strongest.to(self._strongest), out=self._strongest)
+        torch.minimum(self._weakest, other._weakest.to(self._weakest), out=self._weakest)
         self._add_candidates(
             other.top_value.to(self.device, self.dtype),
             other.top_text.to(self.device),
@@ -236,6 +276,8 @@ class NeuronStats:
             "tokens": self.tokens,
             "count": self.count,
             "sum": self.sum,
+            "max": self.maximum,
+            "min": self.minimum,
             "top_value": self.top_value,
             "top_text": self.top_text,
             "top_position": self.top_position,
@@ -252,6 +294,7 @@ class NeuronStats:
         self.tokens = state["tokens"].to(self.device, torch.int64).clone()
         self.count = state["count"].to(self.device, torch.int64).clone()
         self.sum = state["sum"].to(self.device, torch.float64).clone()
+        self._set_extremes(state["max"].to(self.device), state["min"].to(self.device))
         self._merge_pending()
         self._value[..., : self.k] = state["top_value"]
         self._text[..., : self.k] = state["top_text"]

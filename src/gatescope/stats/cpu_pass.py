@@ -22,31 +22,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gatescope.constants import SIGNS, TOP_LISTS
+from gatescope.constants import SIGNS
 
 #: Neurons per block; 64 was fastest on the benchmark model (AVX-512 and AVX2 alike).
 BLOCK = 64
 
-N_LISTS = len(TOP_LISTS)
-# A block's accumulators are rows of BLOCK neurons in two flat arrays. `totals` (float64,
-# for the whole batch): the counts per case (exact in float64), then the sums per case and
-# quantity. `best` (the input dtype, reset for every text): the strongest |value| so far
-# per list (-inf before any token of the case), then its position (exact below 2**24).
+# A block's accumulators are rows of BLOCK neurons in two flat arrays; `pair` is
+# 4 * case + quantity. `totals` (float64, the whole batch): the counts per case (exact in
+# float64), the sums per pair, the weakest |value| per pair (+inf before any token of the
+# case). `best` (the input dtype, reset for every text): the strongest |value| per pair
+# (-inf before any token of the case), then its position (exact below 2**24).
 COUNT = 0  # totals[COUNT + case]
-SUM = COUNT + 4  # totals[SUM + 4 * case + quantity]
-TOTAL_ROWS = SUM + 16
-STRENGTH = 0  # best[STRENGTH + list]
-POSITION = STRENGTH + N_LISTS  # best[POSITION + list]
-BEST_ROWS = POSITION + N_LISTS
+SUM = COUNT + 4  # totals[SUM + pair]
+WEAKEST = SUM + 16  # totals[WEAKEST + pair]
+TOTAL_ROWS = WEAKEST + 16
+STRENGTH = 0  # best[STRENGTH + pair]
+POSITION = STRENGTH + 16  # best[POSITION + pair]
+BEST_ROWS = POSITION + 16
 
-# The kernel below spells out every ranked list; this is the table it implements.
-_KERNEL_LISTS = (
-    ((0, 0), 1), ((0, 1), 1), ((0, 3), 1),
-    ((1, 0), 1), ((1, 1), -1), ((1, 3), -1),
-    ((2, 0), -1), ((2, 1), 1), ((2, 2), -1), ((2, 3), -1),
-    ((3, 0), -1), ((3, 1), -1), ((3, 2), -1), ((3, 3), 1),
-)  # fmt: skip
-assert tuple(((c, q), SIGNS[c][q]) for c, q in TOP_LISTS) == _KERNEL_LISTS, "kernel out of date"
+# The kernel spells out each case's quantity signs; this is the table it implements.
+_KERNEL_SIGNS = ((1, 1, 1, 1), (1, -1, 1, -1), (-1, 1, -1, -1), (-1, -1, -1, 1))
+assert tuple(SIGNS) == _KERNEL_SIGNS, "kernel out of date"
 
 
 def cpu_pass(
@@ -55,10 +51,11 @@ def cpu_pass(
     valid: Tensor,
     count: Tensor,
     sums: Tensor,
+    weakest: Tensor,
     *,
     act: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """Adds a batch to ``count`` and ``sums`` and finds each text's strongest tokens.
+    """Adds a batch to the totals and finds each text's strongest tokens.
 
     Args:
         gate, up: [text, pos, neuron] ``g`` and ``u`` in the statistics' dtype (float32 or
@@ -66,41 +63,45 @@ def cpu_pass(
         valid: [text, pos] bool, the counted tokens.
         count: [case, neuron] int64, added to in place.
         sums: [case, quantity, neuron] float64, added to in place.
+        weakest: [case, quantity, neuron] the smallest |value| so far (+inf: none), in the
+            input dtype, lowered in place.
         act: The activation; ``act(g)`` is computed by torch, exactly as the model does.
 
     Returns:
-        strength: [list, text, neuron] the largest |value| of each list's quantity over the
-            text's tokens of the list's case; -inf where the case does not occur.
-        position: [list, text, neuron] int64, the first position holding it.
+        strength: [case * 4 + quantity, text, neuron] the largest |value| of the quantity
+            over the text's tokens of the case; -inf where the case does not occur.
+        position: [case * 4 + quantity, text, neuron] int64, the first position holding it.
     """
     gate, up = gate.contiguous(), up.contiguous()
     swish = act(gate).contiguous()
     texts, _, neurons = gate.shape
-    strength = torch.empty(N_LISTS, texts, neurons, dtype=gate.dtype)
-    position = torch.empty(N_LISTS, texts, neurons, dtype=torch.int64)
+    strength = torch.empty(16, texts, neurons, dtype=gate.dtype)
+    position = torch.empty(16, texts, neurons, dtype=torch.int64)
     # numba keeps its own thread pool: use as many threads as torch is allowed to.
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     _batch(
         gate.numpy(), up.numpy(), swish.numpy(), valid.contiguous().numpy(),
-        count.numpy(), sums.numpy(), strength.numpy(), position.numpy(),
+        count.numpy(), sums.numpy(), weakest.numpy(), strength.numpy(), position.numpy(),
     )  # fmt: skip
     return strength, position
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _batch(g, u, a, valid, count, sums, strength, position):  # pragma: no cover - compiled
+def _batch(g, u, a, valid, count, sums, weakest, strength, position):  # pragma: no cover
     texts, _, neurons = g.shape
     for block in numba.prange((neurons + BLOCK - 1) // BLOCK):
         first = block * BLOCK
         width = min(BLOCK, neurons - first)
         totals = np.zeros(TOTAL_ROWS * BLOCK)
+        totals[WEAKEST * BLOCK :] = np.inf
         best = np.empty(BEST_ROWS * BLOCK, dtype=g.dtype)
         for text in range(texts):
             best[: POSITION * BLOCK] = -np.inf
             best[POSITION * BLOCK :] = -1
             _text(g, u, a, valid, text, first, width, totals, best)
+            _weakest(g, u, a, valid, text, first, width, totals)
             _store_text(best, text, first, width, strength, position)
-        _store_block(totals, first, width, count, sums)
+        _store_block(totals, first, width, count, sums, weakest)
 
 
 # The loops below are not inlined into `_batch`: inside its parallel loop they made numba's
@@ -110,25 +111,30 @@ def _batch(g, u, a, valid, count, sums, strength, position):  # pragma: no cover
 @numba.njit(boundscheck=False)
 def _store_text(best, text, first, width, strength, position):  # pragma: no cover - compiled
     """Writes a text's strongest values and positions of a block's neurons."""
-    for lst in range(N_LISTS):
+    for pair in range(16):
         for j in range(width):
-            strength[lst, text, first + j] = best[(STRENGTH + lst) * BLOCK + j]
-            position[lst, text, first + j] = int(best[(POSITION + lst) * BLOCK + j])
+            strength[pair, text, first + j] = best[(STRENGTH + pair) * BLOCK + j]
+            position[pair, text, first + j] = int(best[(POSITION + pair) * BLOCK + j])
 
 
 @numba.njit(boundscheck=False)
-def _store_block(totals, first, width, count, sums):  # pragma: no cover - compiled
-    """Adds a block's counts and sums to the layer's."""
+def _store_block(totals, first, width, count, sums, weakest):  # pragma: no cover - compiled
+    """Adds a block's totals to the layer's."""
     for case in range(4):
         for j in range(width):
-            count[case, first + j] += int(totals[(COUNT + case) * BLOCK + j])
+            n = first + j
+            count[case, n] += int(totals[(COUNT + case) * BLOCK + j])
             for quantity in range(4):
-                sums[case, quantity, first + j] += totals[(SUM + 4 * case + quantity) * BLOCK + j]
+                pair = 4 * case + quantity
+                sums[case, quantity, n] += totals[(SUM + pair) * BLOCK + j]
+                low = totals[(WEAKEST + pair) * BLOCK + j]
+                if low < weakest[case, quantity, n]:
+                    weakest[case, quantity, n] = low
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
 def _text(g, u, a, valid, text, first, width, totals, best):  # pragma: no cover - compiled
-    """One text's tokens for the neurons [first, first + width) of a block."""
+    """Counts, sums and the strongest tokens of one text, for a block's neurons."""
     for t in range(g.shape[1]):
         if not valid[text, t]:
             continue
@@ -136,35 +142,45 @@ def _text(g, u, a, valid, text, first, width, totals, best):  # pragma: no cover
             n = first + j
             gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
             pv = av * uv  # rounded in the input dtype, as torch's a * u is
-            # A zero g or u is in no case.
-            pp = (gv > 0) & (uv > 0)
-            pn = (gv > 0) & (uv < 0)
-            np_ = (gv < 0) & (uv > 0)
-            nn = (gv < 0) & (uv < 0)
-            _add(totals, j, 0, pp, gv, uv, av, pv)
-            _add(totals, j, 1, pn, gv, uv, av, pv)
-            _add(totals, j, 2, np_, gv, uv, av, pv)
-            _add(totals, j, 3, nn, gv, uv, av, pv)
-            # Within a case every quantity has a fixed sign (constants.SIGNS): the strength
-            # is the value times that sign.
-            _keep(best, j, 0, pp, gv, t)
-            _keep(best, j, 1, pp, uv, t)
-            _keep(best, j, 2, pp, pv, t)
-            _keep(best, j, 3, pn, gv, t)
-            _keep(best, j, 4, pn, -uv, t)
-            _keep(best, j, 5, pn, -pv, t)
-            _keep(best, j, 6, np_, -gv, t)
-            _keep(best, j, 7, np_, uv, t)
-            _keep(best, j, 8, np_, -av, t)
-            _keep(best, j, 9, np_, -pv, t)
-            _keep(best, j, 10, nn, -gv, t)
-            _keep(best, j, 11, nn, -uv, t)
-            _keep(best, j, 12, nn, -av, t)
-            _keep(best, j, 13, nn, pv, t)
+            # A zero g or u is in no case. The signs are constants.SIGNS: within a case
+            # every quantity has a fixed sign, and value * sign is its strength |value|.
+            pp, pn = (gv > 0) & (uv > 0), (gv > 0) & (uv < 0)
+            np_, nn = (gv < 0) & (uv > 0), (gv < 0) & (uv < 0)
+            _sums(totals, j, 0, pp, gv, uv, av, pv)
+            _sums(totals, j, 1, pn, gv, uv, av, pv)
+            _sums(totals, j, 2, np_, gv, uv, av, pv)
+            _sums(totals, j, 3, nn, gv, uv, av, pv)
+            _strongest(best, j, t, 0, pp, gv, uv, av, pv, 1, 1, 1, 1)
+            _strongest(best, j, t, 1, pn, gv, uv, av, pv, 1, -1, 1, -1)
+            _strongest(best, j, t, 2, np_, gv, uv, av, pv, -1, 1, -1, -1)
+            _strongest(best, j, t, 3, nn, gv, uv, av, pv, -1, -1, -1, 1)
+
+
+@numba.njit(boundscheck=False, error_model="numpy")
+def _weakest(g, u, a, valid, text, first, width, totals):  # pragma: no cover - compiled
+    """The weakest tokens of one text, for a block's neurons. A loop of its own: folded
+    into ``_text``, the many accumulators stopped LLVM from vectorizing."""
+    for t in range(g.shape[1]):
+        if not valid[text, t]:
+            continue
+        for j in range(width):
+            n = first + j
+            gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
+            pv = av * uv
+            pp, pn = (gv > 0) & (uv > 0), (gv > 0) & (uv < 0)
+            np_, nn = (gv < 0) & (uv > 0), (gv < 0) & (uv < 0)
+            _weaker(totals, j, 0, pp, gv, uv, av, pv, 1, 1, 1, 1)
+            _weaker(totals, j, 1, pn, gv, uv, av, pv, 1, -1, 1, -1)
+            _weaker(totals, j, 2, np_, gv, uv, av, pv, -1, 1, -1, -1)
+            _weaker(totals, j, 3, nn, gv, uv, av, pv, -1, -1, -1, 1)
+
+
+# Per-token updates, one case at a time. They are selects rather than branches or
+# min/max, so that the loops over neurons vectorize.
 
 
 @numba.njit(inline="always")
-def _add(totals, j, case, in_case, g, u, a, p):  # pragma: no cover - compiled
+def _sums(totals, j, case, in_case, g, u, a, p):  # pragma: no cover - compiled
     """Counts the token and adds its quantities (in float64), if it is in ``case``."""
     totals[(COUNT + case) * BLOCK + j] += 1.0 if in_case else 0.0
     totals[(SUM + 4 * case) * BLOCK + j] += np.float64(g) if in_case else 0.0
@@ -174,9 +190,33 @@ def _add(totals, j, case, in_case, g, u, a, p):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _keep(best, j, lst, in_case, strength, t):  # pragma: no cover - compiled
-    """Keeps the token if it is the list's strongest so far (strictly: the first one wins)."""
+def _strongest(best, j, t, case, in_case, g, u, a, p, sg, su, sa, sp):  # pragma: no cover
+    """Keeps the token where it is the text's strongest so far of a case's quantities."""
+    _stronger(best, j, t, 4 * case, in_case, g if sg > 0 else -g)
+    _stronger(best, j, t, 4 * case + 1, in_case, u if su > 0 else -u)
+    _stronger(best, j, t, 4 * case + 2, in_case, a if sa > 0 else -a)
+    _stronger(best, j, t, 4 * case + 3, in_case, p if sp > 0 else -p)
+
+
+@numba.njit(inline="always")
+def _stronger(best, j, t, pair, in_case, strength):  # pragma: no cover - compiled
+    """Strictly stronger only: the first strongest token wins."""
     s = strength if in_case else -np.inf
-    stronger = s > best[(STRENGTH + lst) * BLOCK + j]
-    best[(POSITION + lst) * BLOCK + j] = t if stronger else best[(POSITION + lst) * BLOCK + j]
-    best[(STRENGTH + lst) * BLOCK + j] = s if stronger else best[(STRENGTH + lst) * BLOCK + j]
+    stronger = s > best[(STRENGTH + pair) * BLOCK + j]
+    best[(POSITION + pair) * BLOCK + j] = t if stronger else best[(POSITION + pair) * BLOCK + j]
+    best[(STRENGTH + pair) * BLOCK + j] = s if stronger else best[(STRENGTH + pair) * BLOCK + j]
+
+
+@numba.njit(inline="always")
+def _weaker(totals, j, case, in_case, g, u, a, p, sg, su, sa, sp):  # pragma: no cover
+    """Lowers the weakest |value| of a case's quantities to the token's, if in ``case``."""
+    _lower(totals, (WEAKEST + 4 * case) * BLOCK + j, in_case, g if sg > 0 else -g)
+    _lower(totals, (WEAKEST + 4 * case + 1) * BLOCK + j, in_case, u if su > 0 else -u)
+    _lower(totals, (WEAKEST + 4 * case + 2) * BLOCK + j, in_case, a if sa > 0 else -a)
+    _lower(totals, (WEAKEST + 4 * case + 3) * BLOCK + j, in_case, p if sp > 0 else -p)
+
+
+@numba.njit(inline="always")
+def _lower(totals, at, in_case, strength):  # pragma: no cover - compiled
+    s = np.float64(strength)
+    totals[at] = s if in_case & (s < totals[at]) else totals[at]

@@ -15,11 +15,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
+from gatescope.constants import CASES, QUANTITIES, SIGNS
 
 N_CASES = len(CASES)
 N_QUANTITIES = len(QUANTITIES)
-N_LISTS = len(TOP_LISTS)
 
 #: Elements of one [texts, positions, d_mlp] workspace buffer per chunk. About 12 such
 #: buffers live at once; 2**18 float32 elements (1 MiB) keeps a chunk in a CPU's cache,
@@ -63,13 +62,15 @@ class TorchPass:
         self._signs = torch.tensor(SIGNS, dtype=dtype, device=device).view(
             N_CASES, N_QUANTITIES, 1, 1, 1
         )
-        self._ranked_quantities = [
-            torch.tensor([q for c, q in TOP_LISTS if c == case], device=device)
-            for case in range(N_CASES)
-        ]
 
     def __call__(
-        self, gate: Tensor, up: Tensor, valid: Tensor, count: Tensor, sums: Tensor
+        self,
+        gate: Tensor,
+        up: Tensor,
+        valid: Tensor,
+        count: Tensor,
+        sums: Tensor,
+        weakest: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """Same contract as :func:`gatescope.stats.cpu_pass.cpu_pass`.
 
@@ -78,20 +79,24 @@ class TorchPass:
             valid: [text, pos] bool, the counted tokens.
             count: [case, neuron] int64, added to in place.
             sums: [case, quantity, neuron] float64, added to in place.
+            weakest: [case, quantity, neuron] the smallest |value| so far (+inf: none),
+                lowered in place.
 
         Returns:
-            strength: [list, text, neuron] the largest |value| of each list's quantity over
-                the text's tokens of the list's case; -inf where the case does not occur.
-            position: [list, text, neuron] int64, the first position holding it.
+            strength: [case * 4 + quantity, text, neuron] the largest |value| of the
+                quantity over the text's tokens of the case; -inf where the case does not
+                occur.
+            position: [case * 4 + quantity, text, neuron] int64, the first position holding it.
         """
         batch, length, neurons = gate.shape
-        strength = torch.empty(N_LISTS, batch, neurons, dtype=self.dtype, device=self.device)
-        position = torch.empty(N_LISTS, batch, neurons, dtype=torch.int64, device=self.device)
+        pairs = N_CASES * N_QUANTITIES
+        strength = torch.empty(pairs, batch, neurons, dtype=self.dtype, device=self.device)
+        position = torch.empty(pairs, batch, neurons, dtype=torch.int64, device=self.device)
         chunk = max(1, self.chunk_elements // (length * neurons))
         for start in range(0, batch, chunk):
             texts = slice(start, min(start + chunk, batch))
             self._chunk(
-                gate[texts], up[texts], valid[texts], count, sums,
+                gate[texts], up[texts], valid[texts], count, sums, weakest,
                 strength[:, texts], position[:, texts],
             )  # fmt: skip
         return strength, position
@@ -103,10 +108,11 @@ class TorchPass:
         valid: Tensor,
         count: Tensor,
         sums: Tensor,
+        weakest: Tensor,
         strength: Tensor,
         position: Tensor,
     ) -> None:
-        """One chunk of texts; ``strength`` and ``position`` ([list, chunk, neuron]) are
+        """One chunk of texts; ``strength`` and ``position`` ([pair, chunk, neuron]) are
         views into the batch's results and are written in place."""
         texts, length, _ = gate.shape
         q, cases, masked = self._buffers(texts, length, gate.shape[2])
@@ -137,16 +143,20 @@ class TorchPass:
             # masked: [quantity, text, pos, neuron], the quantities on case c's tokens, else 0.
             torch.mul(q, cases[c], out=masked)
             sums[c] += masked.sum(dim=(1, 2), dtype=torch.float64)
-            lists = _LISTS_OF_CASE[c]
+            # Weakest |value|: the case's tokens only (a bool mask: the masked zeros are not).
+            in_case = (cases[c] > 0).unsqueeze(0)  # [1, text, pos, neuron]
+            magnitude = torch.where(in_case, masked.abs(), float("inf"))
+            torch.minimum(weakest[c], magnitude.amin(dim=(1, 2)), out=weakest[c])
+            pairs = slice(c * N_QUANTITIES, (c + 1) * N_QUANTITIES)
             present = count_per_text[c] > 0  # [text, neuron]
             case_strength, case_position = self._strongest(masked, cases[c], present, c)
-            strength[lists] = torch.where(present, case_strength, float("-inf"))
-            position[lists] = case_position
+            strength[pairs] = torch.where(present, case_strength, float("-inf"))
+            position[pairs] = case_position
 
     def _strongest(
         self, masked: Tensor, case_mask: Tensor, present: Tensor, case: int
     ) -> tuple[Tensor, Tensor]:
-        """Each text's strongest token of one case, for each ranked quantity of the case.
+        """Each text's strongest token of one case, for each quantity.
 
         Two levels, because argmax kernels are several times slower than amax ones: the
         extremes of each block of BLOCK positions (all quantities at once, one pass for max
@@ -161,9 +171,9 @@ class TorchPass:
             case: The case index.
 
         Returns:
-            strength: [list, text, neuron] |strongest value| of each of the case's lists.
-            position: [list, text, neuron] int64, its first position (meaningless where the
-                case never occurs in the text).
+            strength: [quantity, text, neuron] |strongest value|.
+            position: [quantity, text, neuron] int64, its first position (meaningless where
+                the case never occurs in the text).
         """
         quantities, texts, length, neurons = masked.shape
         blocks = masked.view(quantities, texts, length // BLOCK, BLOCK, neurons)
@@ -174,17 +184,14 @@ class TorchPass:
 
         window = block.unsqueeze(2) * BLOCK + self._block_offsets  # [quantity, text, BLOCK, neuron]
         position = block * BLOCK + _first_max(masked.gather(2, window) * sign, dim=2)
-        ranked = self._ranked_quantities[case]
-        strength, position = strength[ranked], position[ranked]  # [list, text, neuron]
-
         # A strongest value of exactly 0 (act underflow, as GELU-tanh does far out) is also
         # the fill value of other cases' tokens: search those columns among the case's tokens.
         zero = (strength == 0) & present
         if zero.any():
-            lst, text, neuron = zero.nonzero(as_tuple=True)
+            quantity, text, neuron = zero.nonzero(as_tuple=True)
             in_case = case_mask[text, :, neuron] > 0  # [candidate, pos]
-            hit = (masked[ranked[lst], text, :, neuron] == 0) & in_case
-            position[lst, text, neuron] = hit.to(torch.uint8).argmax(dim=1)  # first hit
+            hit = (masked[quantity, text, :, neuron] == 0) & in_case
+            position[quantity, text, neuron] = hit.to(torch.uint8).argmax(dim=1)  # first hit
         return strength, position
 
     def _buffers(self, texts: int, length: int, neurons: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -238,13 +245,3 @@ def _first_max(x: Tensor, dim: int) -> Tensor:
     hits = torch.empty_like(x)
     torch.eq(x, x.amax(dim=dim, keepdim=True), out=hits)
     return size - hits.mul_(weights).amax(dim=dim).to(torch.int64)
-
-
-def _lists_of_case(case: int) -> slice:
-    """The ranked lists of one case: TOP_LISTS is ordered by case, so they form a slice."""
-    indices = [i for i, (c, _) in enumerate(TOP_LISTS) if c == case]
-    assert indices == list(range(indices[0], indices[-1] + 1)), "TOP_LISTS must be case-major"
-    return slice(indices[0], indices[-1] + 1)
-
-
-_LISTS_OF_CASE: tuple[slice, ...] = tuple(_lists_of_case(c) for c in range(N_CASES))
