@@ -1,0 +1,112 @@
+"""Per-token activations of a few neurons on a few texts: what a neuron page shows.
+
+An atlas keeps, per neuron, only each text's strongest token. A page colors every token of
+the top texts, so their activations are computed again, here: one batched forward over the
+texts that stops right after the neurons' layer (the later layers and the unembedding
+never run), with the same quantities as the scan (``g``, ``u``, ``act(g)``, ``act(g) * u``
+in the statistics' dtype).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gatescope.errors import GatescopeError
+from gatescope.loading import LoadedModel
+
+__all__ = ["TextActivations", "recompute"]
+
+
+@dataclass
+class TextActivations:
+    """One text's tokens and the activations of the requested neurons on them."""
+
+    text: int  # corpus index
+    input_ids: list[int]
+    values: np.ndarray  # [neuron, quantity, pos]: the requested neurons, in the order given
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the forward is not needed past the layer."""
+
+
+def recompute(
+    loaded: LoadedModel,
+    corpus,
+    layer: int,
+    neurons: Sequence[int],
+    texts: Sequence[int],
+    *,
+    refactor_glu: bool = False,
+    batch_size: int = 16,
+) -> dict[int, TextActivations]:
+    """Activations of ``neurons`` of ``layer`` on every token of ``texts``.
+
+    Args:
+        loaded: The model the atlas was scanned with.
+        corpus: The atlas's corpus (a :class:`~gatescope.scanner.TokenizedCorpus`).
+        layer: The neurons' layer.
+        neurons: Neuron indices in that layer.
+        texts: Corpus indices of the texts (duplicates are computed once).
+        refactor_glu: Apply ``--refactor-glu`` as the scan did (undone afterwards).
+        batch_size: Texts per forward.
+
+    Returns:
+        Corpus index -> :class:`TextActivations`, values [neuron, quantity, pos] with the
+        quantities of :data:`~gatescope.constants.QUANTITIES`.
+    """
+    from gatescope.arch import find_gated_mlps, refactored_glu
+
+    mlps = find_gated_mlps(loaded.model)
+    if not 0 <= layer < len(mlps):
+        raise GatescopeError(f"layer {layer} is out of range: the model has {len(mlps)} layers.")
+    mlp = mlps[layer]
+    bad = [n for n in neurons if not 0 <= n < mlp.d_mlp]
+    if bad:
+        raise GatescopeError(
+            f"neuron {bad[0]} is out of range: layer {layer} has neurons 0-{mlp.d_mlp - 1}."
+        )
+    wanted = sorted(set(texts))
+    if wanted and not 0 <= wanted[0] <= wanted[-1] < len(corpus.lengths):
+        raise GatescopeError(
+            f"text {wanted[-1]} is not in the corpus ({len(corpus.lengths)} texts): the atlas "
+            "was scanned on another corpus."
+        )
+    stats_dtype = torch.float64 if loaded.dtype == torch.float64 else torch.float32
+    index = torch.as_tensor(list(neurons), device=loaded.device)
+    captured: list[torch.Tensor] = []
+
+    def keep(gate: torch.Tensor, up: torch.Tensor) -> None:
+        g = gate[..., index].to(stats_dtype)  # [batch, pos, neuron]
+        u = up[..., index].to(stats_dtype)
+        a = mlp.act_fn(g)
+        captured.append(torch.stack([g, u, a, a * u], dim=1))  # [batch, quantity, pos, neuron]
+        raise _Stop
+
+    # Longest first, as the scan batches them: little padding.
+    order = sorted(wanted, key=lambda t: -int(corpus.lengths[t]))
+    result: dict[int, TextActivations] = {}
+    refactor = refactored_glu(mlps) if refactor_glu else contextlib.nullcontext()
+    with torch.inference_mode(), refactor, mlp.capture(keep):
+        for start in range(0, len(order), batch_size):
+            batch = np.asarray(order[start : start + batch_size])
+            input_ids, attention_mask = corpus.batch(batch, device=loaded.device)
+            captured.clear()
+            with contextlib.suppress(_Stop):
+                loaded.model.base_model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
+            values = captured[0].permute(0, 3, 1, 2).cpu().numpy()  # [batch, neuron, q, pos]
+            for row, text in enumerate(batch.tolist()):
+                length = int(attention_mask[row].sum())
+                result[text] = TextActivations(
+                    text=text,
+                    input_ids=input_ids[row, :length].tolist(),
+                    values=values[row, :, :, :length],
+                )
+    return result
