@@ -256,5 +256,42 @@ def import_(source, out, model, tokens, overwrite) -> None:
     click.echo(f"wrote {atlas.num_layers} layers x {atlas.d_mlp} neurons to {out}")
 
 
+@cli.command()
+@click.argument("atlas_path", metavar="ATLAS", type=click.Path(path_type=Path))
+@click.option(
+    "--neurons", "-n", multiple=True, metavar="L.N", help="A neuron as LAYER.NEURON (repeatable)."
+)
+@click.option("--layer", type=int, default=None, help="With --top: the layer to pick from.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Pick the N top neurons.")
+@click.option(
+    "--by",
+    default="strongest",
+    show_default=True,
+    help="Rank for --top: strongest (largest |hook_post|) or a case (its frequency).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Site folder.")
+@click.option("--model", default=None, help="Model folder or id, if not where the atlas says.")
+@click.option("--corpus", "corpus_path", default=None, help="Corpus folder, likewise.")
+def page(atlas_path, neurons, layer, top, by, out, model, corpus_path) -> None:
+    """Write neuron pages of ATLAS (one HTML file each, plus index.html) into --out.
+
+    Re-running adds pages to the site and keeps the earlier ones.
+    """
+    from gatescope.atlas import Atlas
+    from gatescope.pages import PageSource, parse_neuron, top_neurons, write_pages
+
+    chosen = [parse_neuron(spec) for spec in neurons]
+    if (layer is None) != (top is None):
+        raise GatescopeError("--layer and --top go together: e.g. --layer 3 --top 10.")
+    atlas = Atlas.load(atlas_path)
+    if top is not None:
+        chosen += [(layer, n) for n in top_neurons(atlas, layer, top, by)]
+    if not chosen:
+        raise GatescopeError("name the neurons: --neurons 31.9634 ... or --layer L --top N.")
+    source = PageSource.open(atlas, model=model, corpus=corpus_path)
+    written = write_pages(source, chosen, out)
+    click.echo(f"wrote {len(written)} page(s) and {out / 'index.html'}")
+
+
 def main() -> None:
     cli(prog_name="gatescope")

@@ -73,7 +73,8 @@ def load_model(model: str | Path | PreTrainedModel, *, dtype: str = "auto", devi
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         return LoadedModel(model.eval(), str(name), getattr(model.config, "_commit_hash", None))
 
-    name = str(model)
+    # A local folder is recorded absolute, so that pages can find it from anywhere.
+    name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
     target = resolve_device(device)
     try:
         config = AutoConfig.from_pretrained(name)

@@ -268,7 +268,7 @@ class TokenizedCorpus:
         from gatescope.corpus import corpus_metadata
 
         return {
-            "path": str(self.path) if self.path else None,
+            "path": str(self.path.resolve()) if self.path else None,
             "fingerprint": self.fingerprint,
             "texts": len(self.lengths),
             "tokens": int(self.lengths.sum()),

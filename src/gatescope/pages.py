@@ -1,0 +1,289 @@
+"""Neuron pages: an atlas's summary of a neuron plus its top texts, recomputed and rendered.
+
+``write_pages`` loads the atlas's model, corpus and tokenizer once, recomputes each layer's
+requested neurons in one pass (:mod:`gatescope.recompute`), renders one self-contained HTML
+file per neuron (:mod:`gatescope.render`) and keeps ``site.json``, the list of every page
+the site folder holds, from which ``index.html`` is rebuilt: re-running adds pages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gatescope.atlas import Atlas, NeuronSummary
+from gatescope.constants import CASES, QUANTITIES
+from gatescope.errors import GatescopeError
+from gatescope.files import write_json_atomic
+
+__all__ = ["PageSource", "page_file", "parse_neuron", "top_neurons", "write_pages"]
+
+SITE_JSON = "site.json"
+
+#: Tokens of context shown before and after an example's strongest token.
+CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4
+
+
+@dataclass
+class PageSource:
+    """What the pages of one atlas are computed from, loaded once."""
+
+    atlas: Atlas
+    loaded: Any  # gatescope.loading.LoadedModel
+    corpus: Any  # gatescope.scanner.TokenizedCorpus
+    tokenizer: Any  # a transformers tokenizer
+
+    @classmethod
+    def open(
+        cls, atlas: Atlas, *, model: str | None = None, corpus: str | Path | None = None
+    ) -> PageSource:
+        """Loads the atlas's model, corpus and tokenizer (``model``/``corpus`` override)."""
+        from transformers import AutoTokenizer
+
+        from gatescope.loading import load_model
+        from gatescope.scanner import TokenizedCorpus
+
+        model = model or atlas.meta.get("model", {}).get("name")
+        corpus = corpus or atlas.meta.get("corpus", {}).get("path")
+        if not model:
+            raise GatescopeError("the atlas does not name its model: pass --model.")
+        if not corpus:
+            raise GatescopeError("the atlas does not name its corpus folder: pass --corpus.")
+        texts = TokenizedCorpus.open(corpus)
+        expected = atlas.meta.get("corpus", {}).get("fingerprint")
+        if expected and texts.fingerprint != expected:
+            raise GatescopeError(
+                f"the corpus at {corpus} is not the one the atlas was scanned on "
+                "(its fingerprint differs)."
+            )
+        loaded = load_model(model, dtype=atlas.meta.get("model", {}).get("dtype", "auto"))
+        tokenizer_name = texts.describe()["metadata"].get("tokenizer") or model
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
+        except (OSError, ValueError) as error:
+            raise GatescopeError(f"could not load the tokenizer '{tokenizer_name}'.") from error
+        return cls(atlas, loaded, texts, tokenizer)
+
+
+def parse_neuron(spec: str) -> tuple[int, int]:
+    """``"31.9634"`` -> (31, 9634)."""
+    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", spec)
+    if not match:
+        raise GatescopeError(f"'{spec}' is not a neuron: write LAYER.NEURON, e.g. 31.9634.")
+    return int(match[1]), int(match[2])
+
+
+def top_neurons(atlas: Atlas, layer: int, n: int, by: str = "strongest") -> list[int]:
+    """The ``n`` neurons of ``layer`` ranked ``by`` "strongest" (largest |hook_post| of any
+    case) or by a case name (the case's frequency)."""
+    import torch
+
+    if not 0 <= layer < atlas.num_layers:
+        raise GatescopeError(
+            f"layer {layer} is out of range: the atlas has layers 0-{atlas.num_layers - 1}."
+        )
+    if by == "strongest":
+        extremes = torch.stack([atlas.tensor("max")[layer], -atlas.tensor("min")[layer]])
+        score = extremes[:, :, QUANTITIES.index("hook_post")].nan_to_num(-math.inf)
+        score = score.amax(dim=(0, 1))  # [neuron]
+    elif by in CASES:
+        score = atlas.tensor("count")[layer, CASES.index(by)].double()
+    else:
+        raise GatescopeError(f"cannot rank by '{by}': use strongest or one of {', '.join(CASES)}.")
+    return score.argsort(descending=True, stable=True)[:n].tolist()
+
+
+def page_file(model: str, layer: int, neuron: int) -> str:
+    """The page's file name inside the site folder."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(model)).name or str(model)).strip("_")
+    return f"{slug or 'model'}-L{layer}-N{neuron}.html"
+
+
+def write_pages(
+    source: PageSource, neurons: Sequence[tuple[int, int]], out: str | Path
+) -> list[Path]:
+    """Writes the pages of ``neurons`` ((layer, index) pairs) and the site's index.
+
+    Returns:
+        The pages written, in the order given.
+    """
+    from gatescope.recompute import recompute
+    from gatescope.render import render_index, render_neuron
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    site = _read_site(out)
+    atlas = source.atlas
+    model = atlas.meta.get("model", {}).get("name") or "model"
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, neuron in dict.fromkeys(neurons):
+        atlas.neuron(layer, neuron)  # range errors before any work
+        by_layer[layer].append(neuron)
+    planned = {(model, layer, n) for layer, ns in by_layer.items() for n in ns}
+    existing = {(p["model"], p["layer"], p["neuron"]) for p in site["pages"]} | planned
+
+    written: dict[tuple[int, int], Path] = {}
+    for layer, layer_neurons in by_layer.items():
+        summaries = {n: atlas.neuron(layer, n) for n in layer_neurons}
+        texts = sorted({e.text for s in summaries.values() for e in _examples(s)})
+        refactor = bool(atlas.meta.get("options", {}).get("refactor_glu"))
+        acts = recompute(
+            source.loaded, source.corpus, layer, layer_neurons, texts, refactor_glu=refactor
+        )
+        tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
+        sources = _source_ids(source.corpus, texts)
+        for i, neuron in enumerate(layer_neurons):
+            page = neuron_page(
+                atlas, summaries[neuron], {t: a.values[i] for t, a in acts.items()},
+                tokens, sources, links=_links(atlas, model, layer, neuron, existing),
+            )  # fmt: skip
+            path = out / page_file(model, layer, neuron)
+            path.write_text(render_neuron(page), encoding="utf-8")
+            written[layer, neuron] = path
+            entry = {"model": model, "layer": layer, "neuron": neuron, "file": path.name}
+            site["pages"] = [p for p in site["pages"] if p["file"] != path.name] + [entry]
+    site["pages"].sort(key=lambda p: (p["model"], p["layer"], p["neuron"]))
+    write_json_atomic(out / SITE_JSON, site)
+    (out / "index.html").write_text(render_index(site), encoding="utf-8")
+    return [written[pair] for pair in dict.fromkeys(neurons)]
+
+
+def neuron_page(
+    atlas: Atlas,
+    summary: NeuronSummary,
+    values: dict[int, Any],
+    tokens: dict[int, list[str]],
+    sources: dict[int, str],
+    *,
+    links: dict[str, str | None],
+) -> dict[str, Any]:
+    """Everything the neuron template shows, as plain data.
+
+    Args:
+        values: Text index -> [quantity, pos] activations of this neuron.
+        tokens: Text index -> display string of each token.
+        sources: Text index -> source id.
+        links: "prev_neuron", "next_neuron", "prev_layer", "next_layer" -> file or None.
+    """
+    meta = atlas.meta
+    cases = []
+    for case in CASES:
+        occurs = summary.count[case] > 0
+        sections = []
+        for quantity, examples in summary.top.get(case, {}).items():
+            if examples:  # a list is empty only where the case never occurs
+                sections.append({"quantity": quantity, "examples": [
+                    {"rank": r + 1, "value": e.value, "text": e.text, "position": e.position,
+                     "source": sources.get(e.text, "")}
+                    for r, e in enumerate(examples)
+                ]})  # fmt: skip
+        cases.append(
+            {
+                "name": case,
+                "occurs": occurs,
+                "freq": summary.freq[case],
+                "stats": {
+                    q: {s: _finite(getattr(summary, s)[case][q]) for s in ("max", "min", "mean")}
+                    for q in QUANTITIES
+                },
+                "sections": sections,
+            }
+        )
+    texts = {
+        str(t): {
+            "tokens": tokens[t],
+            "values": [[float(f"{v:.6g}") for v in row] for row in values[t].tolist()],
+            "source": sources.get(t, ""),
+        }
+        for t in values
+    }
+    options = meta.get("options", {})
+    return {
+        "model": meta.get("model", {}).get("name") or "unknown model",
+        "layer": summary.layer,
+        "neuron": summary.index,
+        "corpus": meta.get("corpus", {}).get("path") or meta.get("corpus", {}).get("fingerprint"),
+        "tokens": summary.tokens,
+        "refactored": bool(options.get("refactor_glu")),
+        "include_bos": bool(options.get("include_bos")),
+        "links": links,
+        "cases": cases,
+        "data": {
+            "quantities": list(QUANTITIES),
+            "cases": list(CASES),
+            "before": CONTEXT_BEFORE,
+            "after": CONTEXT_AFTER,
+            "texts": texts,
+        },
+    }
+
+
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """How each token reads, leading spaces included (SentencePiece's "▁" and byte-level
+    BPE's "Ġ" become spaces, byte tokens like <0x0A> their character)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    special = set(getattr(tokenizer, "all_special_tokens", []))
+    strings = []
+    for piece in pieces:
+        if piece is None:
+            strings.append("")
+        elif piece in special:
+            strings.append(piece)
+        else:
+            text = tokenizer.convert_tokens_to_string([piece])
+            if piece[:1] in ("▁", "Ġ") and not text.startswith(" "):
+                text = " " + text
+            strings.append(text)
+    return strings
+
+
+def _examples(summary: NeuronSummary):
+    for lists in summary.top.values():
+        for examples in lists.values():
+            yield from examples
+
+
+def _links(atlas: Atlas, model: str, layer: int, neuron: int, existing) -> dict[str, str | None]:
+    """Neighbour pages that exist (or are being written) in the site."""
+
+    def link(lyr: int, n: int) -> str | None:
+        return page_file(model, lyr, n) if (model, lyr, n) in existing else None
+
+    return {
+        "prev_neuron": link(layer, neuron - 1),
+        "next_neuron": link(layer, neuron + 1),
+        "prev_layer": link(layer - 1, neuron),
+        "next_layer": link(layer + 1, neuron),
+    }
+
+
+def _source_ids(corpus, texts: Sequence[int]) -> dict[int, str]:
+    from gatescope.constants import SOURCE_ID
+
+    if SOURCE_ID not in corpus.dataset.column_names or not texts:
+        return {}
+    column = corpus.dataset.select_columns([SOURCE_ID])[list(texts)][SOURCE_ID]
+    return {t: str(s) for t, s in zip(texts, column, strict=True)}
+
+
+def _read_site(out: Path) -> dict[str, Any]:
+    path = out / SITE_JSON
+    if not path.exists():
+        return {"format": "gatescope-site", "pages": []}
+    try:
+        site = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise GatescopeError(f"{path} is unreadable ({error}): move it away.") from error
+    if site.get("format") != "gatescope-site":
+        raise GatescopeError(f"{path} is not a gatescope site description.")
+    return site
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x

@@ -1,0 +1,61 @@
+"""HTML of neuron pages and of a site's index (Jinja2 templates shipped in the package).
+
+Every page is one self-contained file: the stylesheet and script are inlined, no CDN.
+Autoescaping is on for everything, and the page's data travels as JSON through Jinja's
+``tojson`` (which escapes ``<``, ``>``, ``&`` and quotes): corpus texts are untrusted.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+from typing import Any
+
+__all__ = ["render_index", "render_neuron"]
+
+
+@cache
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("gatescope", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["number"] = _number
+    return env
+
+
+@cache
+def _asset(name: str) -> str:
+    return resources.files("gatescope").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def render_neuron(page: dict[str, Any]) -> str:
+    """The HTML of one neuron page (see :func:`gatescope.pages.neuron_page`)."""
+    from markupsafe import Markup
+
+    template = _environment().get_template("neuron.html.j2")
+    return template.render(
+        page=page, css=Markup(_asset("page.css")), script=Markup(_asset("neuron.js"))
+    )
+
+
+def render_index(site: dict[str, Any]) -> str:
+    """The HTML of a site's index: a model / layer / neuron picker over its pages."""
+    from markupsafe import Markup
+
+    template = _environment().get_template("index.html.j2")
+    return template.render(
+        site=site, css=Markup(_asset("page.css")), script=Markup(_asset("index.js"))
+    )
+
+
+def _number(x: float | None) -> str:
+    """Four significant digits; an em dash for a value that does not exist."""
+    if x is None:
+        return "—"
+    return f"{x:.4g}"
