@@ -220,11 +220,11 @@ def test_cli_page(hostile_site, tmp_path):
     _, root = hostile_site
     runner = CliRunner()
     result = runner.invoke(
-        cli, ["page", str(root / "atlas"), "-n", "1.2", "--layer", "0", "--top", "2", "--out",
-              str(tmp_path / "site")],
+        cli, ["page", str(root / "atlas"), "--neurons", "1.2", "1.1", "--layer", "0", "--top", "2",
+              "--out", str(tmp_path / "site")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "wrote 3 page(s)" in result.output
+    assert "wrote 4 page(s)" in result.output
     assert (tmp_path / "site" / page_file(str(root / "model"), 1, 2)).exists()
     bad = runner.invoke(cli, ["page", str(root / "atlas"), "-n", "1:2", "--out", str(tmp_path)])
     assert bad.exit_code == 1 and "LAYER.NEURON" in bad.output and "Traceback" not in bad.output

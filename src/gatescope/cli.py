@@ -258,8 +258,15 @@ def import_(source, out, model, tokens, overwrite) -> None:
 
 @cli.command()
 @click.argument("atlas_path", metavar="ATLAS", type=click.Path(path_type=Path))
+# `--neurons 31.9634 5.10602`: click options take one value, so the further ones arrive as
+# arguments.
+@click.argument("more_neurons", nargs=-1, metavar="")
 @click.option(
-    "--neurons", "-n", multiple=True, metavar="L.N", help="A neuron as LAYER.NEURON (repeatable)."
+    "--neurons",
+    "-n",
+    multiple=True,
+    metavar="L.N ...",
+    help="Neurons as LAYER.NEURON, e.g. --neurons 31.9634 5.10602.",
 )
 @click.option("--layer", type=int, default=None, help="With --top: the layer to pick from.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Pick the N top neurons.")
@@ -272,7 +279,7 @@ def import_(source, out, model, tokens, overwrite) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Site folder.")
 @click.option("--model", default=None, help="Model folder or id, if not where the atlas says.")
 @click.option("--corpus", "corpus_path", default=None, help="Corpus folder, likewise.")
-def page(atlas_path, neurons, layer, top, by, out, model, corpus_path) -> None:
+def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_path) -> None:
     """Write neuron pages of ATLAS (one HTML file each, plus index.html) into --out.
 
     Re-running adds pages to the site and keeps the earlier ones.
@@ -280,7 +287,7 @@ def page(atlas_path, neurons, layer, top, by, out, model, corpus_path) -> None:
     from gatescope.atlas import Atlas
     from gatescope.pages import PageSource, parse_neuron, top_neurons, write_pages
 
-    chosen = [parse_neuron(spec) for spec in neurons]
+    chosen = [parse_neuron(spec) for spec in (*neurons, *more_neurons)]
     if (layer is None) != (top is None):
         raise GatescopeError("--layer and --top go together: e.g. --layer 3 --top 10.")
     atlas = Atlas.load(atlas_path)
