@@ -114,7 +114,7 @@ def write_pages(
         The pages written, in the order given.
     """
     from gatescope.recompute import recompute
-    from gatescope.render import render_index, render_neuron
+    from gatescope.render import refresh_nav, render_index, render_neuron
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +148,17 @@ def write_pages(
             written[layer, neuron] = path
             entry = {"model": model, "layer": layer, "neuron": neuron, "file": path.name}
             site["pages"] = [p for p in site["pages"] if p["file"] != path.name] + [entry]
+    # Earlier pages beside the new ones gain links to them.
+    beside = {
+        (layer + dl, neuron + dn)
+        for layer, neuron in written
+        for dl, dn in ((0, -1), (0, 1), (-1, 0), (1, 0))
+    }
+    for entry in site["pages"]:
+        key = (entry["layer"], entry["neuron"])
+        page = out / entry["file"]
+        if entry["model"] == model and key in beside - written.keys() and page.exists():
+            refresh_nav(page, _links(atlas, model, *key, existing))
     site["pages"].sort(key=lambda p: (p["model"], p["layer"], p["neuron"]))
     write_json_atomic(out / SITE_JSON, site)
     (out / "index.html").write_text(render_index(site), encoding="utf-8")
@@ -198,7 +209,7 @@ def neuron_page(
     texts = {
         str(t): {
             "tokens": tokens[t],
-            "values": [[float(f"{v:.6g}") for v in row] for row in values[t].tolist()],
+            "values": [[_rounded(v) for v in row] for row in values[t].tolist()],
             "source": sources.get(t, ""),
         }
         for t in values
@@ -283,6 +294,12 @@ def _read_site(out: Path) -> dict[str, Any]:
     if site.get("format") != "gatescope-site":
         raise GatescopeError(f"{path} is not a gatescope site description.")
     return site
+
+
+def _rounded(x: float) -> float:
+    """A token's value to four significant digits: as many as colors and tooltips show
+    (the ranked values themselves travel unrounded)."""
+    return float(f"{x:.4g}")
 
 
 def _finite(x: float) -> float | None:

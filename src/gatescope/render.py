@@ -7,11 +7,13 @@ Autoescaping is on for everything, and the page's data travels as JSON through J
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-__all__ = ["render_index", "render_neuron"]
+__all__ = ["refresh_nav", "render_index", "render_nav", "render_neuron"]
 
 
 @cache
@@ -26,6 +28,8 @@ def _environment():
         lstrip_blocks=True,
     )
     env.filters["number"] = _number
+    # A page carries thousands of values: no spaces in its JSON (tojson still escapes it).
+    env.policies["json.dumps_kwargs"] = {"sort_keys": True, "separators": (",", ":")}
     return env
 
 
@@ -52,6 +56,24 @@ def render_index(site: dict[str, Any]) -> str:
     return template.render(
         site=site, css=Markup(_asset("page.css")), script=Markup(_asset("index.js"))
     )
+
+
+def render_nav(links: dict[str, str | None]) -> str:
+    """The links of a neuron page to its neighbour pages (see ``nav.html.j2``)."""
+    return _environment().get_template("nav.html.j2").render(links=links).strip()
+
+
+# The nav element holds file names and fixed labels only, never corpus text, so its first
+# closing tag is its own.
+_NAV = re.compile(r'<nav id="neighbours">.*?</nav>', re.DOTALL)
+
+
+def refresh_nav(page: Path, links: dict[str, str | None]) -> None:
+    """Rewrites the neighbour links of an existing page in place (the rest is unchanged)."""
+    html = page.read_text(encoding="utf-8")
+    updated = _NAV.sub(lambda _: render_nav(links), html, count=1)
+    if updated != html:
+        page.write_text(updated, encoding="utf-8")
 
 
 def _number(x: float | None) -> str:
