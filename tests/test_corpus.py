@@ -123,6 +123,17 @@ def test_parquet_with_other_column_name(tmp_path: Path, tok) -> None:
     check_points_back(corpus, {f"data.parquet:{i}": t for i, t in enumerate(texts)})
 
 
+def test_named_texts(tok) -> None:
+    texts = {f"part{i}.py:{i * 10 + 1}-{i * 10 + 10}": t for i, t in enumerate(make_texts(12))}
+    texts["blank"] = "  \n "
+    corpus = build_corpus(texts, tok, seed=3)
+    assert corpus.num_rows == 12  # the blank one is dropped
+    del texts["blank"]
+    check_points_back(corpus, texts)
+    with pytest.raises(GatescopeError, match="<1 named texts> contains no texts"):
+        build_corpus({"only": " "}, tok)
+
+
 def test_empty_texts_dropped_rows_kept(tmp_path: Path, tok) -> None:
     write_jsonl(tmp_path / "a.jsonl", ["w1 w2", "", "   \n", None, "w3"])
     write_parquet(tmp_path / "b.parquet", [None, "w4", " \t "])

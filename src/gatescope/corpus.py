@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,15 +58,20 @@ class _Texts:
         label: the source-id prefix: a relative path, or `<dataset>/<split>`.
         texts: the non-empty texts, as an Arrow string array (`[n]`).
         rows: each text's 0-based row in its file or dataset (`[n]`, int64).
+        names: for texts given by name, every row's name: the source id, without label.
     """
 
     label: str
     texts: pa.Array
     rows: np.ndarray
+    names: list[str] | None = None
+
+    def source_id(self, row: int) -> str:
+        return self.names[row] if self.names is not None else f"{self.label}:{row}"
 
 
 def build_corpus(
-    source: str | Path,
+    source: str | Path | Mapping[str, str],
     tokenizer: str | Path | PreTrainedTokenizerBase,
     *,
     max_length: int = 1024,
@@ -84,13 +89,15 @@ def build_corpus(
     without it gives one text), and each piece is stripped of the whitespace around it. A
     folder gives the texts of all such files below it, in the order of their relative
     paths; a folder written by `datasets` `save_to_disk`, or a Hugging Face dataset name,
-    gives the `text_column` of its `split`. Empty and whitespace-only texts are dropped.
+    gives the `text_column` of its `split`. A mapping gives its values, one text each, as
+    they are (name -> text: for texts made in Python, such as chunks of source files). Empty
+    and whitespace-only texts are dropped.
 
     Source ids: `"<relative path>:<row>"` for local files (the path relative to the source
     folder, or the file name; row is the 0-based JSON line, Parquet row or `separator`-
     delimited piece of the file), `"<dataset>/<split>:<row>"` for Hugging Face and saved
     datasets. Rows count the dropped empty texts too, so a source id always points back to
-    the right place in the file.
+    the right place in the file. A mapping's texts have their names as source ids.
 
     Order and tokens: the texts are shuffled with `numpy.random.default_rng(seed)`, so the
     same source, tokenizer and seed always give the same corpus. They are tokenized in that
@@ -104,7 +111,7 @@ def build_corpus(
     tokenized, so a small budget on a large source stays fast.
 
     Args:
-        source: a local file or folder, or a Hugging Face dataset name.
+        source: a local file or folder, a Hugging Face dataset name, or name -> text.
         tokenizer: a tokenizer, or a name or path for `AutoTokenizer.from_pretrained`.
         max_length: the most tokens per text, BOS included (at least 2).
         tokens: the token budget of the whole corpus; None takes every text.
@@ -143,8 +150,8 @@ def build_corpus(
     parts = _read_source(source, text_column=text_column, split=split, separator=separator)
     total = sum(len(part.texts) for part in parts)
     if total == 0:
-        raise GatescopeError(f"the source {str(source)!r} contains no texts.")
-    logger.info("read %d texts from %s", total, source)
+        raise GatescopeError(f"the source {_describe(source)} contains no texts.")
+    logger.info("read %d texts from %s", total, _describe(source))
 
     import pyarrow as pa
 
@@ -183,7 +190,7 @@ def build_corpus(
                 row[1:] = ids[: keep - 1]
                 ids_chunks.append(row)
                 lengths.append(keep)
-                source_ids.append(f"{parts[part_of[index]].label}:{rows[index]}")
+                source_ids.append(parts[part_of[index]].source_id(rows[index]))
                 n_tokens += keep
                 if bar is not None and tokens is not None:
                     bar.update(keep)
@@ -196,7 +203,7 @@ def build_corpus(
             bar.close()
 
     if not lengths:
-        raise GatescopeError(f"the source {str(source)!r} contains no texts with any token.")
+        raise GatescopeError(f"the source {_describe(source)} contains no texts with any token.")
     if tokens is not None and n_tokens < tokens:
         logger.warning(
             "the source has only %d tokens, fewer than the budget of %d", n_tokens, tokens
@@ -331,9 +338,17 @@ def fingerprint(dataset: datasets.Dataset) -> str:
 
 
 def _read_source(
-    source: str | Path, *, text_column: str, split: str, separator: str
+    source: str | Path | Mapping[str, str], *, text_column: str, split: str, separator: str
 ) -> list[_Texts]:
     """The texts of a source, one `_Texts` per file or dataset, in a fixed order."""
+    if isinstance(source, Mapping):
+        import pyarrow as pa
+
+        names = [str(name) for name in source]
+        texts = pa.array(list(source.values()), type=pa.large_string())
+        part = _non_empty("", texts, "texts given")
+        part.names = names
+        return [part]
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix not in SUFFIXES:
@@ -367,6 +382,10 @@ def _read_source(
     if _looks_like_path(source):
         raise GatescopeError(f"the source {str(source)!r} does not exist.")
     return [_read_hub_dataset(str(source), text_column=text_column, split=split)]
+
+
+def _describe(source: str | Path | Mapping[str, str]) -> str:
+    return f"<{len(source)} named texts>" if isinstance(source, Mapping) else repr(str(source))
 
 
 def _looks_like_path(source: str | Path) -> bool:
