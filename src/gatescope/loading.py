@@ -61,11 +61,24 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
-def load_model(model: str | Path | PreTrainedModel, *, dtype: str = "auto", device: str = "auto"):
+#: ``--device-map`` strategies of accelerate that spread a model over devices.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load_model(
+    model: str | Path | PreTrainedModel,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+):
     """Loads ``model`` (hub id, local folder, or an already loaded ``PreTrainedModel``).
 
-    A loaded model is used as it is (its device and dtype are kept). Returns a
-    :class:`LoadedModel` in eval mode.
+    A loaded model is used as it is (its device and dtype are kept). ``device_map`` (one of
+    :data:`DEVICE_MAPS`, needs accelerate) spreads the layers over all GPUs (and the CPU)
+    instead of putting the model on ``device``. Weights go straight to their device: the
+    model is never held in host memory on its way to a GPU. Returns a :class:`LoadedModel`
+    in eval mode.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -76,6 +89,7 @@ def load_model(model: str | Path | PreTrainedModel, *, dtype: str = "auto", devi
     # A local folder is recorded absolute, so that pages can find it from anywhere.
     name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
     target = resolve_device(device)
+    placement = _placement(device_map, target)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
@@ -86,14 +100,44 @@ def load_model(model: str | Path | PreTrainedModel, *, dtype: str = "auto", devi
     checkpoint_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
-    torch_dtype = resolve_dtype(dtype, target, checkpoint_dtype)
-    logger.info("loading %s as %s on %s", name, torch_dtype, target)
+    first_device = target if device_map is None else resolve_device("auto")
+    torch_dtype = resolve_dtype(dtype, first_device, checkpoint_dtype)
+    logger.info("loading %s as %s on %s", name, torch_dtype, device_map or target)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(name, **_dtype_kwarg(torch_dtype))
+        loaded = AutoModelForCausalLM.from_pretrained(
+            name, **_dtype_kwarg(torch_dtype), **placement
+        )
     except (OSError, ValueError, KeyError) as error:
         raise GatescopeError(f"could not load the model '{name}': {_first_line(error)}") from error
-    loaded = loaded.to(target).eval()
+    if not placement:
+        loaded = loaded.to(target)
+    loaded = loaded.eval()
     return LoadedModel(loaded, name, getattr(config, "_commit_hash", None))
+
+
+def _placement(device_map: str | None, target: torch.device) -> dict[str, object]:
+    """``from_pretrained``'s placement arguments: a strategy of accelerate, or loading
+    straight onto a GPU (transformers 5 does that itself; 4.x needs accelerate)."""
+    import importlib.util
+
+    import transformers
+
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise GatescopeError(
+                f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not '{device_map}'."
+            )
+        if not has_accelerate:
+            raise GatescopeError(
+                f"--device-map {device_map} needs accelerate: pip install accelerate."
+            )
+        return {"device_map": device_map}
+    if target.type != "cpu" and (
+        has_accelerate or int(transformers.__version__.split(".")[0]) >= 5
+    ):
+        return {"device_map": str(target)}
+    return {}
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

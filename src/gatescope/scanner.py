@@ -10,6 +10,7 @@ continues from the last checkpoint with exactly the result of an uninterrupted r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from gatescope import distributed
 from gatescope.atlas import Atlas
 from gatescope.constants import ATLAS_JSON, CHECKPOINT_DIR, DEFAULT_K, INPUT_IDS
 from gatescope.errors import GatescopeError
+from gatescope.shards import Shard
 
 if TYPE_CHECKING:
     import datasets
@@ -50,6 +53,7 @@ class ScanOptions:
     k: int = DEFAULT_K  # length of each ranked list
     dtype: str = "auto"  # model dtype: auto (checkpoint's on GPU, float32 on CPU) or a name
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    device_map: str | None = None  # accelerate's "auto" etc.: layers spread over devices
     include_bos: bool = False  # count position 0 (GLUScope does; it floods top-k with ties)
     refactor_glu: bool = False  # flip neurons with cos(w_gate, w_in) < 0 first (DESIGN.md)
     checkpoint_every: float = 300.0  # seconds between checkpoints when scanning into a folder
@@ -65,7 +69,7 @@ class ScanOptions:
     def identity(self) -> dict[str, Any]:
         """The options that determine the result: a resumed scan must share them."""
         options = asdict(self)
-        del options["device"], options["checkpoint_every"]
+        del options["device"], options["device_map"], options["checkpoint_every"]
         return options
 
 
@@ -77,6 +81,7 @@ def scan(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    shard: Shard | str | None = None,
     **options: Any,
 ) -> Atlas:
     """Scans ``corpus`` with ``model`` and returns the atlas of all its gated-MLP neurons.
@@ -91,6 +96,9 @@ def scan(
         resume: Continue the unfinished scan in ``out``.
         overwrite: Replace whatever ``out`` holds.
         progress: Show a progress bar.
+        shard: Scan only part ``i/N`` of the corpus (``Shard`` or ``"i/N"``); the atlas is a
+            part, for :func:`gatescope.merge.merge_atlases`. Under torchrun (a process group
+            of several ranks) every rank scans its own part and the ranks merge at the end.
         **options: Fields of :class:`ScanOptions` (batch_size, k, dtype, device, include_bos,
             refactor_glu, checkpoint_every).
     """
@@ -99,13 +107,27 @@ def scan(
     from gatescope.stats import NeuronStats, Workspace
 
     opts = ScanOptions(**options)
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard
+    ranks = distributed.join()
+    if ranks is not None:
+        if shard is not None:
+            raise GatescopeError("--shard and torchrun do not mix: under torchrun each rank "
+                                 "scans its own part.")  # fmt: skip
+        if opts.device_map is not None:
+            raise GatescopeError("--device-map and torchrun do not mix: under torchrun each "
+                                 "rank holds a whole model on its own GPU.")  # fmt: skip
+        shard = Shard(ranks.rank, ranks.world)
     out = Path(out) if out is not None else None
     if out is not None:
-        finished = _prepare_output(out, resume=resume, overwrite=overwrite)
-        if finished is not None:
-            return finished
+        # One rank looks at the folder (and clears it with overwrite), then all go on.
+        prepare = functools.partial(_prepare_output, out, resume=resume, overwrite=overwrite)
+        if distributed.on_rank_zero(ranks, prepare):
+            if ranks is not None:
+                ranks.leave()
+            return Atlas.load(out)
     texts = TokenizedCorpus.open(corpus)
-    loaded = load_model(model, dtype=opts.dtype, device=opts.device)
+    device = str(ranks.device) if ranks is not None and opts.device == "auto" else opts.device
+    loaded = load_model(model, dtype=opts.dtype, device=device, device_map=opts.device_map)
     mlps = find_gated_mlps(loaded.model)
     texts.check_fits(loaded.model)
     d_mlps = {mlp.d_mlp for mlp in mlps}
@@ -116,7 +138,7 @@ def scan(
     workspaces = defaultdict(Workspace)  # one per device: layers take turns
     layers = []
     for mlp in mlps:
-        device = mlp.down_proj.weight.device
+        device = _execution_device(mlp)
         layers.append(
             NeuronStats(
                 mlp.d_mlp,
@@ -132,15 +154,20 @@ def scan(
         "revision": loaded.revision,
         "corpus": texts.fingerprint,
         "options": opts.identity(),
+        "shard": str(shard) if shard else None,
     }
-    checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity) if out is not None else None
-    batches = texts.batches(opts.batch_size)
+    checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity, shard) if out is not None else None
+    own_texts = shard.texts(texts.lengths) if shard else None
+    if own_texts is not None and len(own_texts) == 0:
+        raise GatescopeError(f"shard {shard} has no texts: the corpus has only "
+                             f"{len(texts.lengths)}; use fewer shards.")  # fmt: skip
+    batches = texts.batches(opts.batch_size, own_texts)
     start = checkpoint.restore(layers) if (checkpoint and resume) else 0
 
     started = time.perf_counter()
     refactor = refactored_glu(mlps) if opts.refactor_glu else contextlib.nullcontext(0)
     with refactor as flipped, _capture(mlps, layers) as feed, _StopOnInterrupt() as interrupt:
-        bar = _progress(texts, batches, start, enabled=progress)
+        bar = _progress(texts, batches, start, enabled=progress and not (ranks and ranks.rank))
         last_save = time.monotonic()
         for done in range(start, len(batches)):
             indices = batches[done]
@@ -163,6 +190,8 @@ def scan(
                 hint = f" (continue with --out {out} --resume)" if out else ""
                 raise GatescopeError(f"the scan was interrupted{saved}{hint}.")
         bar.close()
+    if ranks is not None:
+        layers = distributed.gather_merged(ranks, layers)
 
     meta = {
         "model": {
@@ -177,6 +206,8 @@ def scan(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scan_seconds": round(time.perf_counter() - started, 3),
     }
+    if shard is not None and ranks is None:
+        meta["shards"] = {"count": shard.count, "parts": [shard.index]}
     atlas = Atlas.from_stats(layers, meta)
     if atlas.tokens == 0:
         raise GatescopeError(
@@ -184,10 +215,23 @@ def scan(
             "(use longer texts or --include-bos)."
         )
     if out is not None:
-        atlas.save(out, overwrite=True)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        if ranks is None or ranks.rank == 0:
+            atlas.save(out, overwrite=True)
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        distributed.barrier(ranks)
         atlas = Atlas.load(out)
+    if ranks is not None:
+        ranks.leave()
     return atlas
+
+
+def _execution_device(mlp) -> torch.device:
+    """Where a layer's statistics live: on its weights' device. A layer that accelerate
+    offloads to disk has its weights on "meta" until it runs; it computes on the first GPU."""
+    device = mlp.down_proj.weight.device
+    if device.type == "meta":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return device
 
 
 def _counted(attention_mask: torch.Tensor, include_bos: bool) -> torch.Tensor:
@@ -198,24 +242,24 @@ def _counted(attention_mask: torch.Tensor, include_bos: bool) -> torch.Tensor:
     return counted
 
 
-def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> Atlas | None:
-    """Checks what ``out`` holds; returns the atlas if ``resume`` finds the scan finished."""
+def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Checks what ``out`` holds; True if ``resume`` finds the scan finished."""
     if not out.exists():
-        return None
+        return False
     if not out.is_dir():
         raise GatescopeError(f"{out} exists and is not a folder.")
     if overwrite:
         (out / ATLAS_JSON).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        return None
+        return False
     if (out / ATLAS_JSON).exists():
         if resume:
             logger.info("%s already holds the finished atlas", out)
-            return Atlas.load(out)
+            return True
         raise GatescopeError(f"{out} already holds an atlas: pass --overwrite to replace it.")
     if (out / CHECKPOINT_DIR).exists():
         if resume:
-            return None
+            return False
         raise GatescopeError(
             f"{out} holds an unfinished scan: pass --resume to continue it or --overwrite "
             "to start over."
@@ -224,7 +268,7 @@ def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> Atlas | None
         raise GatescopeError(
             f"{out} exists and is not empty: choose a new folder or pass --overwrite."
         )
-    return None
+    return False
 
 
 class TokenizedCorpus:
@@ -291,9 +335,13 @@ class TokenizedCorpus:
                 f"{context}: rebuild the corpus with --max-length {context} or less."
             )
 
-    def batches(self, batch_size: int) -> list[np.ndarray]:
-        """Text indices per batch: longest texts first, a stable order (resume relies on it)."""
-        order = np.argsort(-self.lengths, kind="stable")
+    def batches(self, batch_size: int, texts: np.ndarray | None = None) -> list[np.ndarray]:
+        """Text indices per batch: longest texts first, a stable order (resume relies on it).
+
+        ``texts``: only these texts (a shard's); all by default.
+        """
+        texts = np.arange(len(self.lengths)) if texts is None else texts
+        order = texts[np.argsort(-self.lengths[texts], kind="stable")]
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     def batch(self, indices: np.ndarray, device: torch.device):
@@ -342,6 +390,8 @@ def _capture(mlps, layers: list[NeuronStats]) -> Iterator[_Feed]:
     def updater(stats: NeuronStats):
         def update(gate: torch.Tensor, up: torch.Tensor) -> None:
             text_index, counted = feed.on(stats.device)
+            # A no-op, except for layers accelerate offloads (they run elsewhere).
+            gate, up = gate.to(stats.device), up.to(stats.device)
             stats.update(gate, up, text_index, counted)
 
         return update
@@ -362,9 +412,13 @@ class Checkpoint:
     leaves either the previous checkpoint or the new one.
     """
 
-    def __init__(self, folder: Path, identity: dict[str, Any]):
+    def __init__(self, folder: Path, identity: dict[str, Any], shard: Shard | None = None):
         self.folder = folder
         self.identity = identity
+        # Ranks of one torchrun scan share the folder: one file each.
+        self.file = (
+            f"shard-{shard.index}-of-{shard.count}.safetensors" if shard else CHECKPOINT_FILE
+        )
 
     def save(self, layers: list[NeuronStats], batches_done: int) -> None:
         from safetensors.torch import save_file
@@ -376,16 +430,16 @@ class Checkpoint:
             for name, tensor in stats.state_dict().items()
         }
         metadata = {"batches_done": str(batches_done), "identity": json.dumps(self.identity)}
-        tmp = self.folder / (CHECKPOINT_FILE + ".tmp")
+        tmp = self.folder / (self.file + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, self.folder / CHECKPOINT_FILE)
+        os.replace(tmp, self.folder / self.file)
         logger.info("checkpoint: %d batches done", batches_done)
 
     def restore(self, layers: list[NeuronStats]) -> int:
         """Loads the saved state into ``layers``; returns the number of batches done."""
         from safetensors import safe_open
 
-        path = self.folder / CHECKPOINT_FILE
+        path = self.folder / self.file
         if not path.exists():
             return 0
         with safe_open(str(path), framework="pt") as saved:
@@ -433,7 +487,7 @@ def _progress(texts: TokenizedCorpus, batches: list[np.ndarray], start: int, *, 
 
     done = int(sum(texts.lengths[b].sum() for b in batches[:start]))
     return tqdm(
-        total=int(texts.lengths.sum()),
+        total=int(sum(texts.lengths[b].sum() for b in batches)),
         initial=done,
         unit="tok",
         unit_scale=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -269,6 +269,29 @@ class NeuronStats:
             other.top_position.to(self.device),
         )
         self._merge_pending()
+
+    @classmethod
+    def from_states(
+        cls, states: Sequence[dict[str, Tensor]], *, device: torch.device | str = "cpu"
+    ) -> NeuronStats:
+        """The statistics of disjoint sets of texts, merged in the order given: how scans
+        run apart (shards, ranks) are combined. Ranked lists and extremes do not depend on
+        the order or grouping; float64 sums do only to rounding."""
+        if not states:
+            raise ValueError("nothing to merge")
+        d_mlp, k = states[0]["count"].shape[-1], states[0]["top_value"].shape[-1]
+        dtype = states[0]["top_value"].dtype
+
+        def load(state: dict[str, Tensor]) -> NeuronStats:
+            # Never updated, only merged: no activation function, the plain torch pass.
+            stats = cls(d_mlp, act=None, k=k, device=device, dtype=dtype, kernel="torch")
+            stats.load_state_dict(state)
+            return stats
+
+        merged = load(states[0])
+        for state in states[1:]:
+            merged.merge(load(state))
+        return merged
 
     def state_dict(self) -> dict[str, Tensor]:
         """The accumulated state; ``load_state_dict`` restores it exactly."""
