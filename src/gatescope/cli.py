@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -41,6 +42,9 @@ def cli(verbose: int) -> None:
       gatescope corpus texts/ --tokenizer MODEL --out corpus/
       gatescope scan --model MODEL --corpus corpus/ --out atlas/
       gatescope export atlas/ atlas-dataset/
+      gatescope page atlas/ --neurons 3.141 --out site/
+
+    First time? `gatescope demo` runs it all on a small model shipped in the package.
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(
@@ -153,6 +157,12 @@ def corpus(
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
+    "--device-map",
+    default=None,
+    type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+    help="Spread a model too large for one GPU over all GPUs (and the CPU); needs accelerate.",
+)
+@click.option(
     "--include-bos",
     is_flag=True,
     help="Count position 0 too (as GLUScope does; it floods top lists with ties).",
@@ -171,6 +181,12 @@ def corpus(
     type=click.FloatRange(min=0),
     help="Seconds between checkpoints.",
 )
+@click.option(
+    "--shard",
+    default=None,
+    metavar="i/N",
+    help="Scan only part i of N of the corpus (0-based); combine parts with `gatescope merge`.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def scan(
     model,
@@ -180,11 +196,13 @@ def scan(
     k,
     dtype,
     device,
+    device_map,
     include_bos,
     refactor_glu,
     resume,
     overwrite,
     checkpoint_every,
+    shard,
     quiet,
 ) -> None:
     """Scan a corpus with a model and write the atlas of all its gated-MLP neurons.
@@ -192,6 +210,9 @@ def scan(
     For every neuron: how often each sign case of (gate, in) occurs, the mean of the four
     quantities per case, and the top-k texts per case and quantity. Checkpoints go into
     --out every few minutes and on Ctrl-C; --resume continues from the last one.
+
+    Under `torchrun --nproc-per-node G -m gatescope scan ...` each rank scans its part of
+    the corpus and rank 0 writes the merged atlas.
     """
     from gatescope.scanner import scan as run_scan
 
@@ -206,14 +227,40 @@ def scan(
         k=k,
         dtype=dtype,
         device=device,
+        device_map=device_map,
         include_bos=include_bos,
         refactor_glu=refactor_glu,
         checkpoint_every=checkpoint_every,
+        shard=shard,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 speaks for all
+    part = f" (shard {shard})" if shard else ""
     click.echo(
         f"wrote {atlas.num_layers} layers x {atlas.d_mlp} neurons over "
-        f"{atlas.tokens:,} tokens to {out}"
+        f"{atlas.tokens:,} tokens to {out}{part}"
     )
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Atlas to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing atlas at --out.")
+def merge(parts, out, overwrite) -> None:
+    """Merge atlases of parts of one corpus (`gatescope scan --shard i/N`) into one.
+
+    All N parts give the atlas of a single scan; fewer give a larger part, to merge again.
+    """
+    from gatescope.atlas import Atlas
+    from gatescope.merge import merge_atlases
+
+    if (out / "atlas.json").exists() and not overwrite:
+        raise GatescopeError(f"{out} already holds an atlas: pass --overwrite to replace it.")
+    atlas = merge_atlases([Atlas.load(p) for p in parts], [str(p) for p in parts])
+    atlas.save(out, overwrite=True)
+    left = atlas.meta.get("shards")
+    state = f"parts {left['parts']} of {left['count']}" if left else "complete"
+    click.echo(f"merged {len(parts)} parts into {out} ({state}, {atlas.tokens:,} tokens)")
 
 
 @cli.command()
@@ -298,6 +345,54 @@ def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_p
     source = PageSource.open(atlas, model=model, corpus=corpus_path)
     written = write_pages(source, chosen, out)
     click.echo(f"wrote {len(written)} page(s) and {out / 'index.html'}")
+
+
+@cli.command()
+@click.option(
+    "--out",
+    default="gatescope-demo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the demo's corpus, atlas and pages (a rerun replaces them).",
+)
+@click.option("--no-serve", is_flag=True, help="Stop after writing the pages.")
+@click.option(
+    "--port", default=8000, show_default=True, help="Loopback port to serve on (0: any free)."
+)
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens of held-out code to scan [default: 250,000].",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out, no_serve, port, tokens, quiet) -> None:
+    """Scan held-out Python standard-library code with the small model shipped in the
+    package, write pages of neurons worth a look, and serve them on 127.0.0.1.
+
+    Offline, about a minute on two CPU cores.
+    """
+    from gatescope.demo.run import DEMO_TOKENS, run_demo
+
+    result = run_demo(out, tokens=tokens or DEMO_TOKENS, progress=not quiet)
+    click.echo(f"scanned {result.tokens:,} tokens of held-out standard-library code; pages:")
+    for page in result.pages:
+        click.echo(f"  {page.layer}.{page.neuron:<5} {page.why:<44} {page.path}")
+    click.echo(f"index: {result.index}")
+    if no_serve:
+        return
+    from gatescope.site_server import site_server
+
+    server = site_server(result.index.parent, port)
+    click.echo(
+        f"serving on http://127.0.0.1:{server.server_address[1]}/index.html (Ctrl-C to stop)"
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped")
+    finally:
+        server.server_close()
 
 
 def main() -> None:

@@ -106,13 +106,21 @@ def page_file(model: str, layer: int, neuron: int) -> str:
 
 
 def write_pages(
-    source: PageSource, neurons: Sequence[tuple[int, int]], out: str | Path
+    source: PageSource,
+    neurons: Sequence[tuple[int, int]],
+    out: str | Path,
+    *,
+    progress: bool = False,
 ) -> list[Path]:
     """Writes the pages of ``neurons`` ((layer, index) pairs) and the site's index.
+
+    ``progress`` shows a progress bar over the pages.
 
     Returns:
         The pages written, in the order given.
     """
+    from tqdm.auto import tqdm
+
     from gatescope.recompute import recompute
     from gatescope.render import refresh_nav, render_index, render_neuron
 
@@ -129,6 +137,7 @@ def write_pages(
     existing = {(p["model"], p["layer"], p["neuron"]) for p in site["pages"]} | planned
 
     written: dict[tuple[int, int], Path] = {}
+    bar = tqdm(total=len(planned), unit="page", desc="pages", disable=not progress)
     for layer, layer_neurons in by_layer.items():
         summaries = {n: atlas.neuron(layer, n) for n in layer_neurons}
         texts = sorted({e.text for s in summaries.values() for e in _examples(s)})
@@ -148,6 +157,8 @@ def write_pages(
             written[layer, neuron] = path
             entry = {"model": model, "layer": layer, "neuron": neuron, "file": path.name}
             site["pages"] = [p for p in site["pages"] if p["file"] != path.name] + [entry]
+            bar.update()
+    bar.close()
     # Earlier pages beside the new ones gain links to them.
     beside = {
         (layer + dl, neuron + dn)
