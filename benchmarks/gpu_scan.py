@@ -1,0 +1,140 @@
+"""Scan throughput on a GPU at the scale of OLMo-7B, and the time it projects for 20M tokens.
+
+A random model with the exact shapes of OLMo-7B-0424 (32 layers, d_model 4096, d_mlp 11008,
+vocab 50304, 32 heads) in bfloat16, batches of 16 texts of 1024 tokens. Prints, measured
+in this one run:
+
+* the bare forward's tokens/s (the decoder, as the scan runs it: no logits) and with logits;
+* the scan's tokens/s over the same batches, statistics included (float32, float64 sums);
+* scan time / bare forward time;
+* the projected hours for 20M tokens (GLUScope: five days on one A100).
+
+    python benchmarks/gpu_scan.py                     # needs about 20 GB of GPU memory
+    python benchmarks/gpu_scan.py --layers 2 --hidden 256 --d-mlp 688 --vocab 1024 \\
+        --length 128 --device cpu --dtype float32     # a small smoke run anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import datasets
+import torch
+
+import gatescope
+
+TOKENS_TO_PROJECT = 20_000_000
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--d-mlp", type=int, default=11008)
+    parser.add_argument("--vocab", type=int, default=50304)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--length", type=int, default=1024, help="tokens per text")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=12, help="batches timed")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda")
+    return parser.parse_args()
+
+
+def make_model(args: argparse.Namespace):
+    from transformers import AutoModelForCausalLM, OlmoConfig
+
+    config = OlmoConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.d_mlp,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.length, 2048),
+        pad_token_id=1,
+        bos_token_id=None,
+        eos_token_id=50279,
+    )
+    torch.manual_seed(0)
+    with torch.device(args.device):  # initialized where it runs: no host copy of 7B
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    return model.eval()
+
+
+def make_corpus(args: argparse.Namespace, batches: int) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, args.vocab, (batches * args.batch_size, args.length),
+                        generator=generator)  # fmt: skip
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_forward(model, corpus, args, *, logits: bool) -> float:
+    ids = torch.tensor(corpus["input_ids"])
+    run = model if logits else model.base_model
+    with torch.inference_mode():
+        batches = ids.split(args.batch_size)
+        run(input_ids=batches[0].to(args.device), use_cache=False)  # warm-up
+        synchronize(args.device)
+        start = time.perf_counter()
+        for batch in batches:
+            batch = batch.to(args.device)
+            run(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+        synchronize(args.device)
+    return time.perf_counter() - start
+
+
+def time_scan(model, corpus, args) -> float:
+    warm = corpus.select(range(args.batch_size))
+    gatescope.scan(model, warm, batch_size=args.batch_size, progress=False)  # compile, allocate
+    synchronize(args.device)
+    start = time.perf_counter()
+    gatescope.scan(model, corpus, batch_size=args.batch_size, progress=False)
+    synchronize(args.device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no GPU here: pass --device cpu (with small shapes) for a smoke run")
+    model = make_model(args)
+    corpus = make_corpus(args, args.batches)
+    tokens = args.batches * args.batch_size * args.length
+    counted = args.batches * args.batch_size * (args.length - 1)  # BOS is not counted
+    forward = time_forward(model, corpus, args, logits=False)
+    with_logits = time_forward(model, corpus, args, logits=True)
+    scan = time_scan(model, corpus, args)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(
+        f"device: {device}; model: {args.layers} layers x d_mlp {args.d_mlp}, "
+        f"d_model {args.hidden}, vocab {args.vocab}, {args.dtype}"
+    )
+    print(
+        f"batches: {args.batches} x {args.batch_size} texts x {args.length} tokens "
+        f"= {tokens:,} tokens"
+    )
+    print(f"bare forward (decoder): {tokens / forward:,.0f} tokens/s")
+    print(f"bare forward (with logits): {tokens / with_logits:,.0f} tokens/s")
+    print(f"scan: {tokens / scan:,.0f} tokens/s ({counted:,} tokens counted)")
+    print(
+        f"scan / bare forward: {scan / forward:.2f} (decoder), {scan / with_logits:.2f} "
+        "(with logits)"
+    )
+    hours = TOKENS_TO_PROJECT / (tokens / scan) / 3600
+    print(
+        f"projected for 20M tokens: {hours:.2f} hours on this device (GLUScope: 120 hours "
+        "on one A100)"
+    )
+    if args.device.startswith("cuda"):
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
