@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import gatescope
-from gatescope.constants import CASES
+from gatescope.constants import CASES, QUANTITIES, TOP_LISTS
 
 
 def main() -> None:
@@ -64,6 +64,12 @@ def main() -> None:
         f"{overlap[lists].quantile(0.05):.3f}"
     )
     print(f"same top-1 text: {same_top:.3f} of lists")
+    for lst, (c, q) in enumerate(TOP_LISTS):
+        these = overlap[:, :, lst][lists[:, :, lst]]
+        print(
+            f"  {CASES[c]} {QUANTITIES[q]}: overlap mean {these.mean():.3f}, "
+            f"5th percentile {these.quantile(0.05):.3f}"
+        )
 
 
 if __name__ == "__main__":
