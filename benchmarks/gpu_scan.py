@@ -55,7 +55,7 @@ def make_model(args: argparse.Namespace):
         max_position_embeddings=max(args.length, 2048),
         pad_token_id=1,
         bos_token_id=None,
-        eos_token_id=50279,
+        eos_token_id=min(50279, args.vocab - 1),
     )
     torch.manual_seed(0)
     with torch.device(args.device):  # initialized where it runs: no host copy of 7B
