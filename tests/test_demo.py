@@ -107,6 +107,7 @@ def test_demo_end_to_end(tmp_path):
     assert len(pages) == 2 * atlas.num_layers
     index = (out / "site" / "index.html").read_text()
     assert all(f'href="{page.name}"' in index for page in pages)
+    assert index.count("most frequent gate-_in-") == index.count("strongest hook_post") == 4
     # Per layer: the most frequent gate-_in- neuron, with its frequency, is on the list.
     negative = CASES.index("gate-_in-")
     for layer in range(atlas.num_layers):

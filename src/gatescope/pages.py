@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,11 +110,13 @@ def write_pages(
     neurons: Sequence[tuple[int, int]],
     out: str | Path,
     *,
+    notes: Mapping[tuple[int, int], str] | None = None,
     progress: bool = False,
 ) -> list[Path]:
     """Writes the pages of ``neurons`` ((layer, index) pairs) and the site's index.
 
-    ``progress`` shows a progress bar over the pages.
+    ``notes``: a line for the index per (layer, neuron), e.g. why it was chosen (a page
+    rewritten without one keeps its earlier note). ``progress`` shows a progress bar.
 
     Returns:
         The pages written, in the order given.
@@ -156,6 +158,10 @@ def write_pages(
             path.write_text(render_neuron(page), encoding="utf-8")
             written[layer, neuron] = path
             entry = {"model": model, "layer": layer, "neuron": neuron, "file": path.name}
+            earlier = [p for p in site["pages"] if p["file"] == path.name]
+            note = (notes or {}).get((layer, neuron)) or (earlier and earlier[0].get("note"))
+            if note:
+                entry["note"] = note
             site["pages"] = [p for p in site["pages"] if p["file"] != path.name] + [entry]
             bar.update()
     bar.close()

@@ -106,7 +106,7 @@ def run_demo(out: str | Path, *, tokens: int = DEMO_TOKENS, progress: bool = Tru
     shutil.rmtree(out / "site", ignore_errors=True)  # pages of an earlier demo's atlas
     paths = write_pages(
         PageSource.open(atlas), [(layer, n) for layer, n, _ in picked], out / "site",
-        progress=progress,
+        notes={(layer, n): why for layer, n, why in picked}, progress=progress,
     )  # fmt: skip
     pages = [DemoPage(layer, n, why, p) for (layer, n, why), p in zip(picked, paths, strict=True)]
     return Demo(out, atlas.tokens, pages)
