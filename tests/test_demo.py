@@ -57,8 +57,8 @@ def test_shipped_weights_are_small_float16_with_a_card():
 
 
 def test_held_out_loss_is_far_below_a_random_models(demo_model):
-    """On held-out standard-library files: about 2 nats per token, where a random model of
-    the same shape has about ln(4096) = 8.3."""
+    """On 41 chunks of held-out standard-library files: 2.54 nats per token, where a random
+    model of the same shape has 8.36 (about ln(4096) = 8.32)."""
     from transformers import LlamaForCausalLM
 
     model, tokenizer = demo_model
