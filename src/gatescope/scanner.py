@@ -126,7 +126,9 @@ def scan(
                 ranks.leave()
             return Atlas.load(out)
     texts = TokenizedCorpus.open(corpus)
-    device = str(ranks.device) if ranks is not None and opts.device == "auto" else opts.device
+    device = opts.device
+    if ranks is not None and device in ("auto", "cuda"):
+        device = str(ranks.device)  # each rank its own GPU: cuda:LOCAL_RANK
     loaded = load_model(model, dtype=opts.dtype, device=device, device_map=opts.device_map)
     mlps = find_gated_mlps(loaded.model)
     texts.check_fits(loaded.model)
