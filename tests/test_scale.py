@@ -234,3 +234,31 @@ def test_device_map_needs_accelerate(on_disk, monkeypatch, tmp_path):
                                       str(on_disk / "corpus"), "--out", str(tmp_path / "atlas"),
                                       "--device-map", "auto"])  # fmt: skip
     assert result.exit_code == 1 and "pip install accelerate" in result.output
+
+
+def _scan_as_rank(rank: int, world: int, init_file: str, root: str, out: str) -> None:
+    """One process of a group made by the caller, as a training script would make it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
+    atlas = gatescope.scan(f"{root}/model", f"{root}/corpus", batch_size=1, k=K, progress=False)
+    assert dist.is_initialized()  # gatescope leaves a group it did not make alone
+    tensors = {name: atlas.tensor(name) for name in ("count", "top_text", "top_position")}
+    torch.save({**tensors, "tokens": atlas.tokens}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_scan_inside_a_process_group(on_disk, tmp_path):
+    import torch.multiprocessing as mp
+
+    root = on_disk
+    single = gatescope.scan(root / "model", root / "corpus", batch_size=1, k=K, progress=False)
+    mp.spawn(_scan_as_rank, args=(2, str(tmp_path / "init"), str(root), str(tmp_path)),
+             nprocs=2)  # fmt: skip
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["tokens"] == single.tokens  # every rank holds the whole corpus's atlas
+        for name in ("count", "top_text", "top_position"):
+            assert torch.equal(result[name], single.tensor(name)), name
