@@ -139,13 +139,7 @@ def _text(g, u, a, valid, text, first, width, totals, best):  # pragma: no cover
         if not valid[text, t]:
             continue
         for j in range(width):
-            n = first + j
-            gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
-            pv = av * uv  # rounded in the input dtype, as torch's a * u is
-            # A zero g or u is in no case. The signs are constants.SIGNS: within a case
-            # every quantity has a fixed sign, and value * sign is its strength |value|.
-            pp, pn = (gv > 0) & (uv > 0), (gv > 0) & (uv < 0)
-            np_, nn = (gv < 0) & (uv > 0), (gv < 0) & (uv < 0)
+            gv, uv, av, pv, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
             _sums(totals, j, 0, pp, gv, uv, av, pv)
             _sums(totals, j, 1, pn, gv, uv, av, pv)
             _sums(totals, j, 2, np_, gv, uv, av, pv)
@@ -164,11 +158,7 @@ def _weakest(g, u, a, valid, text, first, width, totals):  # pragma: no cover - 
         if not valid[text, t]:
             continue
         for j in range(width):
-            n = first + j
-            gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
-            pv = av * uv
-            pp, pn = (gv > 0) & (uv > 0), (gv > 0) & (uv < 0)
-            np_, nn = (gv < 0) & (uv > 0), (gv < 0) & (uv < 0)
+            gv, uv, av, pv, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
             _weaker(totals, j, 0, pp, gv, uv, av, pv, 1, 1, 1, 1)
             _weaker(totals, j, 1, pn, gv, uv, av, pv, 1, -1, 1, -1)
             _weaker(totals, j, 2, np_, gv, uv, av, pv, -1, 1, -1, -1)
@@ -177,6 +167,21 @@ def _weakest(g, u, a, valid, text, first, width, totals):  # pragma: no cover - 
 
 # Per-token updates, one case at a time. They are selects rather than branches or
 # min/max, so that the loops over neurons vectorize.
+
+
+@numba.njit(inline="always")
+def _token(g, u, a, text, t, n):  # pragma: no cover - compiled
+    """A token's four values for neuron ``n`` and whether it is in each sign case.
+
+    hook_post is rounded in the input dtype, as torch's ``a * u`` is. A zero g or u is in
+    no case. The signs of the cases are constants.SIGNS: within a case every quantity has a
+    fixed sign, and value * sign is its strength |value|.
+    """
+    gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
+    pv = av * uv
+    pp, pn = (gv > 0) & (uv > 0), (gv > 0) & (uv < 0)
+    np_, nn = (gv < 0) & (uv > 0), (gv < 0) & (uv < 0)
+    return gv, uv, av, pv, pp, pn, np_, nn
 
 
 @numba.njit(inline="always")
