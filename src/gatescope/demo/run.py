@@ -8,6 +8,7 @@ strongest `hook_post`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -83,11 +84,16 @@ def pick_neurons(atlas: Atlas) -> list[tuple[int, int, str]]:
 def run_demo(out: str | Path, *, tokens: int = DEMO_TOKENS, progress: bool = True) -> Demo:
     """Builds the corpus, scans it and writes the pages into ``out`` (a folder of its own:
     a rerun replaces an earlier demo there, any other non-empty folder is refused)."""
+    out = _claim(Path(out), tokens)
+    with _only_our_progress_bars():
+        return _run(out, tokens, progress)
+
+
+def _run(out: Path, tokens: int, progress: bool) -> Demo:
     from gatescope.corpus import build_corpus, save_corpus
     from gatescope.pages import PageSource, write_pages
     from gatescope.scanner import scan
 
-    out = _claim(Path(out), tokens)
     model = model_path()
     chunks = held_out_chunks()
     if not chunks:
@@ -110,6 +116,26 @@ def run_demo(out: str | Path, *, tokens: int = DEMO_TOKENS, progress: bool = Tru
     )  # fmt: skip
     pages = [DemoPage(layer, n, why, p) for (layer, n, why), p in zip(picked, paths, strict=True)]
     return Demo(out, atlas.tokens, pages)
+
+
+@contextlib.contextmanager
+def _only_our_progress_bars():
+    """One bar per step of the demo: the libraries' own bars (saving the corpus, loading
+    the weights) are off meanwhile."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets_were_on = not datasets.are_progress_bars_disabled()
+    transformers_were_on = transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_were_on:
+            datasets.enable_progress_bars()
+        if transformers_were_on:
+            transformers_logging.enable_progress_bar()
 
 
 def _claim(out: Path, tokens: int) -> Path:
