@@ -129,6 +129,8 @@ def test_demo_end_to_end(tmp_path):
     refused = runner.invoke(cli, ["demo", "--out", str(tmp_path / "mine"), "--no-serve"])
     assert refused.exit_code == 1 and "holds no earlier demo" in refused.output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    bad_port = runner.invoke(cli, ["demo", "--out", str(out), "--port", "99999"])
+    assert bad_port.exit_code == 2 and "99999" in bad_port.output  # refused before any work
 
 
 def test_site_server_serves_loopback_only(tmp_path):

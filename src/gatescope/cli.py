@@ -252,9 +252,10 @@ def merge(parts, out, overwrite) -> None:
     All N parts give the atlas of a single scan; fewer give a larger part, to merge again.
     """
     from gatescope.atlas import Atlas
+    from gatescope.constants import ATLAS_JSON
     from gatescope.merge import merge_atlases
 
-    if (out / "atlas.json").exists() and not overwrite:
+    if (out / ATLAS_JSON).exists() and not overwrite:  # before any work
         raise GatescopeError(f"{out} already holds an atlas: pass --overwrite to replace it.")
     atlas = merge_atlases([Atlas.load(p) for p in parts], [str(p) for p in parts])
     atlas.save(out, overwrite=True)
@@ -357,7 +358,11 @@ def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_p
 )
 @click.option("--no-serve", is_flag=True, help="Stop after writing the pages.")
 @click.option(
-    "--port", default=8000, show_default=True, help="Loopback port to serve on (0: any free)."
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Loopback port to serve on (0: any free).",
 )
 @click.option(
     "--tokens",
