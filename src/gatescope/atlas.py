@@ -112,6 +112,19 @@ class Atlas:
         meta = {**meta, "tokens": tokens.pop()}
         return cls(complete_meta(meta, tensors), tensors)
 
+    def layer_state(self, layer: int) -> dict[str, Tensor]:
+        """One layer as a ``NeuronStats`` state, the inverse of :meth:`from_stats` (lists
+        back to [list, neuron, rank]): how atlases of parts of a corpus are merged."""
+
+        def list_major(name: str) -> Tensor:
+            return self._read(name, layer).permute(1, 0, 2).contiguous()
+
+        return {
+            "tokens": torch.tensor(self.tokens, dtype=torch.int64),
+            **{name: self._read(name, layer) for name in ("count", "sum", "max", "min")},
+            **{name: list_major(name) for name in ("top_value", "top_text", "top_position")},
+        }
+
     # --------------------------------------------------------------- disk
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:

@@ -1,16 +1,17 @@
 """Data parallelism under torchrun: every rank scans its own shard, then ranks merge.
 
 `torchrun --nproc-per-node G -m gatescope scan ...` starts G processes with RANK and
-WORLD_SIZE set; :func:`join` makes the process group (NCCL on GPUs, gloo on CPUs) unless the
-caller made one already. At the end every rank gathers every other rank's statistics, one
-layer at a time (so memory holds one layer of all ranks, not all layers), and merges them
-in rank order: each rank ends with the same atlas, and rank 0 writes it.
+WORLD_SIZE set; :func:`process_group` makes the process group (NCCL on GPUs, gloo on CPUs)
+unless the caller made one already. At the end every rank gathers every other rank's
+statistics, one layer at a time (so memory holds one layer of all ranks, not all layers),
+and merges them in rank order: each rank ends with the same atlas, and rank 0 writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ import torch
 
 from gatescope.errors import GatescopeError
 
-__all__ = ["Ranks", "barrier", "gather_merged", "join", "on_rank_zero"]
+__all__ = ["Ranks", "barrier", "gather_merged", "on_rank_zero", "process_group"]
 
 T = TypeVar("T")
 
@@ -37,14 +38,23 @@ class Ranks:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    def leave(self) -> None:
-        import torch.distributed as dist
 
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+@contextlib.contextmanager
+def process_group() -> Iterator[Ranks | None]:
+    """This process's place among the ranks (None when it runs alone); a process group
+    made here is destroyed on the way out, whatever happens meanwhile."""
+    ranks = _join()
+    try:
+        yield ranks
+    finally:
+        if ranks is not None and ranks.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
-def join() -> Ranks | None:
+def _join() -> Ranks | None:
     """This process's place among the ranks, or None when it runs alone."""
     import torch.distributed as dist
 

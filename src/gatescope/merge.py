@@ -14,36 +14,15 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from gatescope.atlas import Atlas
 from gatescope.errors import GatescopeError
 
-__all__ = ["layer_state", "merge_atlases"]
+__all__ = ["merge_atlases"]
 
 # What must agree between parts: the model, the corpus (by content), the scan's options.
 _MODEL_FIELDS = ("name", "revision", "class", "dtype", "act")
 # Options that do not change the result: parts may differ in them.
 _FREE_OPTIONS = {"batch_size"}
-
-
-def layer_state(atlas: Atlas, layer: int) -> dict[str, Tensor]:
-    """One layer of an atlas as a ``NeuronStats`` state (lists back to [list, neuron, rank])."""
-
-    def read(name: str) -> Tensor:
-        return atlas._read(name, layer)
-
-    return {
-        "tokens": torch.tensor(atlas.tokens, dtype=torch.int64),
-        "count": read("count"),
-        "sum": read("sum"),
-        "max": read("max"),
-        "min": read("min"),
-        "top_value": read("top_value").permute(1, 0, 2).contiguous(),
-        "top_text": read("top_text").permute(1, 0, 2).contiguous(),
-        "top_position": read("top_position").permute(1, 0, 2).contiguous(),
-    }
 
 
 def merge_atlases(parts: Sequence[Atlas], names: Sequence[str] | None = None) -> Atlas:
@@ -55,7 +34,7 @@ def merge_atlases(parts: Sequence[Atlas], names: Sequence[str] | None = None) ->
         raise GatescopeError("give at least two parts to merge.")
     merged_parts = _check_compatible(parts, names)
     layers = [
-        NeuronStats.from_states([layer_state(part, layer) for part in parts])
+        NeuronStats.from_states([part.layer_state(layer) for part in parts])
         for layer in range(parts[0].num_layers)
     ]
     meta = {k: v for k, v in parts[0].meta.items() if k != "shards"}

@@ -137,6 +137,7 @@ def write_pages(
         by_layer[layer].append(neuron)
     planned = {(model, layer, n) for layer, ns in by_layer.items() for n in ns}
     existing = {(p["model"], p["layer"], p["neuron"]) for p in site["pages"]} | planned
+    entries = {p["file"]: p for p in site["pages"]}  # the site's pages by file name
 
     written: dict[tuple[int, int], Path] = {}
     bar = tqdm(total=len(planned), unit="page", desc="pages", disable=not progress)
@@ -158,11 +159,10 @@ def write_pages(
             path.write_text(render_neuron(page), encoding="utf-8")
             written[layer, neuron] = path
             entry = {"model": model, "layer": layer, "neuron": neuron, "file": path.name}
-            earlier = [p for p in site["pages"] if p["file"] == path.name]
-            note = (notes or {}).get((layer, neuron)) or (earlier and earlier[0].get("note"))
+            note = (notes or {}).get((layer, neuron)) or entries.get(path.name, {}).get("note")
             if note:
                 entry["note"] = note
-            site["pages"] = [p for p in site["pages"] if p["file"] != path.name] + [entry]
+            entries[path.name] = entry
             bar.update()
     bar.close()
     # Earlier pages beside the new ones gain links to them.
@@ -171,12 +171,12 @@ def write_pages(
         for layer, neuron in written
         for dl, dn in ((0, -1), (0, 1), (-1, 0), (1, 0))
     }
-    for entry in site["pages"]:
+    for entry in entries.values():
         key = (entry["layer"], entry["neuron"])
         page = out / entry["file"]
         if entry["model"] == model and key in beside - written.keys() and page.exists():
             refresh_nav(page, _links(atlas, model, *key, existing))
-    site["pages"].sort(key=lambda p: (p["model"], p["layer"], p["neuron"]))
+    site["pages"] = sorted(entries.values(), key=lambda p: (p["model"], p["layer"], p["neuron"]))
     write_json_atomic(out / SITE_JSON, site)
     (out / "index.html").write_text(render_index(site), encoding="utf-8")
     return [written[pair] for pair in dict.fromkeys(neurons)]

@@ -102,13 +102,22 @@ def scan(
         **options: Fields of :class:`ScanOptions` (batch_size, k, dtype, device, include_bos,
             refactor_glu, checkpoint_every).
     """
+    opts = ScanOptions(**options)
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard
+    out = Path(out) if out is not None else None
+    with distributed.process_group() as ranks:
+        return _scan(model, corpus, opts, shard, ranks, out, resume, overwrite, progress)
+
+
+def _scan(
+    model, corpus, opts: ScanOptions, shard: Shard | None, ranks: distributed.Ranks | None,
+    out: Path | None, resume: bool, overwrite: bool, progress: bool,
+) -> Atlas:  # fmt: skip
+    """The scan, as this process's part of it (the whole of it when ``ranks`` is None)."""
     from gatescope.arch import find_gated_mlps, refactored_glu
     from gatescope.loading import load_model
     from gatescope.stats import NeuronStats, Workspace
 
-    opts = ScanOptions(**options)
-    shard = Shard.parse(shard) if isinstance(shard, str) else shard
-    ranks = distributed.join()
     if ranks is not None:
         if shard is not None:
             raise GatescopeError("--shard and torchrun do not mix: under torchrun each rank "
@@ -117,13 +126,10 @@ def scan(
             raise GatescopeError("--device-map and torchrun do not mix: under torchrun each "
                                  "rank holds a whole model on its own GPU.")  # fmt: skip
         shard = Shard(ranks.rank, ranks.world)
-    out = Path(out) if out is not None else None
     if out is not None:
         # One rank looks at the folder (and clears it with overwrite), then all go on.
         prepare = functools.partial(_prepare_output, out, resume=resume, overwrite=overwrite)
         if distributed.on_rank_zero(ranks, prepare):
-            if ranks is not None:
-                ranks.leave()
             return Atlas.load(out)
     texts = TokenizedCorpus.open(corpus)
     device = opts.device
@@ -222,8 +228,6 @@ def scan(
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         distributed.barrier(ranks)
         atlas = Atlas.load(out)
-    if ranks is not None:
-        ranks.leave()
     return atlas
 
 
