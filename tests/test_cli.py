@@ -60,7 +60,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus"
-    save_corpus(random_corpus(seed=7, n_texts=20), path, metadata={"source": "random"})
+    save_corpus(random_corpus(seed=7, n_texts=20), path)
     return path
 
 
@@ -90,7 +90,7 @@ def test_corpus_scan_export_import(stories260k, tinystories, tmp_path):
     assert result.exit_code == 0, result.output
     loaded = Atlas.load(atlas)
     assert loaded.num_layers == 5 and loaded.d_mlp == 172
-    assert loaded.meta["corpus"]["metadata"]["tokenizer"] == str(stories260k)
+    assert loaded.meta.corpus.meta.recipe.tokenizer == str(stories260k)
     result = run("export", atlas, exported)
     assert result.exit_code == 0, result.output
     rows = datasets.load_from_disk(str(exported))
@@ -214,14 +214,14 @@ def test_empty_corpus(tmp_path, stories260k):
 
 def test_texts_longer_than_the_context(tiny, tmp_path):
     corpus = tmp_path / "long"
-    save_corpus(datasets.Dataset.from_dict({"input_ids": [[1] * 200]}), corpus, metadata={})
+    save_corpus(datasets.Dataset.from_dict({"input_ids": [[1] * 200]}), corpus)
     fail("scan", "--model", tiny, "--corpus", corpus, "--out", tmp_path / "a",
          match="context is 128")  # fmt: skip
 
 
 def test_tokenizer_and_model_vocabularies_differ(tiny, tmp_path):
     corpus = tmp_path / "big-vocab"
-    save_corpus(datasets.Dataset.from_dict({"input_ids": [[1, 5, 500]]}), corpus, metadata={})
+    save_corpus(datasets.Dataset.from_dict({"input_ids": [[1, 5, 500]]}), corpus)
     fail("scan", "--model", tiny, "--corpus", corpus, "--out", tmp_path / "a",
          match="vocabulary")  # fmt: skip
 

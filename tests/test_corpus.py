@@ -25,6 +25,7 @@ from gatescope.corpus import (
     save_corpus,
 )
 from gatescope.errors import GatescopeError
+from gatescope.records import CorpusMeta, CorpusRecipe
 
 SEP = "<|endoftext|>"
 
@@ -345,21 +346,25 @@ def test_tokenizer_that_cannot_load(tmp_path: Path) -> None:
 def test_save_load_roundtrip(tmp_path: Path, tok) -> None:
     write_jsonl(tmp_path / "d.jsonl", make_texts(25))
     corpus = build_corpus(tmp_path / "d.jsonl", tok, tokens=100, seed=4)
-    meta = {"source": "d.jsonl", "tokenizer": "words", "max_length": 1024, "tokens": 100, "seed": 4}
-    out = save_corpus(corpus, tmp_path / "out" / "corpus", metadata=meta)
+    out = save_corpus(corpus, tmp_path / "out" / "corpus")
     assert out == tmp_path / "out" / "corpus"
     assert (out / CORPUS_JSON).is_file()
     assert [p.name for p in out.parent.iterdir()] == ["corpus"]  # No temporary folder left.
     loaded = load_corpus(out)
     assert rows_of(loaded) == rows_of(corpus)
     assert fingerprint(loaded) == fingerprint(corpus)
+    # Built and saved from Python, the corpus records what `gatescope corpus` records.
     info = corpus_metadata(out)
-    assert info.items() >= meta.items()
-    assert info["num_texts"] == corpus.num_rows
-    assert info["num_tokens"] == 100
-    assert info["fingerprint"] == fingerprint(corpus)
-    assert isinstance(info["gatescope_version"], str)
-    assert corpus_metadata(tmp_path) == {}
+    assert info.recipe == CorpusRecipe(
+        source=str(tmp_path / "d.jsonl"), tokenizer=tok.name_or_path, max_length=1024,
+        tokens_budget=100, seed=4, text_column="text", split="train", separator="<|endoftext|>",
+    )  # fmt: skip
+    assert info.num_texts == corpus.num_rows
+    assert info.num_tokens == 100
+    assert info.fingerprint == fingerprint(corpus)
+    assert isinstance(info.gatescope_version, str)
+    assert CorpusMeta.from_dict(info.to_dict()) == info
+    assert corpus_metadata(tmp_path) is None
 
 
 def test_save_refuses_existing_folder(tmp_path: Path, tok) -> None:
@@ -368,16 +373,16 @@ def test_save_refuses_existing_folder(tmp_path: Path, tok) -> None:
     second = build_corpus(tmp_path / "d.jsonl", tok, seed=1)
     out = tmp_path / "corpus"
     out.mkdir()  # An empty folder is fine.
-    save_corpus(first, out, metadata={})
+    save_corpus(first, out)
     with pytest.raises(GatescopeError, match="--overwrite"):
-        save_corpus(second, out, metadata={})
+        save_corpus(second, out)
     assert fingerprint(load_corpus(out)) == fingerprint(first)
-    save_corpus(second, out, metadata={}, overwrite=True)
+    save_corpus(second, out, overwrite=True)
     assert fingerprint(load_corpus(out)) == fingerprint(second)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "d.jsonl"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(GatescopeError, match="not a folder"):
-        save_corpus(first, tmp_path / "file", metadata={}, overwrite=True)
+        save_corpus(first, tmp_path / "file", overwrite=True)
 
 
 def test_load_corpus_errors(tmp_path: Path) -> None:
@@ -454,5 +459,6 @@ def test_real_tokenizer_and_tinystories(
         assert ids[1:] == expected[:127]
     again = build_corpus(tinystories, real, max_length=128, tokens=5000, seed=7)
     assert fingerprint(again) == fingerprint(corpus)
-    out = save_corpus(corpus, tmp_path / "ts", metadata={"tokenizer": real.name_or_path})
+    out = save_corpus(corpus, tmp_path / "ts")
+    assert corpus_metadata(out).recipe.tokenizer == real.name_or_path
     assert fingerprint(load_corpus(out)) == fingerprint(corpus)

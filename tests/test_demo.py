@@ -102,7 +102,7 @@ def test_demo_end_to_end(tmp_path):
     )
     assert result.exit_code == 0, result.output
     atlas = Atlas.load(out / "atlas")
-    assert atlas.meta["corpus"]["tokens"] == 12_000  # BOS included; the atlas counts the rest
+    assert atlas.meta.corpus.tokens == 12_000  # BOS included; the atlas counts the rest
     pages = sorted((out / "site").glob("*-L*-N*.html"))
     assert len(pages) == 2 * atlas.num_layers
     index = (out / "site" / "index.html").read_text()
@@ -116,14 +116,14 @@ def test_demo_end_to_end(tmp_path):
         assert f"{layer}.{neuron} " in result.output
         assert f"most frequent gate-_in- ({freq:.1%} of tokens)" in result.output
     # Source ids point into the standard library: path and lines.
-    assert corpus_metadata(out / "corpus")["source"] == "held-out Python standard library"
+    assert corpus_metadata(out / "corpus").recipe.source == "held-out Python standard library"
     source_ids = load_corpus(out / "corpus")[SOURCE_ID]
     assert all(re.fullmatch(r"[\w/.-]+\.py:\d+-\d+", s) for s in source_ids)
     # A rerun replaces the demo; a folder holding anything else is refused.
     again = runner.invoke(cli, ["demo", "--out", str(out), "--no-serve", "--tokens", "6000",
                                 "--quiet"])  # fmt: skip
     assert again.exit_code == 0
-    assert Atlas.load(out / "atlas").meta["corpus"]["tokens"] == 6000
+    assert Atlas.load(out / "atlas").meta.corpus.tokens == 6000
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     refused = runner.invoke(cli, ["demo", "--out", str(tmp_path / "mine"), "--no-serve"])

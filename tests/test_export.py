@@ -21,6 +21,7 @@ from gatescope.export import (
     import_dataset,
     to_hf_dataset,
 )
+from gatescope.records import AtlasMeta, AtlasOptions, CorpusRef, ModelRecord
 from gatescope.stats import NeuronStats
 
 LAYERS, D_MLP, K = 3, 12, 4
@@ -35,10 +36,10 @@ RANKED = [
 ]
 POSITION_COLUMNS = [f"{case}_{quantity}_max_positions" for case, quantity in RANKED]
 EXTREME_COLUMNS = [f"{case}_{q}_{e}" for case in CASES for q in QUANTITIES for e in ("max", "min")]
-META = {
-    "model": {"name": "tiny/swiglu", "revision": "abc"},
-    "corpus": {"name": "synthetic", "texts": 40},
-    "options": {"include_bos": False, "refactor_glu": True},
+PROVENANCE = {
+    "model": ModelRecord(name="tiny/swiglu", revision="abc"),
+    "corpus": CorpusRef(fingerprint="f" * 64, texts=40),
+    "options": AtlasOptions(include_bos=False, refactor_glu=True),
 }
 
 
@@ -73,7 +74,9 @@ def atlas() -> Atlas:
             if start == 0:
                 up[:2, 1:3, 1] = -1.0 - torch.rand(2, 2, generator=gen)
             layer.update(gate, up, texts[start : start + batch], valid)
-    return Atlas.from_stats(layers, META)
+    tokens = int(layers[0].tokens)
+    meta = AtlasMeta(layers=LAYERS, d_mlp=D_MLP, k=K, tokens=tokens, **PROVENANCE)
+    return Atlas.from_stats(layers, meta)
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +155,7 @@ def test_fixture_has_empty_cases_and_slots(dataset: datasets.Dataset) -> None:
 
 
 def test_description_carries_the_meta(atlas: Atlas, dataset: datasets.Dataset) -> None:
-    restored = from_hf_dataset(dataset)
-    for key in ("tokens", "k", "model", "corpus", "options", "gatescope_version"):
-        assert restored.meta[key] == atlas.meta[key], key
-    assert "tokens_exact" not in restored.meta
+    assert from_hf_dataset(dataset).meta == atlas.meta
 
 
 @pytest.mark.parametrize("fmt", ["hf", "parquet"])
@@ -172,10 +172,10 @@ def test_export_and_import_round_trip(atlas: Atlas, tmp_path, fmt: str) -> None:
     assert (tmp_path / "atlas" / "atlas.json").exists()
     assert_same_tensors(atlas, imported)
     assert imported.tokens == atlas.tokens
-    assert imported.meta["model"] == {**META["model"], "name": "renamed/model"}
-    assert imported.meta["corpus"] == META["corpus"]
-    assert imported.meta["options"] == META["options"]
-    assert imported.meta["imported_from"] == str(out)
+    assert imported.meta.model == ModelRecord(name="renamed/model", revision="abc")
+    assert imported.meta.corpus == PROVENANCE["corpus"]
+    assert imported.meta.options == PROVENANCE["options"]
+    assert imported.meta.imported_from == str(out)
     got, expected = imported.neuron(2, 5), atlas.neuron(2, 5)
     assert got.freq == expected.freq and got.count == expected.count
     assert got.top == expected.top
@@ -205,7 +205,7 @@ def test_glu_scope_like_import(atlas: Atlas, dataset: datasets.Dataset, tmp_path
 
     imported = from_hf_dataset(glu)
     assert imported.tokens == NOMINAL_TOKENS
-    assert imported.meta["tokens_exact"] is False
+    assert imported.meta.tokens_exact is False
     assert (imported.tensor("top_position") == -1).all()
     assert torch.equal(imported.tensor("top_value"), atlas.tensor("top_value"))
     assert torch.equal(imported.tensor("top_text"), atlas.tensor("top_text"))
@@ -224,14 +224,14 @@ def test_glu_scope_like_import(atlas: Atlas, dataset: datasets.Dataset, tmp_path
     # With the token count known, the counts are exact again.
     exact = from_hf_dataset(glu, tokens=atlas.tokens)
     assert torch.equal(exact.tensor("count"), atlas.tensor("count"))
-    assert "tokens_exact" not in exact.meta
+    assert exact.meta.tokens_exact
 
     # The same from a plain parquet file, through import_dataset.
     path = tmp_path / "glu.parquet"
     pq.write_table(glu.data.table.replace_schema_metadata(None), str(path))
     loaded = import_dataset(path, tmp_path / "atlas", model="allenai/OLMo-7B-0424-hf")
-    assert loaded.meta["model"]["name"] == "allenai/OLMo-7B-0424-hf"
-    assert loaded.meta["tokens_exact"] is False
+    assert loaded.meta.model.name == "allenai/OLMo-7B-0424-hf"
+    assert loaded.meta.tokens_exact is False
     assert torch.equal(loaded.tensor("top_text"), atlas.tensor("top_text"))
 
 
@@ -268,7 +268,7 @@ def test_missing_and_duplicate_neurons(dataset: datasets.Dataset) -> None:
 def test_existing_output_and_unknown_format(atlas: Atlas, tmp_path) -> None:
     out = tmp_path / "export"
     export_atlas(atlas, out)
-    with pytest.raises(GatescopeError, match="already exists"):
+    with pytest.raises(GatescopeError, match="already holds a dataset export: pass --overwrite"):
         export_atlas(atlas, out)
     export_atlas(atlas, out, format="parquet", overwrite=True)  # a folder becomes a file
     assert out.is_file()
@@ -278,7 +278,7 @@ def test_existing_output_and_unknown_format(atlas: Atlas, tmp_path) -> None:
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(GatescopeError, match="not a dataset export"):
+    with pytest.raises(GatescopeError, match="is not empty and holds no dataset export"):
         export_atlas(atlas, other, overwrite=True)
     assert (other / "keep.txt").exists()
 

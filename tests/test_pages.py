@@ -42,7 +42,7 @@ def fixture_site(stories260k, tinystories, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("site")
     corpus = build_corpus(tinystories, stories260k, max_length=128, tokens=8_000, seed=2)
-    save_corpus(corpus, root / "corpus", metadata={"tokenizer": str(stories260k)})
+    save_corpus(corpus, root / "corpus")
     atlas = gatescope.scan(stories260k, root / "corpus", out=root / "atlas", k=8, progress=False)
     source = PageSource.open(atlas)
     pages = write_pages(source, [(3, 5), (3, 6), (1, 0)], root / "site")
@@ -143,6 +143,8 @@ def test_parse_neuron():
 @pytest.fixture(scope="module")
 def hostile_site(tmp_path_factory):
     """A site whose corpus texts are attacks, on a tiny model with a character tokenizer."""
+    from gatescope.corpus import save_corpus
+    from gatescope.records import CorpusRecipe
     from tests.models import tiny_model
     from tests.tokenizers import char_tokenizer
 
@@ -156,10 +158,7 @@ def hostile_site(tmp_path_factory):
     corpus = datasets.Dataset.from_dict(
         {"input_ids": ids, "source_id": [f"web:{a}" for a in ATTACKS * 3]}
     )
-    corpus.save_to_disk(root / "corpus")
-    (root / "corpus" / "gatescope_corpus.json").write_text(
-        json.dumps({"tokenizer": str(root / "model")})
-    )
+    save_corpus(corpus, root / "corpus", recipe=CorpusRecipe(tokenizer=str(root / "model")))
     atlas = gatescope.scan(root / "model", root / "corpus", out=root / "atlas", k=4, progress=False)
     pages = write_pages(PageSource.open(atlas), [(0, 0), (1, 3)], root / "site")
     return pages, root

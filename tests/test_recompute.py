@@ -8,10 +8,10 @@ import torch
 
 import gatescope
 from gatescope.constants import CASES, QUANTITIES, TOP_LISTS
+from gatescope.corpus import TokenizedCorpus
 from gatescope.errors import GatescopeError
 from gatescope.loading import load_model
 from gatescope.recompute import recompute
-from gatescope.scanner import TokenizedCorpus
 from tests.models import tiny_model
 from tests.test_scan import random_corpus
 
@@ -25,7 +25,7 @@ def assert_recomputed_equals_atlas(atlas, loaded, corpus, layer, neurons, rtol=1
     for summary in summaries.values():
         for lists in summary.top.values():
             texts |= {e.text for examples in lists.values() for e in examples}
-    refactor = bool(atlas.meta["options"].get("refactor_glu"))
+    refactor = atlas.meta.options.refactor_glu
     acts = recompute(loaded, corpus, layer, neurons, sorted(texts), refactor_glu=refactor)
     assert set(acts) == texts
     checked = 0
@@ -73,7 +73,7 @@ def test_fixture_model(stories260k, tinystories, tmp_path):
     from gatescope.corpus import build_corpus, save_corpus
 
     corpus = build_corpus(tinystories, stories260k, max_length=128, tokens=6_000, seed=1)
-    save_corpus(corpus, tmp_path / "corpus", metadata={})
+    save_corpus(corpus, tmp_path / "corpus")
     atlas = gatescope.scan(
         stories260k, tmp_path / "corpus", out=tmp_path / "atlas", k=8, progress=False
     )

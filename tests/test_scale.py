@@ -25,6 +25,7 @@ from gatescope.atlas import Atlas
 from gatescope.cli import cli
 from gatescope.errors import GatescopeError
 from gatescope.merge import merge_atlases
+from gatescope.records import ShardSet
 from gatescope.shards import Shard
 from tests.models import tiny_model
 from tests.test_scan import random_corpus
@@ -49,7 +50,7 @@ def assert_same_atlas(a: Atlas, b: Atlas, *, values_rtol: float = 0.0) -> None:
     torch.testing.assert_close(
         a.tensor("sum"), b.tensor("sum"), rtol=max(values_rtol, 1e-12), atol=1e-12
     )
-    assert "shards" not in a.meta and "shards" not in b.meta
+    assert a.meta.shards is None and b.meta.shards is None
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +92,12 @@ def test_shards_merged_in_any_grouping_equal_one_scan(setup):
         gatescope.scan(model, corpus, batch_size=1, k=K, progress=False, shard=f"{i}/3")
         for i in range(3)
     ]
-    assert [p.meta["shards"] for p in parts] == [{"count": 3, "parts": [i]} for i in range(3)]
+    assert [p.meta.shards for p in parts] == [ShardSet(3, (i,)) for i in range(3)]
     assert sum(p.tokens for p in parts) == single.tokens
     assert_same_atlas(merge_atlases(parts), single)
     assert_same_atlas(merge_atlases(parts[::-1]), single)
     partial = merge_atlases([parts[2], parts[0]])
-    assert partial.meta["shards"] == {"count": 3, "parts": [0, 2]}
+    assert partial.meta.shards == ShardSet(3, (0, 2))
     assert_same_atlas(merge_atlases([parts[1], partial]), single)
 
 
@@ -219,7 +220,7 @@ def test_device_map_auto_gives_the_same_atlas(on_disk):
     spread = gatescope.scan(root / "model", root / "corpus", batch_size=1, k=K, progress=False,
                             device_map="auto")  # fmt: skip
     assert_same_atlas(spread, single)
-    assert "device_map" not in spread.meta["options"]  # where it ran is not what it found
+    assert not hasattr(spread.meta.options, "device_map")  # where it ran is not what it found
 
 
 def test_device_map_needs_accelerate(on_disk, monkeypatch, tmp_path):

@@ -146,7 +146,7 @@ def test_include_bos_counts_every_token():
     corpus = random_corpus(seed=2)
     atlas = gatescope.scan(model, corpus, batch_size=3, k=K, include_bos=True, progress=False)
     assert atlas.tokens == sum(len(ids) for ids in corpus["input_ids"])
-    assert atlas.meta["options"]["include_bos"] is True
+    assert atlas.meta.options.include_bos is True
     assert_atlas_matches(atlas, per_text_activations(model, corpus, include_bos=True), K)
 
 
@@ -162,7 +162,7 @@ def test_refactor_glu_swaps_in_signs_and_restores_the_model():
     mlp = find_gated_mlps(model)[0]
     cos = torch.nn.functional.cosine_similarity(mlp.w_gate(), mlp.w_in(), dim=1)
     flipped = cos < 0
-    assert refactored.meta["options"]["refactored_neurons"] == int(
+    assert refactored.meta.options.refactored_neurons == int(
         sum(
             (torch.nn.functional.cosine_similarity(m.w_gate(), m.w_in(), dim=1) < 0).sum()
             for m in find_gated_mlps(model)
@@ -197,7 +197,7 @@ def test_fixture_model_matches_brute_force(stories260k, tinystories, tmp_path):
     from gatescope.loading import load_model
 
     corpus = build_corpus(tinystories, stories260k, max_length=64, tokens=2_000, seed=5)
-    save_corpus(corpus, tmp_path / "corpus", metadata={})
+    save_corpus(corpus, tmp_path / "corpus")
     atlas = gatescope.scan(
         stories260k,
         tmp_path / "corpus",

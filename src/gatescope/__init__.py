@@ -4,7 +4,8 @@ Importing the package is cheap; torch, transformers and datasets load on first u
 
     import gatescope
     corpus = gatescope.build_corpus("texts/", tokenizer="allenai/OLMo-7B-0424-hf")
-    atlas = gatescope.scan("allenai/OLMo-7B-0424-hf", corpus, refactor_glu=True)
+    options = gatescope.ScanOptions(batch_size=16, refactor_glu=True)
+    atlas = gatescope.scan("allenai/OLMo-7B-0424-hf", corpus, options)
     atlas.neuron(31, 9634).freq
 """
 
@@ -18,11 +19,22 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Atlas", "GatescopeError", "__version__", "build_corpus", "load_corpus", "scan"]
+__all__ = [
+    "Atlas",
+    "GatescopeError",
+    "ScanOptions",
+    "__version__",
+    "build_corpus",
+    "load_corpus",
+    "save_corpus",
+    "scan",
+]
 
 _LAZY = {
     "Atlas": "gatescope.atlas",
     "GatescopeError": "gatescope.errors",
+    "ScanOptions": "gatescope.options",
+    "save_corpus": "gatescope.corpus",
     "build_corpus": "gatescope.corpus",
     "load_corpus": "gatescope.corpus",
     "scan": "gatescope.scanner",
@@ -30,8 +42,9 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from gatescope.atlas import Atlas
-    from gatescope.corpus import build_corpus, load_corpus
+    from gatescope.corpus import build_corpus, load_corpus, save_corpus
     from gatescope.errors import GatescopeError
+    from gatescope.options import ScanOptions
     from gatescope.scanner import scan
 
 

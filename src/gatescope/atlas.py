@@ -15,35 +15,37 @@ top_position    [L, d, list, k]       int32    token position in the text (-1 if
 ==============  ====================  =======  =============================================
 
 The ranked lists are neuron-major so that one neuron's lists are one contiguous block of
-the memory-mapped file. ``atlas.json`` is written last: a folder without it is never taken
-for a complete atlas.
+the memory-mapped file. ``atlas.json`` (:class:`~gatescope.records.AtlasMeta`) is written
+last: a folder without it is never taken for a complete atlas.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gatescope.constants import ATLAS_JSON, CASES, CHECKPOINT_DIR, QUANTITIES, STATS_FILE, TOP_LISTS
 from gatescope.errors import GatescopeError
-from gatescope.files import write_json_atomic
+from gatescope.files import ATLAS, claim_output, write_atomic, write_json_atomic
+from gatescope.records import AtlasMeta
 
 if TYPE_CHECKING:
     import datasets
 
     from gatescope.stats import NeuronStats
 
-FORMAT = "gatescope-atlas"
-FORMAT_VERSION = 1
+__all__ = ["Atlas", "Example", "LayerStats", "NeuronSummary"]
+
 TENSORS = ("count", "sum", "max", "min", "top_value", "top_text", "top_position")
+# The names of the ranked-list tensors; the others are the per-case totals and extremes.
+RANKED = ("top_value", "top_text", "top_position")
 
 
 @dataclass(frozen=True)
@@ -72,22 +74,48 @@ class NeuronSummary:
     top: dict[str, dict[str, list[Example]]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LayerStats:
+    """The statistics of every neuron of one layer (``d`` neurons, the 14 ranked lists of
+    :data:`~gatescope.constants.TOP_LISTS`, ``k`` entries each)."""
+
+    layer: int
+    count: Tensor  # [case, d] int64
+    sum: Tensor  # [case, quantity, d] float64
+    max: Tensor  # [case, quantity, d] float32, NaN where the case never occurs
+    min: Tensor  # [case, quantity, d] float32
+    top_value: Tensor  # [d, list, k] float32
+    top_text: Tensor  # [d, list, k] int32, -1 in empty slots
+    top_position: Tensor  # [d, list, k] int32, -1 in empty slots
+
+    def strongest(self, quantity: str) -> Tensor:
+        """[d] the largest |value| of ``quantity`` over all cases (-inf: never occurs)."""
+        q = QUANTITIES.index(quantity)
+        extremes = torch.stack([self.max[:, q], -self.min[:, q]])  # [2, case, d]
+        return extremes.nan_to_num(-math.inf).amax(dim=(0, 1))
+
+
 class Atlas:
     """Statistics of every neuron of a model over a corpus, with their provenance.
 
     Build one with :func:`gatescope.scan`, :meth:`load` one from disk, or import the
     published GLUScope dataset with :func:`gatescope.export.from_hf_dataset`.
+
+    Attributes:
+        meta: The atlas's description (:class:`~gatescope.records.AtlasMeta`).
     """
 
-    def __init__(self, meta: dict[str, Any], tensors: Mapping[str, Tensor] | _SafetensorsFile):
+    def __init__(self, meta: AtlasMeta, tensors: Mapping[str, Tensor] | _SafetensorsFile):
         self.meta = meta
         self._tensors = tensors
+        _check_shapes(meta, {name: self._shape(name) for name in TENSORS})
 
     # --------------------------------------------------------------- building
 
     @classmethod
-    def from_stats(cls, layers: Sequence[NeuronStats], meta: dict[str, Any]) -> Atlas:
-        """Stacks the per-layer accumulators of a finished scan into an atlas."""
+    def from_stats(cls, layers: Sequence[NeuronStats], meta: AtlasMeta) -> Atlas:
+        """Stacks the per-layer accumulators of a finished scan into an atlas described by
+        ``meta`` (whose shape and token count must be those of ``layers``)."""
         states = [layer.state_dict() for layer in layers]
 
         def stack(name: str) -> Tensor:
@@ -107,44 +135,41 @@ class Atlas:
             "top_position": ranked("top_position", torch.int32),
         }
         tokens = {int(state["tokens"]) for state in states}
-        if len(tokens) != 1:
-            raise ValueError(f"layers counted different numbers of tokens: {sorted(tokens)}")
-        meta = {**meta, "tokens": tokens.pop()}
-        return cls(complete_meta(meta, tensors), tensors)
+        if tokens != {meta.tokens}:
+            raise ValueError(f"the layers counted {sorted(tokens)} tokens, not {meta.tokens}")
+        return cls(meta, tensors)
+
+    def layer(self, layer: int) -> LayerStats:
+        """Every neuron's statistics of one layer; reads only that layer."""
+        self.check_neuron(layer)
+        return LayerStats(layer, **{name: self._read(name, layer) for name in TENSORS})
 
     def layer_state(self, layer: int) -> dict[str, Tensor]:
         """One layer as a ``NeuronStats`` state, the inverse of :meth:`from_stats` (lists
         back to [list, neuron, rank]): how atlases of parts of a corpus are merged."""
-
-        def list_major(name: str) -> Tensor:
-            return self._read(name, layer).permute(1, 0, 2).contiguous()
-
-        return {
-            "tokens": torch.tensor(self.tokens, dtype=torch.int64),
-            **{name: self._read(name, layer) for name in ("count", "sum", "max", "min")},
-            **{name: list_major(name) for name in ("top_value", "top_text", "top_position")},
-        }
+        stats = self.layer(layer)
+        state = {name: getattr(stats, name) for name in TENSORS}
+        for name in RANKED:
+            state[name] = state[name].permute(1, 0, 2).contiguous()
+        return {"tokens": torch.tensor(self.tokens, dtype=torch.int64), **state}
 
     # --------------------------------------------------------------- disk
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Writes the atlas into the folder ``path`` (created if needed).
 
-        ``atlas.json`` goes last and both files are renamed into place, so an interrupted
-        save never leaves a folder that looks like a complete atlas.
+        Both files are renamed into place, ``atlas.json`` last and removed first, so an
+        interrupted save never leaves a folder that looks like a complete atlas.
         """
         from safetensors.torch import save_file
 
         path = Path(path)
-        if (path / ATLAS_JSON).exists() and not overwrite:
-            raise GatescopeError(f"{path} already holds an atlas: pass --overwrite to replace it.")
+        claim_output(path, ATLAS, overwrite=overwrite)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: self.tensor(name).contiguous() for name in TENSORS}
         (path / ATLAS_JSON).unlink(missing_ok=True)
-        tmp = path / (STATS_FILE + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / STATS_FILE)
-        write_json_atomic(path / ATLAS_JSON, self.meta)
+        write_atomic(path / STATS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        write_json_atomic(path / ATLAS_JSON, self.meta.to_dict())
         return path
 
     @classmethod
@@ -161,35 +186,32 @@ class Atlas:
                 )
             raise GatescopeError(f"{path} is not an atlas folder (it has no {ATLAS_JSON}).")
         try:
-            meta = json.loads((path / ATLAS_JSON).read_text())
+            data = json.loads((path / ATLAS_JSON).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise GatescopeError(f"{path / ATLAS_JSON} is unreadable: {error}.") from error
-        if meta.get("format") != FORMAT:
-            raise GatescopeError(f"{path / ATLAS_JSON} is not a gatescope atlas description.")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise GatescopeError(
-                f"{path} was written by a newer gatescope (format {meta['format_version']}): "
-                "upgrade gatescope to read it."
-            )
+        try:
+            meta = AtlasMeta.from_dict(data)
+        except GatescopeError as error:
+            raise GatescopeError(f"{path / ATLAS_JSON} cannot be read: {error}") from error
         return cls(meta, _SafetensorsFile(path / STATS_FILE))
 
     # --------------------------------------------------------------- access
 
     @property
     def num_layers(self) -> int:
-        return int(self.meta["layers"])
+        return self.meta.layers
 
     @property
     def d_mlp(self) -> int:
-        return int(self.meta["d_mlp"])
+        return self.meta.d_mlp
 
     @property
     def k(self) -> int:
-        return int(self.meta["k"])
+        return self.meta.k
 
     @property
     def tokens(self) -> int:
-        return int(self.meta["tokens"])
+        return self.meta.tokens
 
     def tensor(self, name: str) -> Tensor:
         """A whole stored tensor (see the module docstring for names and shapes)."""
@@ -201,16 +223,25 @@ class Atlas:
             return self._tensors.get_slice(name, *index) if index else self._tensors.get(name)
         return self._tensors[name][index]
 
-    def neuron(self, layer: int, index: int) -> NeuronSummary:
-        """The summary of neuron ``index`` of layer ``layer``; reads only that neuron."""
+    def _shape(self, name: str) -> tuple[int, ...]:
+        if isinstance(self._tensors, _SafetensorsFile):
+            return self._tensors.shape(name)
+        return tuple(self._tensors[name].shape)
+
+    def check_neuron(self, layer: int, index: int | None = None) -> None:
+        """Refuses a layer (and neuron) the atlas does not have, in one sentence."""
         if not 0 <= layer < self.num_layers:
             raise GatescopeError(
                 f"layer {layer} is out of range: the atlas has layers 0-{self.num_layers - 1}."
             )
-        if not 0 <= index < self.d_mlp:
+        if index is not None and not 0 <= index < self.d_mlp:
             raise GatescopeError(
                 f"neuron {index} is out of range: layers have neurons 0-{self.d_mlp - 1}."
             )
+
+    def neuron(self, layer: int, index: int) -> NeuronSummary:
+        """The summary of neuron ``index`` of layer ``layer``; reads only that neuron."""
+        self.check_neuron(layer, index)
         count = self._read("count", layer)[:, index].tolist()  # [case]
         sums = self._read("sum", layer)[:, :, index].tolist()  # [case][quantity]
         extremes = {
@@ -257,10 +288,9 @@ class Atlas:
         return to_hf_dataset(self)
 
     def __repr__(self) -> str:
-        model = self.meta.get("model", {}).get("name", "?")
         return (
-            f"Atlas(model={model!r}, layers={self.num_layers}, d_mlp={self.d_mlp}, "
-            f"tokens={self.tokens}, k={self.k})"
+            f"Atlas(model={self.meta.model.name!r}, layers={self.num_layers}, "
+            f"d_mlp={self.d_mlp}, tokens={self.tokens}, k={self.k})"
         )
 
 
@@ -270,6 +300,22 @@ def _by_case(values: list[list[float]]) -> dict[str, dict[str, float]]:
         case: dict(zip(QUANTITIES, row, strict=True))
         for case, row in zip(CASES, values, strict=True)
     }
+
+
+def _check_shapes(meta: AtlasMeta, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuses tensors whose shapes are not those ``meta`` describes."""
+    L, d, k = meta.layers, meta.d_mlp, meta.k
+    expected = {
+        "count": (L, len(CASES), d),
+        **{name: (L, len(CASES), len(QUANTITIES), d) for name in ("sum", "max", "min")},
+        **{name: (L, d, len(TOP_LISTS), k) for name in RANKED},
+    }
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise GatescopeError(
+                f"the atlas's {name} has shape {list(shapes[name])}, but its description "
+                f"says {list(shape)}: the atlas is damaged."
+            )
 
 
 class _SafetensorsFile:
@@ -291,22 +337,5 @@ class _SafetensorsFile:
     def get_slice(self, name: str, *index: int) -> Tensor:
         return self._file.get_slice(name)[index]
 
-
-def complete_meta(meta: dict[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
-    """Adds the shape, schema and version fields every atlas.json carries."""
-    from gatescope import __version__
-
-    layers, d_mlp, n_lists, k = tensors["top_value"].shape
-    assert n_lists == len(TOP_LISTS)
-    return {
-        "gatescope_version": __version__,
-        **meta,
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "layers": layers,
-        "d_mlp": d_mlp,
-        "k": k,
-        "cases": list(CASES),
-        "quantities": list(QUANTITIES),
-        "lists": [[CASES[c], QUANTITIES[q]] for c, q in TOP_LISTS],
-    }
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(name).get_shape())

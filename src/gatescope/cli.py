@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from gatescope.errors import GatescopeError
+from gatescope.options import DEVICE_MAPS, DTYPES, ScanOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Command(click.Command):
+    """A command: the libraries' own progress bars are off while it runs, unless ``-v``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if ctx.find_root().params.get("verbose"):
+            return super().invoke(ctx)
+        from gatescope.progress import library_bars_off
+
+        with library_bars_off():
+            return super().invoke(ctx)
 
 
 class _Group(click.Group):
     """Turns a user's mistake (GatescopeError) into one sentence and exit code 1."""
 
-    def invoke(self, ctx: click.Context):
+    command_class = _Command
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except GatescopeError as error:
@@ -50,6 +69,18 @@ def cli(verbose: int) -> None:
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s"
     )
+
+
+def _scan_option(name: str, **kwargs: Any) -> Callable[[F], F]:
+    """``--name`` for a field of ScanOptions, with its default and help text."""
+    default = ScanOptions.default(name)
+    flag = "--" + name.replace("_", "-")
+    if isinstance(default, bool):
+        return click.option(flag, is_flag=True, help=ScanOptions.help(name), **kwargs)
+    return click.option(
+        flag, default=default, show_default=default is not None, help=ScanOptions.help(name),
+        **kwargs,
+    )  # fmt: skip
 
 
 @cli.command()
@@ -97,6 +128,9 @@ def corpus(
     same corpus.
     """
     from gatescope.corpus import build_corpus, corpus_metadata, save_corpus
+    from gatescope.files import CORPUS, claim_output
+
+    claim_output(out, CORPUS, overwrite=overwrite)  # before any work
 
     dataset = build_corpus(
         source,
@@ -109,17 +143,9 @@ def corpus(
         separator=separator,
         progress=True,
     )
-    metadata = {
-        "source": str(source),
-        "tokenizer": str(tokenizer),
-        "max_length": max_length,
-        "tokens_budget": tokens,
-        "seed": seed,
-        "text_column": text_column,
-    }
-    path = save_corpus(dataset, out, metadata=metadata, overwrite=overwrite)
-    saved = corpus_metadata(path)
-    click.echo(f"wrote {saved['num_texts']:,} texts, {saved['num_tokens']:,} tokens to {path}")
+    saved = corpus_metadata(save_corpus(dataset, out, overwrite=overwrite))
+    assert saved is not None
+    click.echo(f"wrote {saved.num_texts:,} texts, {saved.num_tokens:,} tokens to {out}")
 
 
 @cli.command()
@@ -134,53 +160,16 @@ def corpus(
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Atlas folder to write."
 )
-@click.option(
-    "--batch-size",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Texts per forward pass.",
-)
-@click.option(
-    "--k",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Texts kept per case and quantity.",
-)
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "float32", "bfloat16", "float16", "float64"]),
-    help="Model dtype; auto = the checkpoint's on a GPU, float32 on a CPU.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--device-map",
-    default=None,
-    type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
-    help="Spread a model too large for one GPU over all GPUs (and the CPU); needs accelerate.",
-)
-@click.option(
-    "--include-bos",
-    is_flag=True,
-    help="Count position 0 too (as GLUScope does; it floods top lists with ties).",
-)
-@click.option(
-    "--refactor-glu",
-    is_flag=True,
-    help="Flip neurons with cos(w_gate, w_in) < 0 first (same function, see DESIGN).",
-)
+@_scan_option("batch_size", type=click.IntRange(min=1))
+@_scan_option("k", type=click.IntRange(min=1))
+@_scan_option("dtype", type=click.Choice(DTYPES))
+@_scan_option("device")
+@_scan_option("device_map", type=click.Choice(DEVICE_MAPS))
+@_scan_option("include_bos")
+@_scan_option("refactor_glu")
 @click.option("--resume", is_flag=True, help="Continue the unfinished scan in --out.")
-@click.option("--overwrite", is_flag=True, help="Replace whatever --out holds.")
-@click.option(
-    "--checkpoint-every",
-    default=300.0,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Seconds between checkpoints.",
-)
+@click.option("--overwrite", is_flag=True, help="Replace the atlas or unfinished scan in --out.")
+@_scan_option("checkpoint_every", type=click.FloatRange(min=0))
 @click.option(
     "--shard",
     default=None,
@@ -216,13 +205,7 @@ def scan(
     """
     from gatescope.scanner import scan as run_scan
 
-    atlas = run_scan(
-        model,
-        corpus_path,
-        out=out,
-        resume=resume,
-        overwrite=overwrite,
-        progress=not quiet,
+    options = ScanOptions(
         batch_size=batch_size,
         k=k,
         dtype=dtype,
@@ -231,8 +214,9 @@ def scan(
         include_bos=include_bos,
         refactor_glu=refactor_glu,
         checkpoint_every=checkpoint_every,
-        shard=shard,
     )
+    atlas = run_scan(model, corpus_path, options, out=out, resume=resume, overwrite=overwrite,
+                     progress=not quiet, shard=shard)  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 speaks for all
     part = f" (shard {shard})" if shard else ""
@@ -252,15 +236,14 @@ def merge(parts, out, overwrite) -> None:
     All N parts give the atlas of a single scan; fewer give a larger part, to merge again.
     """
     from gatescope.atlas import Atlas
-    from gatescope.constants import ATLAS_JSON
+    from gatescope.files import ATLAS, claim_output
     from gatescope.merge import merge_atlases
 
-    if (out / ATLAS_JSON).exists() and not overwrite:  # before any work
-        raise GatescopeError(f"{out} already holds an atlas: pass --overwrite to replace it.")
+    claim_output(out, ATLAS, overwrite=overwrite)  # before any work
     atlas = merge_atlases([Atlas.load(p) for p in parts], [str(p) for p in parts])
-    atlas.save(out, overwrite=True)
-    left = atlas.meta.get("shards")
-    state = f"parts {left['parts']} of {left['count']}" if left else "complete"
+    atlas.save(out, overwrite=overwrite)
+    left = atlas.meta.shards
+    state = f"parts {list(left.parts)} of {left.count}" if left else "complete"
     click.echo(f"merged {len(parts)} parts into {out} ({state}, {atlas.tokens:,} tokens)")
 
 
@@ -333,16 +316,22 @@ def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_p
     Re-running adds pages to the site and keeps the earlier ones.
     """
     from gatescope.atlas import Atlas
-    from gatescope.pages import PageSource, parse_neuron, top_neurons, write_pages
+    from gatescope.files import SITE, claim_output
+    from gatescope.pages import PageSource, check_ranking, parse_neuron, top_neurons, write_pages
 
+    # Every input is checked before the model loads.
     chosen = [parse_neuron(spec) for spec in (*neurons, *more_neurons)]
     if (layer is None) != (top is None):
         raise GatescopeError("--layer and --top go together: e.g. --layer 3 --top 10.")
+    check_ranking(by)
     atlas = Atlas.load(atlas_path)
+    for pair in chosen:
+        atlas.check_neuron(*pair)
     if top is not None:
         chosen += [(layer, n) for n in top_neurons(atlas, layer, top, by)]
     if not chosen:
         raise GatescopeError("name the neurons: --neurons 31.9634 ... or --layer L --top N.")
+    claim_output(out, SITE, resume=True)
     source = PageSource.open(atlas, model=model, corpus=corpus_path)
     written = write_pages(source, chosen, out)
     click.echo(f"wrote {len(written)} page(s) and {out / 'index.html'}")

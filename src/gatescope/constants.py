@@ -1,6 +1,6 @@
 """Names shared by every module: sign cases, quantities, ranked lists and file names.
 
-The names are GLUScope's, so that exported datasets keep its schema (see DESIGN.md).
+The names are GLUScope's, so that exported datasets keep its schema (see docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -2,9 +2,13 @@
 
 A corpus is a `datasets` folder (`save_to_disk`) with two columns, `INPUT_IDS` (each text's
 token ids, BOS first, at most `max_length` of them) and `SOURCE_ID` (where the text came
-from), plus `CORPUS_JSON` with the options that built it. Text sources are local `.jsonl`,
-`.parquet` and `.txt` files, folders of them, folders written by `save_to_disk`, or a Hugging
-Face dataset name.
+from), plus `CORPUS_JSON` (:class:`~gatescope.records.CorpusMeta`: how it was built and what
+it holds). Text sources are local `.jsonl`, `.parquet` and `.txt` files, folders of them,
+folders written by `save_to_disk`, or a Hugging Face dataset name.
+
+A built corpus carries its recipe in its `info.description`, so that `save_corpus` records
+the same metadata whether it is called by `gatescope corpus` or from Python.
+:class:`TokenizedCorpus` is a corpus opened for reading: its lengths, batches and source ids.
 
 Heavy libraries (pyarrow, datasets, transformers) are imported inside the functions, so that
 `import gatescope.corpus` stays cheap.
@@ -16,8 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +28,25 @@ from typing import TYPE_CHECKING, Any
 from gatescope import __version__
 from gatescope.constants import CORPUS_JSON, INPUT_IDS, SOURCE_ID
 from gatescope.errors import GatescopeError
-from gatescope.files import replace_path
+from gatescope.files import CORPUS, claim_output, staged
+from gatescope.records import CorpusMeta, CorpusRecipe, CorpusRef
 
 if TYPE_CHECKING:
     import datasets
     import numpy as np
     import pyarrow as pa
+    import torch
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["build_corpus", "corpus_metadata", "fingerprint", "load_corpus", "save_corpus"]
+__all__ = [
+    "TokenizedCorpus",
+    "build_corpus",
+    "corpus_metadata",
+    "corpus_recipe",
+    "fingerprint",
+    "load_corpus",
+    "save_corpus",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +60,8 @@ _MAX_BATCH = 1024
 # Rows per slice when hashing a corpus, so memory stays bounded on large corpora.
 _HASH_ROWS = 1 << 16
 _FINGERPRINT_TAG = b"gatescope-corpus-v1"
+# Key of the recipe in a built corpus's `info.description` (JSON).
+_RECIPE_KEY = "gatescope_corpus_recipe"
 
 
 @dataclass
@@ -81,6 +95,7 @@ def build_corpus(
     split: str = "train",
     separator: str = "<|endoftext|>",
     progress: bool = False,
+    source_name: str | None = None,
 ) -> datasets.Dataset:
     """Reads, shuffles and tokenizes the texts of a source into a corpus.
 
@@ -120,10 +135,12 @@ def build_corpus(
         split: the split of a Hugging Face dataset or of a saved `DatasetDict`.
         separator: the string between texts in a `.txt` file.
         progress: show a progress bar.
+        source_name: how the source is recorded (default: its path or name).
 
     Returns:
         A `datasets.Dataset` with columns `INPUT_IDS` (list of int32) and `SOURCE_ID`
-        (string), one row per text, in memory.
+        (string), one row per text, in memory; its recipe (:func:`corpus_recipe`) travels
+        in its `info.description`.
 
     Raises:
         GatescopeError: the source, the tokenizer or an option is unusable.
@@ -209,62 +226,67 @@ def build_corpus(
             "the source has only %d tokens, fewer than the budget of %d", n_tokens, tokens
         )
     logger.info("corpus: %d texts, %d tokens", len(lengths), n_tokens)
-    return _to_dataset(ids_chunks, lengths, source_ids)
+    recipe = CorpusRecipe(
+        source=source_name or _describe(source, quoted=False),
+        tokenizer=str(tokenizer) if isinstance(tokenizer, (str, Path)) else tok.name_or_path,
+        max_length=max_length,
+        tokens_budget=tokens,
+        seed=seed,
+        text_column=text_column,
+        split=split,
+        separator=separator,
+    )
+    return _to_dataset(ids_chunks, lengths, source_ids, recipe)
 
 
 def save_corpus(
     dataset: datasets.Dataset,
     out: str | Path,
     *,
-    metadata: dict[str, Any] | None = None,
+    recipe: CorpusRecipe | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Saves a corpus to a folder, atomically.
 
-    The corpus is written to a temporary sibling folder that is renamed into place at the
-    end, so a crash never leaves a half-written corpus at `out`.
+    The corpus is written to a temporary sibling folder, `CORPUS_JSON` last, and renamed
+    into place at the end, so a crash never leaves a half-written corpus at `out`.
 
     Args:
-        dataset: the corpus, as built by `build_corpus`.
+        dataset: the corpus, as built by `build_corpus` (or any dataset with `INPUT_IDS`).
         out: the folder to write.
-        metadata: what built the corpus (source, tokenizer, max_length, tokens, seed, ...),
-            written to `CORPUS_JSON` together with `num_texts`, `num_tokens`, `fingerprint`
-            and `gatescope_version`, which are computed here.
-        overwrite: replace an existing non-empty folder.
+        recipe: how the corpus was built; default: the recipe `build_corpus` attached to
+            the dataset (none for other datasets).
+        overwrite: replace a corpus already at `out`.
 
     Returns:
-        The corpus folder.
+        The corpus folder; :func:`corpus_metadata` reads what was recorded.
 
     Raises:
-        GatescopeError: `out` exists and is not an empty folder, and `overwrite` is False.
+        GatescopeError: `out` holds a corpus and `overwrite` is False, or something else.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GatescopeError(f"{out} exists and is not a folder: choose another output path.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GatescopeError(
-            f"{out} already exists and is not empty: choose another folder, or pass "
-            "--overwrite to replace it."
-        )
-    info = dict(metadata or {})
-    info.update(
+    claim_output(out, CORPUS, overwrite=overwrite)
+    meta = CorpusMeta(
         num_texts=dataset.num_rows,
         num_tokens=_num_tokens(dataset),
         fingerprint=fingerprint(dataset),
+        recipe=recipe or corpus_recipe(dataset) or CorpusRecipe(),
         gatescope_version=__version__,
     )
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged(out) as tmp:
         dataset.save_to_disk(str(tmp))
-        (tmp / CORPUS_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        replace_path(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("saved %d texts, %d tokens to %s", info["num_texts"], info["num_tokens"], out)
+        (tmp / CORPUS_JSON).write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+    logger.info("saved %d texts, %d tokens to %s", meta.num_texts, meta.num_tokens, out)
     return out
+
+
+def corpus_recipe(dataset: datasets.Dataset) -> CorpusRecipe | None:
+    """The recipe `build_corpus` attached to a corpus, or None."""
+    try:
+        recipe = json.loads(dataset.info.description or "").get(_RECIPE_KEY)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return CorpusRecipe.from_dict(recipe) if isinstance(recipe, dict) else None
 
 
 def load_corpus(path: str | Path) -> datasets.Dataset:
@@ -302,12 +324,15 @@ def load_corpus(path: str | Path) -> datasets.Dataset:
     return dataset
 
 
-def corpus_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a corpus folder (`CORPUS_JSON`), or {} when it has none."""
+def corpus_metadata(path: str | Path) -> CorpusMeta | None:
+    """The metadata of a corpus folder (`CORPUS_JSON`), or None when it has none."""
     file = Path(path) / CORPUS_JSON
     if not file.is_file():
-        return {}
-    return json.loads(file.read_text())
+        return None
+    try:
+        return CorpusMeta.from_dict(json.loads(file.read_text()))
+    except (OSError, json.JSONDecodeError, GatescopeError) as error:
+        raise GatescopeError(f"{file} is unreadable ({error}): build the corpus again.") from error
 
 
 def fingerprint(dataset: datasets.Dataset) -> str:
@@ -384,8 +409,10 @@ def _read_source(
     return [_read_hub_dataset(str(source), text_column=text_column, split=split)]
 
 
-def _describe(source: str | Path | Mapping[str, str]) -> str:
-    return f"<{len(source)} named texts>" if isinstance(source, Mapping) else repr(str(source))
+def _describe(source: str | Path | Mapping[str, str], *, quoted: bool = True) -> str:
+    if isinstance(source, Mapping):
+        return f"<{len(source)} named texts>"
+    return repr(str(source)) if quoted else str(source)
 
 
 def _looks_like_path(source: str | Path) -> bool:
@@ -582,7 +609,7 @@ def _progress_bar(progress: bool, *, total: int, budget: int | None) -> Any:
 
 
 def _to_dataset(
-    ids_chunks: list[np.ndarray], lengths: list[int], source_ids: list[str]
+    ids_chunks: list[np.ndarray], lengths: list[int], source_ids: list[str], recipe: CorpusRecipe
 ) -> datasets.Dataset:
     """One in-memory Dataset from token rows, built through Arrow (no cache files)."""
     import datasets
@@ -597,7 +624,8 @@ def _to_dataset(
     values = pa.array(np.concatenate(ids_chunks), type=pa.int32())
     input_ids = list_type.from_arrays(pa.array(offsets.astype(offsets_type)), values)
     table = pa.table({INPUT_IDS: input_ids, SOURCE_ID: pa.array(source_ids, type=pa.string())})
-    return datasets.Dataset(InMemoryTable(table))
+    info = datasets.DatasetInfo(description=json.dumps({_RECIPE_KEY: recipe.to_dict()}))
+    return datasets.Dataset(InMemoryTable(table), info=info)
 
 
 def _num_tokens(dataset: datasets.Dataset) -> int:
@@ -605,3 +633,130 @@ def _num_tokens(dataset: datasets.Dataset) -> int:
 
     column = dataset.select_columns([INPUT_IDS]).with_format("arrow")[:].column(INPUT_IDS)
     return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+
+
+# --- reading a corpus -----------------------------------------------------------------
+
+
+class TokenizedCorpus:
+    """A corpus opened for reading: its texts' lengths, their scan order, padded batches.
+
+    Attributes:
+        dataset: the texts, memory-mapped (`INPUT_IDS`, and `SOURCE_ID` when present).
+        path: the corpus folder, or None for a dataset given in memory.
+        lengths: [n_texts] int64, the tokens of each text.
+        max_id: the largest token id.
+        meta: the folder's `CORPUS_JSON`, if it has one.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, path: Path | None):
+        import numpy as np
+
+        self.dataset = dataset
+        self.path = path
+        column = dataset.data.column(INPUT_IDS)  # memory-mapped Arrow, no Python lists
+        self.lengths: np.ndarray = np.concatenate(
+            [np.diff(chunk.offsets.to_numpy()) for chunk in column.chunks] or [np.zeros(0, int)]
+        ).astype(np.int64)
+        self.max_id = _max_token_id(column)
+        if len(self.lengths) == 0 or self.lengths.sum() == 0:
+            raise GatescopeError("the corpus is empty: it has no tokenized texts.")
+        self.meta = corpus_metadata(path) if path is not None else None
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def open(cls, corpus: str | Path | datasets.Dataset) -> TokenizedCorpus:
+        """A corpus folder (`gatescope corpus`) or a `datasets.Dataset` with `INPUT_IDS`."""
+        import datasets
+
+        if isinstance(corpus, datasets.Dataset):
+            if INPUT_IDS not in corpus.column_names:
+                raise GatescopeError(f"the dataset has no '{INPUT_IDS}' column.")
+            if corpus._indices is not None:  # a select()/shuffle() view: materialize its rows
+                corpus = corpus.flatten_indices(keep_in_memory=True)
+            return cls(corpus, None)
+        return cls(load_corpus(corpus), Path(corpus))
+
+    @property
+    def fingerprint(self) -> str:
+        """The corpus's content hash (computed once, on first use)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.dataset)
+        return self._fingerprint
+
+    @property
+    def tokenizer(self) -> str | None:
+        """The tokenizer the corpus was built with, where recorded."""
+        recipe = self.meta.recipe if self.meta else corpus_recipe(self.dataset)
+        return recipe.tokenizer if recipe else None
+
+    def reference(self) -> CorpusRef:
+        """What an atlas records of this corpus."""
+        return CorpusRef(
+            fingerprint=self.fingerprint,
+            path=str(self.path.resolve()) if self.path else None,
+            texts=len(self.lengths),
+            tokens=int(self.lengths.sum()),
+            meta=self.meta,
+        )
+
+    def check_fits(self, vocab: int, context: int | None) -> None:
+        """Refuses token ids outside a model's vocabulary and texts beyond its context."""
+        if self.max_id >= vocab:
+            raise GatescopeError(
+                f"the corpus has token id {self.max_id} but the model's vocabulary has {vocab} "
+                "tokens: build the corpus with this model's tokenizer."
+            )
+        longest = int(self.lengths.max())
+        if context is not None and longest > context:
+            raise GatescopeError(
+                f"the corpus has a text of {longest} tokens but the model's context is "
+                f"{context}: rebuild the corpus with --max-length {context} or less."
+            )
+
+    def check_texts(self, texts: Sequence[int]) -> None:
+        """Refuses text indices that are not in the corpus (an atlas of another corpus)."""
+        bad = [t for t in texts if not 0 <= t < len(self.lengths)]
+        if bad:
+            raise GatescopeError(
+                f"text {bad[0]} is not in the corpus ({len(self.lengths)} texts): the atlas "
+                "was scanned on another corpus."
+            )
+
+    def scan_order(self, texts: np.ndarray | None = None) -> np.ndarray:
+        """Text indices, longest first, in a stable order (a resume relies on it): little
+        padding per batch, and memory problems show at once.
+
+        ``texts``: only these texts (a shard's); all by default.
+        """
+        import numpy as np
+
+        texts = np.arange(len(self.lengths)) if texts is None else texts
+        return texts[np.argsort(-self.lengths[texts], kind="stable")]
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``input_ids`` and ``attention_mask`` [batch, longest] of some texts."""
+        import torch
+
+        rows = self.dataset[indices.tolist()][INPUT_IDS]
+        longest = max(len(row) for row in rows)
+        input_ids = torch.zeros(len(rows), longest, dtype=torch.int64)
+        attention_mask = torch.zeros(len(rows), longest, dtype=torch.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.as_tensor(row)
+            attention_mask[i, : len(row)] = 1
+        return input_ids.to(device), attention_mask.to(device)
+
+    def source_ids(self, texts: Sequence[int]) -> dict[int, str]:
+        """Text index -> source id, for the texts of a corpus that records them."""
+        if SOURCE_ID not in self.dataset.column_names or not texts:
+            return {}
+        column = self.dataset.select_columns([SOURCE_ID])[list(texts)][SOURCE_ID]
+        return {t: str(s) for t, s in zip(texts, column, strict=True)}
+
+
+def _max_token_id(column: pa.ChunkedArray) -> int:
+    import pyarrow.compute as pc
+
+    values = pc.list_flatten(column)
+    return int(pc.max(values).as_py() or 0) if len(values) else 0

@@ -27,18 +27,20 @@ can differ from the scanned sum in the last bit of its float64 mantissa.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from gatescope.atlas import Atlas, complete_meta
-from gatescope.constants import ATLAS_JSON, CASES, QUANTITIES, SIGNS, TOP_LISTS
+from gatescope.atlas import Atlas
+from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
-from gatescope.files import json_default, remove_path, replace_path
+from gatescope.files import ATLAS, DATASET, claim_output, json_default, staged
+from gatescope.records import AtlasMeta
 
 if TYPE_CHECKING:
     import datasets
@@ -79,8 +81,6 @@ _LIST_FILL = {
 }
 # Our extreme columns, named by the atlas tensor they hold.
 _EXTREMES = ("max", "min")
-# Metadata that describes a file layout, not the scan: the importing gatescope sets it anew.
-_LAYOUT_KEYS = ("format", "format_version", "layers", "d_mlp", "k", "cases", "quantities", "lists")
 
 
 def schema_columns(*, extras: bool = True) -> list[str]:
@@ -183,19 +183,13 @@ def export_atlas(
             f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}."
         )
     out = Path(out)
-    _check_target(out, overwrite)
+    claim_output(out, DATASET, overwrite=overwrite)
     dataset = to_hf_dataset(atlas)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.gatescope-tmp")
-    remove_path(tmp)  # left over by an interrupted export
-    try:
+    with staged(out) as tmp:
         if format == "hf":
             dataset.save_to_disk(str(tmp))
         else:
             _write_parquet(dataset, tmp)
-        replace_path(tmp, out)
-    finally:
-        remove_path(tmp)
     logger.info("exported %d neurons (%s) to %s", dataset.num_rows, format, out)
     return out
 
@@ -210,11 +204,11 @@ def _list_array(flat: np.ndarray, rows: int, k: int) -> pa.Array:
     return array_type.from_arrays(pa.array(offsets), pa.array(flat))
 
 
-def _describe(meta: dict[str, Any]) -> str:
+def _describe(meta: AtlasMeta) -> str:
     """The ``info.description`` of an export: a sentence and the atlas metadata, as JSON."""
-    model = meta.get("model", {}).get("name") or "a model"
+    model = meta.model.name or "a model"
     text = f"Neuron statistics of {model} in the GLUScope activation-dataset schema (gatescope)."
-    return json.dumps({"description": text, META_KEY: meta}, default=json_default)
+    return json.dumps({"description": text, META_KEY: meta.to_dict()}, default=json_default)
 
 
 def _write_parquet(dataset: datasets.Dataset, path: Path) -> None:
@@ -226,27 +220,12 @@ def _write_parquet(dataset: datasets.Dataset, path: Path) -> None:
     pq.write_table(table.replace_schema_metadata(metadata), str(path))
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not overwrite:
-        raise GatescopeError(f"{out} already exists: pass --overwrite to replace it.")
-    if out.is_dir() and not out.is_symlink():
-        is_dataset = (out / "dataset_info.json").exists() or (out / "state.json").exists()
-        if not is_dataset and any(out.iterdir()):
-            raise GatescopeError(
-                f"{out} is a folder that is not a dataset export: refusing to replace it, "
-                "choose another output path."
-            )
-
-
 # ---------------------------------------------------------------------------- import
 
 
 def from_hf_dataset(
     dataset: datasets.Dataset | pa.Table,
     *,
-    meta: dict[str, Any] | None = None,
     tokens: int | None = None,
 ) -> Atlas:
     """Builds an in-memory atlas from a dataset in the GLUScope schema.
@@ -257,7 +236,6 @@ def from_hf_dataset(
 
     Args:
         dataset: The dataset (or a pyarrow table of it), one row per neuron.
-        meta: Metadata entries that replace those restored from the dataset.
         tokens: Counted tokens of the corpus behind the dataset; without it (and without
             restored metadata) a nominal 10**9 is used and recorded as
             ``"tokens_exact": false``: frequencies stay right, counts are nominal.
@@ -284,19 +262,14 @@ def from_hf_dataset(
     layers, d_mlp = int(layer.max()) + 1, int(neuron.max()) + 1
     place = _places(layer, neuron, layers, d_mlp)  # [row] -> layer * d_mlp + neuron
 
-    meta = {**restored, **(meta or {})}
-    if tokens is not None:
-        meta.pop("tokens_exact", None)  # the caller knows the count
-    else:
-        tokens = meta.get("tokens")
+    exact = True
+    if tokens is None and restored is not None:
+        tokens, exact = restored.tokens, restored.tokens_exact
     if tokens is None:
-        tokens = NOMINAL_TOKENS
-        meta["tokens_exact"] = False
+        tokens, exact = NOMINAL_TOKENS, False
         logger.warning(
             "the dataset records no token count: counts assume a nominal %d tokens", tokens
         )
-    tokens = int(tokens)
-    meta["tokens"] = tokens
 
     count = np.zeros((layers * d_mlp, len(CASES)), dtype=np.int64)
     sums = np.zeros((layers * d_mlp, len(CASES), len(QUANTITIES)), dtype=np.float64)
@@ -335,10 +308,9 @@ def from_hf_dataset(
             for name, array in ranked.items()
         },
     }
-    meta.setdefault("model", {"name": None})
-    meta.setdefault("corpus", {})
-    meta.setdefault("options", {})
-    return Atlas(complete_meta(meta, tensors), tensors)
+    shape = {"layers": layers, "d_mlp": d_mlp, "k": k, "tokens": tokens, "tokens_exact": exact}
+    meta = restored.replace(**shape) if restored is not None else AtlasMeta(**shape)
+    return Atlas(meta, tensors)
 
 
 def _imported_extremes(
@@ -385,7 +357,7 @@ def import_dataset(
             its suffix), or a Hugging Face dataset id (its ``train`` split), such as
             GLUScope's published OLMo-7B dataset.
         out: The atlas folder to write.
-        model: The model the statistics belong to (sets ``meta["model"]["name"]``).
+        model: The model the statistics belong to (recorded as its name).
         tokens: Counted tokens of the corpus, when the dataset does not record them.
         overwrite: Replace an atlas already in ``out``.
 
@@ -393,13 +365,13 @@ def import_dataset(
         The atlas, loaded from ``out``.
     """
     out = Path(out)
-    if (out / ATLAS_JSON).exists() and not overwrite:
-        raise GatescopeError(f"{out} already holds an atlas: pass --overwrite to replace it.")
+    claim_output(out, ATLAS, overwrite=overwrite)
     dataset = _load_source(source)
     atlas = from_hf_dataset(dataset, tokens=tokens)
+    meta = atlas.meta.replace(imported_from=str(source))
     if model is not None:
-        atlas.meta["model"] = {**(atlas.meta.get("model") or {}), "name": model}
-    atlas.meta["imported_from"] = str(source)
+        meta = meta.replace(model=dataclasses.replace(meta.model, name=model))
+    atlas.meta = meta
     atlas.save(out, overwrite=overwrite)
     logger.info("imported %s into %s", source, out)
     return Atlas.load(out)
@@ -472,8 +444,8 @@ def _as_table(dataset: datasets.Dataset | pa.Table) -> pa.Table:
     return table
 
 
-def _restored_meta(dataset: datasets.Dataset | pa.Table, table: pa.Table) -> dict[str, Any]:
-    """The atlas metadata an export carries, without its layout keys; {} when absent."""
+def _restored_meta(dataset: datasets.Dataset | pa.Table, table: pa.Table) -> AtlasMeta | None:
+    """The atlas metadata an export carries; None when absent (GLUScope's own dataset)."""
     texts = [getattr(getattr(dataset, "info", None), "description", None)]
     texts.append((table.schema.metadata or {}).get(META_KEY.encode()))
     for text in texts:
@@ -484,8 +456,8 @@ def _restored_meta(dataset: datasets.Dataset | pa.Table, table: pa.Table) -> dic
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             continue  # a free-text description (GLUScope's): no metadata
         if isinstance(meta, dict):
-            return {key: value for key, value in meta.items() if key not in _LAYOUT_KEYS}
-    return {}
+            return AtlasMeta.from_dict(meta)
+    return None
 
 
 def _ranked_column(lst: int, suffix: str) -> str:

@@ -1,22 +1,170 @@
-"""Writing results so that an interruption never leaves something that looks complete.
+"""The output policy: what gatescope may write over, and how it writes so that an
+interruption never leaves something that looks complete.
 
-Torch-free: used by the corpus, atlas and export modules alike.
+Every command that writes (corpus, scan, merge, export, import, page, demo) goes through
+here:
+
+* :func:`claim_output` decides what may happen to an existing output: nothing new is
+  refused; something of the same kind is refused unless ``--overwrite`` (or ``--resume``,
+  which continues it); anything else that is not empty is never touched. Each refusal has
+  one wording, here.
+* :func:`staged` writes a whole file or folder under a temporary name beside the target and
+  renames it into place at the end; :func:`write_atomic` does the same for one file. Inside
+  a folder, the file that marks it complete (``atlas.json``, ``gatescope_corpus.json``) is
+  written last.
+
+Torch-free.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gatescope.constants import ATLAS_JSON, CHECKPOINT_DIR, CORPUS_JSON, STATS_FILE
+from gatescope.errors import GatescopeError
+
+__all__ = [
+    "ATLAS",
+    "CORPUS",
+    "DATASET",
+    "DEMO",
+    "SITE",
+    "Found",
+    "OutputKind",
+    "claim_output",
+    "remove_path",
+    "staged",
+    "write_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of output, and how to recognize one that gatescope wrote.
+
+    Attributes:
+        noun: "an atlas", for messages.
+        markers: Files whose presence in a folder makes it one of this kind (finished).
+        unfinished: Entries whose presence marks an unfinished one (a scan's checkpoint, an
+            atlas's tensors without its description).
+        may_be_file: The output may also be a single file (a parquet export).
+    """
+
+    noun: str
+    markers: tuple[str, ...]
+    unfinished: tuple[str, ...] = ()
+    may_be_file: bool = False
+
+
+ATLAS = OutputKind("an atlas", (ATLAS_JSON,), unfinished=(CHECKPOINT_DIR, STATS_FILE))
+CORPUS = OutputKind("a corpus", (CORPUS_JSON,))
+# A `datasets` save_to_disk folder, or a parquet file.
+DATASET = OutputKind("a dataset export", ("dataset_info.json", "state.json"), may_be_file=True)
+SITE = OutputKind("a site of neuron pages", ("site.json",))
+DEMO = OutputKind("an earlier demo", ("demo.json",))
+
+
+class Found(enum.Enum):
+    """What :func:`claim_output` found at the output path, and may be written over."""
+
+    NOTHING = "nothing"  # nothing, an empty folder, or what --overwrite replaces
+    FINISHED = "finished"  # a finished output of the kind, to continue (resume)
+    UNFINISHED = "unfinished"  # an unfinished one, to continue (resume)
+
+
+def claim_output(
+    out: Path, kind: OutputKind, *, overwrite: bool = False, resume: bool = False
+) -> Found:
+    """Checks what ``out`` holds before anything is computed for it.
+
+    Args:
+        out: The output path.
+        kind: What will be written there.
+        overwrite: Replace an output of the same kind (never anything else).
+        resume: Continue an output of the same kind: a scan's checkpoint or finished atlas,
+            a site's pages. Wins over ``overwrite``.
+
+    Returns:
+        What was found; the caller continues it (FINISHED, UNFINISHED) or writes anew.
+
+    Raises:
+        GatescopeError: ``out`` holds something that must not be written over.
+    """
+    if not (out.exists() or out.is_symlink()):
+        return Found.NOTHING
+    if not out.is_dir():
+        if not kind.may_be_file:
+            raise GatescopeError(f"{out} exists and is not a folder: choose another output path.")
+        if overwrite:
+            return Found.NOTHING
+        raise GatescopeError(f"{out} already exists: pass --overwrite to replace it.")
+    if any((out / marker).exists() for marker in kind.markers):
+        if resume:
+            return Found.FINISHED
+        if overwrite:
+            return Found.NOTHING
+        raise GatescopeError(f"{out} already holds {kind.noun}: pass --overwrite to replace it.")
+    if any((out / entry).exists() for entry in kind.unfinished):
+        if resume:
+            return Found.UNFINISHED
+        if overwrite:
+            return Found.NOTHING
+        raise GatescopeError(
+            f"{out} holds an unfinished scan: pass --resume to continue it or --overwrite to "
+            "start over."
+        )
+    if any(out.iterdir()):
+        raise GatescopeError(
+            f"{out} is not empty and holds no {kind.noun.split(' ', 1)[1]}: choose another "
+            "output path (gatescope never writes over what it did not write)."
+        )
+    return Found.NOTHING
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden sibling of ``path``, unique to this process and call."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary path beside ``out`` to write a file or folder into; on success it
+    replaces ``out`` at once, on failure it is removed and ``out`` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(out)
+    try:
+        yield tmp
+        _replace(tmp, out)
+    finally:
+        remove_path(tmp)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Writes one file through ``write(temporary path)`` and renames it into place."""
+    with staged(path) as tmp:
+        write(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Writes JSON to a temporary file and renames it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=json_default) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")
 
 
 def json_default(value: Any) -> Any:
@@ -28,15 +176,14 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def replace_path(tmp: Path, out: Path) -> None:
+def _replace(tmp: Path, out: Path) -> None:
     """Renames the finished ``tmp`` (file or folder) to ``out``, replacing what is there.
 
     A rename cannot replace a non-empty folder, so the old one is moved aside first and
     removed only once the new one is in place.
     """
-    if out.exists() or out.is_symlink():
-        old = out.with_name(f".{out.name}.gatescope-old")
-        remove_path(old)
+    if out.is_dir() and not out.is_symlink():
+        old = temporary_name(out)
         os.replace(out, old)
         os.replace(tmp, out)
         remove_path(old)

@@ -1,23 +1,26 @@
-"""Loading a Hugging Face causal LM for analysis: device, dtype and clear errors."""
+"""Loading a Hugging Face causal LM for analysis: device, dtype and clear errors.
+
+Two steps, so that a run is checked before its weights load: :func:`resolve_model` reads
+only the config (the model's name, revision and the dtype it will run in), and
+:meth:`ModelSpec.load` loads the weights.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gatescope.errors import GatescopeError
+from gatescope.options import DEVICE_MAPS, DTYPES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
-
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,7 +32,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None):
+def resolve_dtype(
+    dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None
+) -> torch.dtype:
     """The dtype to run the model in.
 
     ``auto`` keeps the checkpoint's own dtype on a GPU; on a CPU it is float32, because
@@ -38,7 +43,8 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtyp
     if dtype not in DTYPES:
         raise GatescopeError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'.")
     if dtype != "auto":
-        return getattr(torch, dtype)
+        resolved: torch.dtype = getattr(torch, dtype)
+        return resolved
     if device.type == "cpu" or checkpoint_dtype is None:
         return torch.float32
     return checkpoint_dtype
@@ -49,7 +55,7 @@ class LoadedModel:
     """A model ready for analysis and how it was obtained (recorded in atlases)."""
 
     model: PreTrainedModel
-    name: str  # hub id or local path, as given
+    name: str  # hub id or local path (absolute), as recorded
     revision: str | None  # the checkpoint's commit hash, where known
 
     @property
@@ -61,30 +67,59 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
-#: ``--device-map`` strategies of accelerate that spread a model over devices.
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to load, resolved from its config alone: what a run records of it is known
+    before any weight is read."""
+
+    name: str  # hub id or absolute local path
+    revision: str | None  # the checkpoint's commit hash, where known
+    dtype: torch.dtype  # what it will run in
+    device: torch.device  # where it goes (the first device under a device map)
+    placement: dict[str, Any]  # from_pretrained's placement arguments
+    loaded: PreTrainedModel | None = None  # a model given already loaded
+
+    def load(self) -> LoadedModel:
+        """The model in eval mode, its weights loaded straight onto their device."""
+        from transformers import AutoModelForCausalLM
+
+        if self.loaded is not None:
+            return LoadedModel(self.loaded.eval(), self.name, self.revision)
+        logger.info("loading %s as %s on %s", self.name, self.dtype, self.device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.name, **_dtype_kwarg(self.dtype), **self.placement
+            )
+        except (OSError, ValueError, KeyError) as error:
+            raise GatescopeError(
+                f"could not load the model '{self.name}': {_first_line(error)}"
+            ) from error
+        if not self.placement:
+            model = model.to(self.device)
+        return LoadedModel(model.eval(), self.name, self.revision)
 
 
-def load_model(
+def resolve_model(
     model: str | Path | PreTrainedModel,
     *,
     dtype: str = "auto",
     device: str = "auto",
     device_map: str | None = None,
-):
-    """Loads ``model`` (hub id, local folder, or an already loaded ``PreTrainedModel``).
+) -> ModelSpec:
+    """Reads ``model``'s config (hub id, local folder, or an already loaded
+    ``PreTrainedModel``, whose device and dtype are kept) and decides how to load it.
 
-    A loaded model is used as it is (its device and dtype are kept). ``device_map`` (one of
-    :data:`DEVICE_MAPS`, needs accelerate) spreads the layers over all GPUs (and the CPU)
-    instead of putting the model on ``device``. Weights go straight to their device: the
-    model is never held in host memory on its way to a GPU. Returns a :class:`LoadedModel`
-    in eval mode.
+    ``device_map`` (one of :data:`~gatescope.options.DEVICE_MAPS`, needs accelerate)
+    spreads the layers over all GPUs (and the CPU) instead of putting the model on
+    ``device``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+    from transformers import AutoConfig, PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-        return LoadedModel(model.eval(), str(name), getattr(model.config, "_commit_hash", None))
+        revision = getattr(model.config, "_commit_hash", None)
+        first = next(model.parameters())
+        return ModelSpec(str(name), revision, first.dtype, first.device, {}, loaded=model)
 
     # A local folder is recorded absolute, so that pages can find it from anywhere.
     name = str(Path(model).resolve()) if Path(model).is_dir() else str(model)
@@ -101,21 +136,28 @@ def load_model(
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
     first_device = target if device_map is None else resolve_device("auto")
-    torch_dtype = resolve_dtype(dtype, first_device, checkpoint_dtype)
-    logger.info("loading %s as %s on %s", name, torch_dtype, device_map or target)
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            name, **_dtype_kwarg(torch_dtype), **placement
-        )
-    except (OSError, ValueError, KeyError) as error:
-        raise GatescopeError(f"could not load the model '{name}': {_first_line(error)}") from error
-    if not placement:
-        loaded = loaded.to(target)
-    loaded = loaded.eval()
-    return LoadedModel(loaded, name, getattr(config, "_commit_hash", None))
+    run_dtype = resolve_dtype(dtype, first_device, checkpoint_dtype)
+    revision = getattr(config, "_commit_hash", None)
+    return ModelSpec(name, revision, run_dtype, first_device, placement)
 
 
-def _placement(device_map: str | None, target: torch.device) -> dict[str, object]:
+def load_model(
+    model: str | Path | PreTrainedModel,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+) -> LoadedModel:
+    """:func:`resolve_model`, then :meth:`ModelSpec.load`."""
+    return resolve_model(model, dtype=dtype, device=device, device_map=device_map).load()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as atlases record it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _placement(device_map: str | None, target: torch.device) -> dict[str, Any]:
     """``from_pretrained``'s placement arguments: a strategy of accelerate, or loading
     straight onto a GPU (transformers 5 does that itself; 4.x needs accelerate)."""
     import importlib.util

@@ -15,12 +15,20 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gatescope.atlas import Atlas, NeuronSummary
+from gatescope.atlas import Atlas, Example, NeuronSummary
 from gatescope.constants import CASES, QUANTITIES
 from gatescope.errors import GatescopeError
-from gatescope.files import write_json_atomic
+from gatescope.files import SITE, claim_output, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from transformers import PreTrainedTokenizerBase
+
+    from gatescope.corpus import TokenizedCorpus
+    from gatescope.loading import LoadedModel
 
 __all__ = ["PageSource", "page_file", "parse_neuron", "top_neurons", "write_pages"]
 
@@ -35,9 +43,9 @@ class PageSource:
     """What the pages of one atlas are computed from, loaded once."""
 
     atlas: Atlas
-    loaded: Any  # gatescope.loading.LoadedModel
-    corpus: Any  # gatescope.scanner.TokenizedCorpus
-    tokenizer: Any  # a transformers tokenizer
+    loaded: LoadedModel
+    corpus: TokenizedCorpus
+    tokenizer: PreTrainedTokenizerBase
 
     @classmethod
     def open(
@@ -46,24 +54,25 @@ class PageSource:
         """Loads the atlas's model, corpus and tokenizer (``model``/``corpus`` override)."""
         from transformers import AutoTokenizer
 
+        from gatescope.corpus import TokenizedCorpus
         from gatescope.loading import load_model
-        from gatescope.scanner import TokenizedCorpus
 
-        model = model or atlas.meta.get("model", {}).get("name")
-        corpus = corpus or atlas.meta.get("corpus", {}).get("path")
+        meta = atlas.meta
+        model = model or meta.model.name
+        corpus = corpus or meta.corpus.path
         if not model:
             raise GatescopeError("the atlas does not name its model: pass --model.")
         if not corpus:
             raise GatescopeError("the atlas does not name its corpus folder: pass --corpus.")
         texts = TokenizedCorpus.open(corpus)
-        expected = atlas.meta.get("corpus", {}).get("fingerprint")
+        expected = meta.corpus.fingerprint
         if expected and texts.fingerprint != expected:
             raise GatescopeError(
                 f"the corpus at {corpus} is not the one the atlas was scanned on "
                 "(its fingerprint differs)."
             )
-        loaded = load_model(model, dtype=atlas.meta.get("model", {}).get("dtype", "auto"))
-        tokenizer_name = texts.describe()["metadata"].get("tokenizer") or model
+        loaded = load_model(model, dtype=meta.model.dtype or "auto")
+        tokenizer_name = texts.tokenizer or model
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
         except (OSError, ValueError) as error:
@@ -82,21 +91,20 @@ def parse_neuron(spec: str) -> tuple[int, int]:
 def top_neurons(atlas: Atlas, layer: int, n: int, by: str = "strongest") -> list[int]:
     """The ``n`` neurons of ``layer`` ranked ``by`` "strongest" (largest |hook_post| of any
     case) or by a case name (the case's frequency)."""
-    import torch
-
-    if not 0 <= layer < atlas.num_layers:
-        raise GatescopeError(
-            f"layer {layer} is out of range: the atlas has layers 0-{atlas.num_layers - 1}."
-        )
+    check_ranking(by)
+    stats = atlas.layer(layer)  # this layer only: an atlas may hold hundreds of thousands
     if by == "strongest":
-        extremes = torch.stack([atlas.tensor("max")[layer], -atlas.tensor("min")[layer]])
-        score = extremes[:, :, QUANTITIES.index("hook_post")].nan_to_num(-math.inf)
-        score = score.amax(dim=(0, 1))  # [neuron]
-    elif by in CASES:
-        score = atlas.tensor("count")[layer, CASES.index(by)].double()
+        score = stats.strongest("hook_post")  # [neuron]
     else:
+        score = stats.count[CASES.index(by)].double()  # [neuron]
+    ranked: list[int] = score.argsort(descending=True, stable=True)[:n].tolist()
+    return ranked
+
+
+def check_ranking(by: str) -> None:
+    """Refuses a ``--by`` that :func:`top_neurons` does not know."""
+    if by != "strongest" and by not in CASES:
         raise GatescopeError(f"cannot rank by '{by}': use strongest or one of {', '.join(CASES)}.")
-    return score.argsort(descending=True, stable=True)[:n].tolist()
 
 
 def page_file(model: str, layer: int, neuron: int) -> str:
@@ -127,13 +135,14 @@ def write_pages(
     from gatescope.render import refresh_nav, render_index, render_neuron
 
     out = Path(out)
+    claim_output(out, SITE, resume=True)  # an existing site gains pages
     out.mkdir(parents=True, exist_ok=True)
     site = _read_site(out)
     atlas = source.atlas
-    model = atlas.meta.get("model", {}).get("name") or "model"
+    model = atlas.meta.model.name or "model"
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, neuron in dict.fromkeys(neurons):
-        atlas.neuron(layer, neuron)  # range errors before any work
+        atlas.check_neuron(layer, neuron)  # range errors before any work
         by_layer[layer].append(neuron)
     planned = {(model, layer, n) for layer, ns in by_layer.items() for n in ns}
     existing = {(p["model"], p["layer"], p["neuron"]) for p in site["pages"]} | planned
@@ -144,19 +153,19 @@ def write_pages(
     for layer, layer_neurons in by_layer.items():
         summaries = {n: atlas.neuron(layer, n) for n in layer_neurons}
         texts = sorted({e.text for s in summaries.values() for e in _examples(s)})
-        refactor = bool(atlas.meta.get("options", {}).get("refactor_glu"))
+        refactor = atlas.meta.options.refactor_glu
         acts = recompute(
             source.loaded, source.corpus, layer, layer_neurons, texts, refactor_glu=refactor
         )
         tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
-        sources = _source_ids(source.corpus, texts)
+        sources = source.corpus.source_ids(texts)
         for i, neuron in enumerate(layer_neurons):
             page = neuron_page(
                 atlas, summaries[neuron], {t: a.values[i] for t, a in acts.items()},
                 tokens, sources, links=_links(atlas, model, layer, neuron, existing),
             )  # fmt: skip
             path = out / page_file(model, layer, neuron)
-            path.write_text(render_neuron(page), encoding="utf-8")
+            write_text_atomic(path, render_neuron(page))
             written[layer, neuron] = path
             entry = {"model": model, "layer": layer, "neuron": neuron, "file": path.name}
             note = (notes or {}).get((layer, neuron)) or entries.get(path.name, {}).get("note")
@@ -177,8 +186,8 @@ def write_pages(
         if entry["model"] == model and key in beside - written.keys() and page.exists():
             refresh_nav(page, _links(atlas, model, *key, existing))
     site["pages"] = sorted(entries.values(), key=lambda p: (p["model"], p["layer"], p["neuron"]))
+    write_text_atomic(out / "index.html", render_index(site))
     write_json_atomic(out / SITE_JSON, site)
-    (out / "index.html").write_text(render_index(site), encoding="utf-8")
     return [written[pair] for pair in dict.fromkeys(neurons)]
 
 
@@ -231,15 +240,14 @@ def neuron_page(
         }
         for t in values
     }
-    options = meta.get("options", {})
     return {
-        "model": meta.get("model", {}).get("name") or "unknown model",
+        "model": meta.model.name or "unknown model",
         "layer": summary.layer,
         "neuron": summary.index,
-        "corpus": meta.get("corpus", {}).get("path") or meta.get("corpus", {}).get("fingerprint"),
+        "corpus": meta.corpus.path or meta.corpus.fingerprint,
         "tokens": summary.tokens,
-        "refactored": bool(options.get("refactor_glu")),
-        "include_bos": bool(options.get("include_bos")),
+        "refactored": meta.options.refactor_glu,
+        "include_bos": meta.options.include_bos,
         "links": links,
         "cases": cases,
         "data": {
@@ -271,7 +279,7 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
     return strings
 
 
-def _examples(summary: NeuronSummary):
+def _examples(summary: NeuronSummary) -> Iterator[Example]:
     for lists in summary.top.values():
         for examples in lists.values():
             yield from examples
@@ -289,15 +297,6 @@ def _links(atlas: Atlas, model: str, layer: int, neuron: int, existing) -> dict[
         "prev_layer": link(layer - 1, neuron),
         "next_layer": link(layer + 1, neuron),
     }
-
-
-def _source_ids(corpus, texts: Sequence[int]) -> dict[int, str]:
-    from gatescope.constants import SOURCE_ID
-
-    if SOURCE_ID not in corpus.dataset.column_names or not texts:
-        return {}
-    column = corpus.dataset.select_columns([SOURCE_ID])[list(texts)][SOURCE_ID]
-    return {t: str(s) for t, s in zip(texts, column, strict=True)}
 
 
 def _read_site(out: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ An atlas keeps, per neuron, only each text's strongest token. A page colors ever
 the top texts, so their activations are computed again, here: one batched forward over the
 texts that stops right after the neurons' layer (the later layers and the unembedding
 never run), with the same quantities as the scan (``g``, ``u``, ``act(g)``, ``act(g) * u``
-in the statistics' dtype).
+in the statistics' dtype, :mod:`gatescope.stats.quantities`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gatescope.corpus import TokenizedCorpus
 from gatescope.errors import GatescopeError
 from gatescope.loading import LoadedModel
+from gatescope.stats.quantities import gated_quantities, stats_dtype
 
 __all__ = ["TextActivations", "recompute"]
 
@@ -37,7 +39,7 @@ class _Stop(Exception):
 
 def recompute(
     loaded: LoadedModel,
-    corpus,
+    corpus: TokenizedCorpus,
     layer: int,
     neurons: Sequence[int],
     texts: Sequence[int],
@@ -49,7 +51,7 @@ def recompute(
 
     Args:
         loaded: The model the atlas was scanned with.
-        corpus: The atlas's corpus (a :class:`~gatescope.scanner.TokenizedCorpus`).
+        corpus: The atlas's corpus.
         layer: The neurons' layer.
         neurons: Neuron indices in that layer.
         texts: Corpus indices of the texts (duplicates are computed once).
@@ -72,20 +74,15 @@ def recompute(
             f"neuron {bad[0]} is out of range: layer {layer} has neurons 0-{mlp.d_mlp - 1}."
         )
     wanted = sorted(set(texts))
-    if wanted and not 0 <= wanted[0] <= wanted[-1] < len(corpus.lengths):
-        raise GatescopeError(
-            f"text {wanted[-1]} is not in the corpus ({len(corpus.lengths)} texts): the atlas "
-            "was scanned on another corpus."
-        )
-    stats_dtype = torch.float64 if loaded.dtype == torch.float64 else torch.float32
+    corpus.check_texts(wanted)
+    dtype = stats_dtype(loaded.dtype)
     index = torch.as_tensor(list(neurons), device=loaded.device)
     captured: list[torch.Tensor] = []
 
     def keep(gate: torch.Tensor, up: torch.Tensor) -> None:
-        g = gate[..., index].to(stats_dtype)  # [batch, pos, neuron]
-        u = up[..., index].to(stats_dtype)
-        a = mlp.act_fn(g)
-        captured.append(torch.stack([g, u, a, a * u], dim=1))  # [batch, quantity, pos, neuron]
+        g = gate[..., index].to(dtype)  # [batch, pos, neuron]
+        u = up[..., index].to(dtype)
+        captured.append(gated_quantities(g, u, mlp.act_fn))  # [quantity, batch, pos, neuron]
         raise _Stop
 
     # Longest first, as the scan batches them: little padding.
@@ -101,7 +98,7 @@ def recompute(
                 loaded.model.base_model(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 )
-            values = captured[0].permute(0, 3, 1, 2).cpu().numpy()  # [batch, neuron, q, pos]
+            values = captured[0].permute(1, 3, 0, 2).cpu().numpy()  # [batch, neuron, q, pos]
             for row, text in enumerate(batch.tolist()):
                 length = int(attention_mask[row].sum())
                 result[text] = TextActivations(

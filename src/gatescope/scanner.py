@@ -2,87 +2,72 @@
 
 Texts are batched by length (longest first, so memory problems show at once and little
 padding is wasted), every layer's gate/up outputs are captured by hooks on the Hugging Face
-modules and reduced on the model's device; nothing per token ever goes to the host. The
-scan checkpoints into its output folder every few minutes and at Ctrl-C, and ``resume``
-continues from the last checkpoint with exactly the result of an uninterrupted run.
+modules and reduced on the model's device; nothing per token ever goes to the host.
+
+A scan into a folder is preemption-safe: it checkpoints every few minutes, and on Ctrl-C or
+SIGTERM (what SLURM, Kubernetes and torchrun send) it finishes the batch, checkpoints and
+stops with a sentence saying how to resume. ``resume`` continues from the last checkpoint
+with exactly the result of an uninterrupted run, after checking that the request is the
+same scan (:class:`~gatescope.records.RunIdentity`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import os
-import shutil
 import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from gatescope import distributed
+from gatescope import __version__, distributed
 from gatescope.atlas import Atlas
-from gatescope.constants import ATLAS_JSON, CHECKPOINT_DIR, DEFAULT_K, INPUT_IDS
+from gatescope.constants import ATLAS_JSON, CHECKPOINT_DIR
+from gatescope.corpus import TokenizedCorpus
 from gatescope.errors import GatescopeError
+from gatescope.files import ATLAS, Found, claim_output, remove_path, write_atomic
+from gatescope.options import ScanOptions
+from gatescope.progress import progress_bar
+from gatescope.records import AtlasMeta, AtlasOptions, ModelRecord, RunIdentity, ShardSet
 from gatescope.shards import Shard
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel
 
+    from gatescope.arch import GatedMLP
+    from gatescope.loading import LoadedModel, ModelSpec
     from gatescope.stats import NeuronStats
+
+__all__ = ["CHECKPOINT_FILE", "Checkpoint", "ScanOptions", "scan"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.safetensors"
-
-
-@dataclass(frozen=True)
-class ScanOptions:
-    """How a scan runs. Every field is recorded in the atlas."""
-
-    batch_size: int = 16  # texts per forward pass
-    k: int = DEFAULT_K  # length of each ranked list
-    dtype: str = "auto"  # model dtype: auto (checkpoint's on GPU, float32 on CPU) or a name
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    device_map: str | None = None  # accelerate's "auto" etc.: layers spread over devices
-    include_bos: bool = False  # count position 0 (GLUScope does; it floods top-k with ties)
-    refactor_glu: bool = False  # flip neurons with cos(w_gate, w_in) < 0 first (DESIGN.md)
-    checkpoint_every: float = 300.0  # seconds between checkpoints when scanning into a folder
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise GatescopeError(f"--batch-size must be at least 1, not {self.batch_size}.")
-        if self.k < 1:
-            raise GatescopeError(f"--k must be at least 1, not {self.k}.")
-        if self.checkpoint_every < 0:
-            raise GatescopeError("--checkpoint-every must not be negative.")
-
-    def identity(self) -> dict[str, Any]:
-        """The options that determine the result: a resumed scan must share them."""
-        options = asdict(self)
-        del options["device"], options["device_map"], options["checkpoint_every"]
-        return options
+_CHECKPOINT_FORMAT = "gatescope-checkpoint-2"
 
 
 def scan(
     model: str | Path | PreTrainedModel,
     corpus: str | Path | datasets.Dataset,
+    options: ScanOptions | None = None,
     *,
     out: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     shard: Shard | str | None = None,
-    **options: Any,
+    **changes: Any,
 ) -> Atlas:
     """Scans ``corpus`` with ``model`` and returns the atlas of all its gated-MLP neurons.
 
@@ -91,147 +76,275 @@ def scan(
             (used on its own device and dtype; ``refactor_glu`` is undone afterwards).
         corpus: A folder written by ``gatescope corpus`` or any ``datasets.Dataset`` with an
             ``input_ids`` column (BOS first).
+        options: How to scan (:class:`~gatescope.options.ScanOptions`); default options if
+            None.
         out: Folder to write the atlas into, with checkpoints while scanning. Without it
             nothing is written and the atlas stays in memory.
-        resume: Continue the unfinished scan in ``out``.
-        overwrite: Replace whatever ``out`` holds.
+        resume: Continue the unfinished scan in ``out``, or return the finished atlas there
+            if it is of the same scan (model, revision, dtype, corpus, k, include_bos,
+            refactor_glu); any other is refused, naming the first difference.
+        overwrite: Replace the atlas or unfinished scan in ``out``.
         progress: Show a progress bar.
         shard: Scan only part ``i/N`` of the corpus (``Shard`` or ``"i/N"``); the atlas is a
             part, for :func:`gatescope.merge.merge_atlases`. Under torchrun (a process group
             of several ranks) every rank scans its own part and the ranks merge at the end.
-        **options: Fields of :class:`ScanOptions` (batch_size, k, dtype, device, include_bos,
-            refactor_glu, checkpoint_every).
+        **changes: Options by name, changing ``options`` (``batch_size=8``); an unknown
+            name is refused.
+
+    Raises:
+        GatescopeError: A mistake in the input, or the scan was stopped (Ctrl-C, SIGTERM);
+            the message says how to continue.
     """
-    opts = ScanOptions(**options)
-    shard = Shard.parse(shard) if isinstance(shard, str) else shard
-    out = Path(out) if out is not None else None
+    opts = ScanOptions.of(options, **changes)
+    part = Shard.parse(shard) if isinstance(shard, str) else shard
+    folder = Path(out) if out is not None else None
     with distributed.process_group() as ranks:
-        return _scan(model, corpus, opts, shard, ranks, out, resume, overwrite, progress)
+        return _scan(model, corpus, opts, part, ranks, folder, resume, overwrite, progress)
 
 
 def _scan(
-    model, corpus, opts: ScanOptions, shard: Shard | None, ranks: distributed.Ranks | None,
-    out: Path | None, resume: bool, overwrite: bool, progress: bool,
+    model: str | Path | PreTrainedModel, corpus: str | Path | datasets.Dataset,
+    opts: ScanOptions, shard: Shard | None, ranks: distributed.Ranks | None, out: Path | None,
+    resume: bool, overwrite: bool, progress: bool,
 ) -> Atlas:  # fmt: skip
     """The scan, as this process's part of it (the whole of it when ``ranks`` is None)."""
-    from gatescope.arch import find_gated_mlps, refactored_glu
-    from gatescope.loading import load_model
-    from gatescope.stats import NeuronStats, Workspace
+    from gatescope.loading import resolve_model
 
-    if ranks is not None:
-        if shard is not None:
-            raise GatescopeError("--shard and torchrun do not mix: under torchrun each rank "
-                                 "scans its own part.")  # fmt: skip
-        if opts.device_map is not None:
-            raise GatescopeError("--device-map and torchrun do not mix: under torchrun each "
-                                 "rank holds a whole model on its own GPU.")  # fmt: skip
-        shard = Shard(ranks.rank, ranks.world)
+    shard = _own_shard(shard, ranks, opts)
+    texts = TokenizedCorpus.open(corpus)
+    own_texts = _shard_texts(texts, shard)
+    spec = resolve_model(model, dtype=opts.dtype, device=_device(opts, ranks),
+                         device_map=opts.device_map)  # fmt: skip
+    identity = _identity(spec, texts, opts)
     if out is not None:
         # One rank looks at the folder (and clears it with overwrite), then all go on.
-        prepare = functools.partial(_prepare_output, out, resume=resume, overwrite=overwrite)
-        if distributed.on_rank_zero(ranks, prepare):
+        claim = functools.partial(_claim_folder, out, identity, _shards(shard, ranks),
+                                  resume=resume, overwrite=overwrite)  # fmt: skip
+        if distributed.on_rank_zero(ranks, claim):
             return Atlas.load(out)
-    texts = TokenizedCorpus.open(corpus)
-    device = opts.device
-    if ranks is not None and device in ("auto", "cuda"):
-        device = str(ranks.device)  # each rank its own GPU: cuda:LOCAL_RANK
-    loaded = load_model(model, dtype=opts.dtype, device=device, device_map=opts.device_map)
+
+    loaded = spec.load()
+    mlps, layers = _prepare_layers(loaded, texts, opts)
+    checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity, shard) if out is not None else None
+    order = texts.scan_order(own_texts)
+    done = checkpoint.restore(layers) if (checkpoint and resume) else 0
+
+    started = time.perf_counter()
+    with distributed.RankWatch(ranks) as watch:
+        flipped = _feed(loaded, mlps, layers, texts, order, done, opts, checkpoint, watch,
+                        progress=progress and not (ranks and ranks.rank), out=out)  # fmt: skip
+        if ranks is not None:
+            if checkpoint is not None:
+                checkpoint.save(layers, len(order))  # every rank's part is safe before waiting
+            watch.wait_for_all()
+            layers = distributed.gather_merged(ranks, layers)
+    meta = _describe(loaded, mlps, layers, texts, opts, _shards(shard, ranks), flipped,
+                     seconds=time.perf_counter() - started)  # fmt: skip
+    atlas = Atlas.from_stats(layers, meta)
+    return _publish(atlas, out, ranks)
+
+
+# ------------------------------------------------------------------------------ the steps
+
+
+def _own_shard(
+    shard: Shard | None, ranks: distributed.Ranks | None, opts: ScanOptions
+) -> Shard | None:
+    """The part of the corpus this process scans: the one asked for, or its rank's."""
+    if ranks is None:
+        return shard
+    if shard is not None:
+        raise GatescopeError("--shard and torchrun do not mix: under torchrun each rank "
+                             "scans its own part.")  # fmt: skip
+    if opts.device_map is not None:
+        raise GatescopeError("--device-map and torchrun do not mix: under torchrun each "
+                             "rank holds a whole model on its own GPU.")  # fmt: skip
+    return Shard(ranks.rank, ranks.world)
+
+
+def _shard_texts(texts: TokenizedCorpus, shard: Shard | None) -> np.ndarray | None:
+    """The indices of the shard's texts (None: all of them)."""
+    if shard is None:
+        return None
+    own = shard.texts(texts.lengths)
+    if len(own) == 0:
+        raise GatescopeError(f"shard {shard} has no texts: the corpus has only "
+                             f"{len(texts.lengths)}; use fewer shards.")  # fmt: skip
+    return own
+
+
+def _shards(shard: Shard | None, ranks: distributed.Ranks | None) -> ShardSet | None:
+    """What the atlas records of its part: ranks merge into a whole, a --shard stays one."""
+    if shard is None or ranks is not None:
+        return None
+    return ShardSet(shard.count, (shard.index,))
+
+
+def _device(opts: ScanOptions, ranks: distributed.Ranks | None) -> str:
+    if ranks is not None and opts.device in ("auto", "cuda"):
+        return str(ranks.device)  # each rank its own GPU: cuda:LOCAL_RANK
+    return opts.device
+
+
+def _identity(spec: ModelSpec, texts: TokenizedCorpus, opts: ScanOptions) -> RunIdentity:
+    from gatescope.loading import dtype_name
+
+    return RunIdentity(
+        model=spec.name,
+        revision=spec.revision,
+        dtype=dtype_name(spec.dtype),
+        corpus=texts.fingerprint,
+        k=opts.k,
+        include_bos=opts.include_bos,
+        refactor_glu=opts.refactor_glu,
+    )
+
+
+def _claim_folder(
+    out: Path, identity: RunIdentity, shards: ShardSet | None, *, resume: bool, overwrite: bool
+) -> bool:
+    """Checks what ``out`` holds; True if ``resume`` finds this very scan finished there."""
+    found = claim_output(out, ATLAS, overwrite=overwrite, resume=resume)
+    if found is Found.FINISHED:
+        meta = Atlas.load(out).meta
+        difference = meta.identity().first_difference(identity)
+        if difference is None and meta.shards != shards:
+            difference = ("part of the corpus", str(meta.shards), str(shards))
+        if difference is not None:
+            what, there, asked = difference
+            raise GatescopeError(
+                f"{out} already holds the atlas of another scan: its {what} is {there}, not "
+                f"{asked}; pass --overwrite to replace it."
+            )
+        logger.info("%s already holds the finished atlas", out)
+        return True
+    if overwrite:
+        (out / ATLAS_JSON).unlink(missing_ok=True)
+        remove_path(out / CHECKPOINT_DIR)
+    return False
+
+
+def _prepare_layers(
+    loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions
+) -> tuple[list[GatedMLP], list[NeuronStats]]:
+    """The model's gated MLPs and a fresh accumulator for each, on its layer's device."""
+    from gatescope.arch import find_gated_mlps
+    from gatescope.stats import NeuronStats, Workspace, stats_dtype
+
     mlps = find_gated_mlps(loaded.model)
-    texts.check_fits(loaded.model)
+    config = loaded.model.config
+    vocab = loaded.model.get_input_embeddings().num_embeddings
+    texts.check_fits(int(vocab), getattr(config, "max_position_embeddings", None))
     d_mlps = {mlp.d_mlp for mlp in mlps}
     if len(d_mlps) != 1:
         raise GatescopeError(f"the model's layers have different MLP sizes {sorted(d_mlps)}.")
-
-    stats_dtype = torch.float64 if loaded.dtype == torch.float64 else torch.float32
-    workspaces = defaultdict(Workspace)  # one per device: layers take turns
+    dtype = stats_dtype(loaded.dtype)
+    workspaces: dict[torch.device, Workspace] = defaultdict(Workspace)  # layers take turns
     layers = []
     for mlp in mlps:
         device = _execution_device(mlp)
-        layers.append(
-            NeuronStats(
-                mlp.d_mlp,
-                mlp.act_fn,
-                k=opts.k,
-                device=device,
-                dtype=stats_dtype,
-                workspace=workspaces[device],
-            )
-        )
-    identity = {
-        "model": loaded.name,
-        "revision": loaded.revision,
-        "corpus": texts.fingerprint,
-        "options": opts.identity(),
-        "shard": str(shard) if shard else None,
-    }
-    checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity, shard) if out is not None else None
-    own_texts = shard.texts(texts.lengths) if shard else None
-    if own_texts is not None and len(own_texts) == 0:
-        raise GatescopeError(f"shard {shard} has no texts: the corpus has only "
-                             f"{len(texts.lengths)}; use fewer shards.")  # fmt: skip
-    batches = texts.batches(opts.batch_size, own_texts)
-    start = checkpoint.restore(layers) if (checkpoint and resume) else 0
+        layers.append(NeuronStats(mlp.d_mlp, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
+                                  workspace=workspaces[device]))  # fmt: skip
+    return mlps, layers
 
-    started = time.perf_counter()
+
+def _feed(
+    loaded: LoadedModel, mlps: list[GatedMLP], layers: list[NeuronStats],
+    texts: TokenizedCorpus, order: np.ndarray, done: int, opts: ScanOptions,
+    checkpoint: Checkpoint | None, watch: distributed.RankWatch, *, progress: bool,
+    out: Path | None,
+) -> int:  # fmt: skip
+    """Runs the model over ``order[done:]`` in batches, the statistics hooked on; saves a
+    checkpoint when due and stops cleanly when asked to. Returns the neurons that
+    ``refactor_glu`` flipped."""
+    from gatescope.arch import refactored_glu
+
     refactor = refactored_glu(mlps) if opts.refactor_glu else contextlib.nullcontext(0)
-    with refactor as flipped, _capture(mlps, layers) as feed, _StopOnInterrupt() as interrupt:
-        bar = _progress(texts, batches, start, enabled=progress and not (ranks and ranks.rank))
+    lengths = texts.lengths[order]
+    bar = progress_bar(total=int(lengths.sum()), initial=int(lengths[:done].sum()), desc="scan",
+                       unit="tok", enabled=progress)  # fmt: skip
+    with bar, refactor as flipped, _capture(mlps, layers) as feed, _StopOnSignal() as stop:
         last_save = time.monotonic()
-        for done in range(start, len(batches)):
-            indices = batches[done]
+        while done < len(order):
+            indices = order[done : done + opts.batch_size]
             input_ids, attention_mask = texts.batch(indices, device=loaded.device)
             feed.set(torch.as_tensor(indices), _counted(attention_mask, opts.include_bos))
             loaded.model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             )
-            bar.update(int(attention_mask.sum()))
-            if done + 1 == len(batches):
+            done += len(indices)
+            bar.update(int(lengths[done - len(indices) : done].sum()))
+            failure = watch.failure()
+            if done == len(order) and failure is None:
                 break
-            if checkpoint and (
-                interrupt.requested or time.monotonic() - last_save >= opts.checkpoint_every
-            ):
-                checkpoint.save(layers, done + 1)
+            due = time.monotonic() - last_save >= opts.checkpoint_every
+            if checkpoint is not None and (stop.requested or failure or due):
+                checkpoint.save(layers, done)
                 last_save = time.monotonic()
-            if interrupt.requested:
-                bar.close()
-                saved = f"; {done + 1} of {len(batches)} batches are saved" if out else ""
+            if failure is not None:
+                raise distributed.RankFailed(
+                    f"another rank failed ({failure}); this rank stopped too"
+                    + (f" and saved its part: continue with --out {out} --resume." if out else ".")
+                )
+            if stop.requested:
+                saved = f"; {done:,} of {len(order):,} texts are saved" if checkpoint else ""
                 hint = f" (continue with --out {out} --resume)" if out else ""
-                raise GatescopeError(f"the scan was interrupted{saved}{hint}.")
-        bar.close()
-    if ranks is not None:
-        layers = distributed.gather_merged(ranks, layers)
+                raise GatescopeError(f"the scan was interrupted ({stop.requested}){saved}{hint}.")
+    return int(flipped)
 
-    meta = {
-        "model": {
-            "name": loaded.name,
-            "revision": loaded.revision,
-            "class": type(loaded.model).__name__,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "act": type(mlps[0].act_fn).__name__,
-        },
-        "corpus": texts.describe(),
-        "options": {**opts.identity(), "refactored_neurons": int(flipped)},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "scan_seconds": round(time.perf_counter() - started, 3),
-    }
-    if shard is not None and ranks is None:
-        meta["shards"] = {"count": shard.count, "parts": [shard.index]}
-    atlas = Atlas.from_stats(layers, meta)
-    if atlas.tokens == 0:
+
+def _describe(
+    loaded: LoadedModel, mlps: list[GatedMLP], layers: list[NeuronStats],
+    texts: TokenizedCorpus, opts: ScanOptions, shards: ShardSet | None, flipped: int,
+    *, seconds: float,
+) -> AtlasMeta:  # fmt: skip
+    """The atlas.json of the scan."""
+    from gatescope.loading import dtype_name
+
+    tokens = int(layers[0].tokens)
+    if tokens == 0:
         raise GatescopeError(
             "the corpus has no tokens to count: every text is only its BOS token "
             "(use longer texts or --include-bos)."
         )
-    if out is not None:
-        if ranks is None or ranks.rank == 0:
-            atlas.save(out, overwrite=True)
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        distributed.barrier(ranks)
-        atlas = Atlas.load(out)
-    return atlas
+    return AtlasMeta(
+        layers=len(layers),
+        d_mlp=layers[0].d_mlp,
+        k=opts.k,
+        tokens=tokens,
+        model=ModelRecord(
+            name=loaded.name,
+            revision=loaded.revision,
+            class_name=type(loaded.model).__name__,
+            dtype=dtype_name(loaded.dtype),
+            act=type(mlps[0].act_fn).__name__,
+        ),
+        corpus=texts.reference(),
+        options=AtlasOptions(
+            include_bos=opts.include_bos,
+            refactor_glu=opts.refactor_glu,
+            batch_size=opts.batch_size,
+            refactored_neurons=flipped,
+        ),
+        shards=shards,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        scan_seconds=round(seconds, 3),
+        gatescope_version=__version__,
+    )
 
 
-def _execution_device(mlp) -> torch.device:
+def _publish(atlas: Atlas, out: Path | None, ranks: distributed.Ranks | None) -> Atlas:
+    """Writes the atlas into ``out`` (rank 0 alone) and drops the checkpoint."""
+    if out is None:
+        return atlas
+    if ranks is None or ranks.rank == 0:
+        atlas.save(out, overwrite=True)
+        remove_path(out / CHECKPOINT_DIR)
+    distributed.barrier(ranks)
+    return Atlas.load(out)
+
+
+def _execution_device(mlp: GatedMLP) -> torch.device:
     """Where a layer's statistics live: on its weights' device. A layer that accelerate
     offloads to disk has its weights on "meta" until it runs; it computes on the first GPU."""
     device = mlp.down_proj.weight.device
@@ -248,152 +361,35 @@ def _counted(attention_mask: torch.Tensor, include_bos: bool) -> torch.Tensor:
     return counted
 
 
-def _prepare_output(out: Path, *, resume: bool, overwrite: bool) -> bool:
-    """Checks what ``out`` holds; True if ``resume`` finds the scan finished."""
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise GatescopeError(f"{out} exists and is not a folder.")
-    if overwrite:
-        (out / ATLAS_JSON).unlink(missing_ok=True)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        return False
-    if (out / ATLAS_JSON).exists():
-        if resume:
-            logger.info("%s already holds the finished atlas", out)
-            return True
-        raise GatescopeError(f"{out} already holds an atlas: pass --overwrite to replace it.")
-    if (out / CHECKPOINT_DIR).exists():
-        if resume:
-            return False
-        raise GatescopeError(
-            f"{out} holds an unfinished scan: pass --resume to continue it or --overwrite "
-            "to start over."
-        )
-    if any(out.iterdir()):
-        raise GatescopeError(
-            f"{out} exists and is not empty: choose a new folder or pass --overwrite."
-        )
-    return False
-
-
-class TokenizedCorpus:
-    """The texts of a corpus, their lengths, and padded batches of them."""
-
-    def __init__(self, dataset: datasets.Dataset, path: Path | None):
-        self.dataset = dataset
-        self.path = path
-        column = dataset.data.column(INPUT_IDS)  # memory-mapped Arrow, no Python lists
-        self.lengths = np.concatenate(
-            [np.diff(chunk.offsets.to_numpy()) for chunk in column.chunks] or [np.zeros(0, int)]
-        ).astype(np.int64)
-        self.max_id = _max_token_id(column)
-        if len(self.lengths) == 0 or self.lengths.sum() == 0:
-            raise GatescopeError("the corpus is empty: it has no tokenized texts.")
-        self._fingerprint: str | None = None
-
-    @classmethod
-    def open(cls, corpus: str | Path | datasets.Dataset) -> TokenizedCorpus:
-        import datasets
-
-        from gatescope.corpus import load_corpus
-
-        if isinstance(corpus, datasets.Dataset):
-            if INPUT_IDS not in corpus.column_names:
-                raise GatescopeError(f"the dataset has no '{INPUT_IDS}' column.")
-            if corpus._indices is not None:  # a select()/shuffle() view: materialize its rows
-                corpus = corpus.flatten_indices(keep_in_memory=True)
-            return cls(corpus, None)
-        return cls(load_corpus(corpus), Path(corpus))
-
-    @property
-    def fingerprint(self) -> str:
-        from gatescope.corpus import fingerprint
-
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.dataset)
-        return self._fingerprint
-
-    def describe(self) -> dict[str, Any]:
-        from gatescope.corpus import corpus_metadata
-
-        return {
-            "path": str(self.path.resolve()) if self.path else None,
-            "fingerprint": self.fingerprint,
-            "texts": len(self.lengths),
-            "tokens": int(self.lengths.sum()),
-            "metadata": corpus_metadata(self.path) if self.path else {},
-        }
-
-    def check_fits(self, model: PreTrainedModel) -> None:
-        """Refuses token ids outside the model's vocabulary and texts beyond its context."""
-        vocab = model.get_input_embeddings().num_embeddings
-        if self.max_id >= vocab:
-            raise GatescopeError(
-                f"the corpus has token id {self.max_id} but the model's vocabulary has {vocab} "
-                "tokens: build the corpus with this model's tokenizer."
-            )
-        context = getattr(model.config, "max_position_embeddings", None)
-        longest = int(self.lengths.max())
-        if context is not None and longest > context:
-            raise GatescopeError(
-                f"the corpus has a text of {longest} tokens but the model's context is "
-                f"{context}: rebuild the corpus with --max-length {context} or less."
-            )
-
-    def batches(self, batch_size: int, texts: np.ndarray | None = None) -> list[np.ndarray]:
-        """Text indices per batch: longest texts first, a stable order (resume relies on it).
-
-        ``texts``: only these texts (a shard's); all by default.
-        """
-        texts = np.arange(len(self.lengths)) if texts is None else texts
-        order = texts[np.argsort(-self.lengths[texts], kind="stable")]
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-    def batch(self, indices: np.ndarray, device: torch.device):
-        """Right-padded ``input_ids`` and ``attention_mask`` [batch, longest] of some texts."""
-        rows = self.dataset[indices.tolist()][INPUT_IDS]
-        longest = max(len(row) for row in rows)
-        input_ids = torch.zeros(len(rows), longest, dtype=torch.int64)
-        attention_mask = torch.zeros(len(rows), longest, dtype=torch.int64)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.as_tensor(row)
-            attention_mask[i, : len(row)] = 1
-        return input_ids.to(device), attention_mask.to(device)
-
-
-def _max_token_id(column) -> int:
-    import pyarrow.compute as pc
-
-    values = pc.list_flatten(column)
-    return int(pc.max(values).as_py() or 0) if len(values) else 0
+# ------------------------------------------------------------------------------ the hooks
 
 
 class _Feed:
     """Hands the current batch's text indices and counted-token mask to the hooks."""
 
     def __init__(self) -> None:
-        self.text_index: torch.Tensor | None = None
-        self.counted: torch.Tensor | None = None
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set(self, text_index: torch.Tensor, counted: torch.Tensor) -> None:
-        self.text_index, self.counted = text_index, counted
+        """text_index: [batch] int64; counted: [batch, pos] bool."""
+        self._batch = (text_index, counted)
         self._on_device = {}
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's tensors on ``device`` (copied once per batch and device)."""
+        assert self._batch is not None, "a forward ran before its batch was set"
         if device not in self._on_device:
-            self._on_device[device] = (self.text_index.to(device), self.counted.to(device))
+            self._on_device[device] = (self._batch[0].to(device), self._batch[1].to(device))
         return self._on_device[device]
 
 
 @contextlib.contextmanager
-def _capture(mlps, layers: list[NeuronStats]) -> Iterator[_Feed]:
+def _capture(mlps: Sequence[GatedMLP], layers: Sequence[NeuronStats]) -> Iterator[_Feed]:
     """Hooks every gated MLP so that each forward updates its layer's statistics."""
     feed = _Feed()
 
-    def updater(stats: NeuronStats):
+    def updater(stats: NeuronStats) -> Callable[[torch.Tensor, torch.Tensor], None]:
         def update(gate: torch.Tensor, up: torch.Tensor) -> None:
             text_index, counted = feed.on(stats.device)
             # A no-op, except for layers accelerate offloads (they run elsewhere).
@@ -411,22 +407,33 @@ def _capture(mlps, layers: list[NeuronStats]) -> Iterator[_Feed]:
             handle.remove()
 
 
+# ------------------------------------------------------------------------------ stopping
+
+
+@dataclass
 class Checkpoint:
-    """A scan's saved progress: every layer's state after a number of whole batches.
+    """A scan's saved progress: every layer's state after the first ``texts_done`` texts of
+    the scan order (longest first), whatever the batch size.
 
     One safetensors file, written to a temporary name and renamed, so a kill at any moment
-    leaves either the previous checkpoint or the new one.
+    leaves either the previous checkpoint or the new one. Ranks of one torchrun scan share
+    the folder: one file each.
     """
 
-    def __init__(self, folder: Path, identity: dict[str, Any], shard: Shard | None = None):
-        self.folder = folder
-        self.identity = identity
-        # Ranks of one torchrun scan share the folder: one file each.
-        self.file = (
-            f"shard-{shard.index}-of-{shard.count}.safetensors" if shard else CHECKPOINT_FILE
-        )
+    folder: Path
+    identity: RunIdentity
+    shard: Shard | None = None
 
-    def save(self, layers: list[NeuronStats], batches_done: int) -> None:
+    @property
+    def file(self) -> Path:
+        name = CHECKPOINT_FILE if self.shard is None else (
+            f"shard-{self.shard.index}-of-{self.shard.count}.safetensors"
+        )  # fmt: skip
+        return self.folder / name
+
+    def save(self, layers: Sequence[NeuronStats], texts_done: int) -> None:
+        import json
+
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -435,69 +442,70 @@ class Checkpoint:
             for i, stats in enumerate(layers)
             for name, tensor in stats.state_dict().items()
         }
-        metadata = {"batches_done": str(batches_done), "identity": json.dumps(self.identity)}
-        tmp = self.folder / (self.file + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, self.folder / self.file)
-        logger.info("checkpoint: %d batches done", batches_done)
+        metadata = {
+            "format": _CHECKPOINT_FORMAT,
+            "texts_done": str(texts_done),
+            "identity": json.dumps(self.identity.to_dict()),
+        }
+        write_atomic(self.file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        logger.info("checkpoint: %d texts done", texts_done)
 
-    def restore(self, layers: list[NeuronStats]) -> int:
-        """Loads the saved state into ``layers``; returns the number of batches done."""
+    def restore(self, layers: Sequence[NeuronStats]) -> int:
+        """Loads the saved state into ``layers``; returns the number of texts done."""
+        import json
+
         from safetensors import safe_open
 
-        path = self.folder / self.file
-        if not path.exists():
+        if not self.file.exists():
             return 0
-        with safe_open(str(path), framework="pt") as saved:
-            metadata = saved.metadata()
-            if json.loads(metadata["identity"]) != self.identity:
+        where = self.folder.parent
+        with safe_open(str(self.file), framework="pt") as saved:
+            metadata = saved.metadata() or {}
+            if metadata.get("format") != _CHECKPOINT_FORMAT:
                 raise GatescopeError(
-                    f"the unfinished scan in {self.folder.parent} used another model, corpus or "
-                    "options: resume it with the same ones, or pass --overwrite to start over."
+                    f"the unfinished scan in {where} was saved by an older gatescope: pass "
+                    "--overwrite to start over."
+                )
+            recorded = RunIdentity.from_dict(json.loads(metadata["identity"]))
+            difference = recorded.first_difference(self.identity)
+            if difference is not None:
+                what, there, asked = difference
+                raise GatescopeError(
+                    f"the unfinished scan in {where} has another {what} ({there}, not {asked}): "
+                    "resume it with the same ones, or pass --overwrite to start over."
                 )
             for i, stats in enumerate(layers):
                 names = stats.state_dict().keys()
                 stats.load_state_dict({name: saved.get_tensor(f"{i}.{name}") for name in names})
-            return int(metadata["batches_done"])
+            return int(metadata["texts_done"])
 
 
-class _StopOnInterrupt:
-    """Turns the first Ctrl-C into a request to stop at the next batch boundary.
+class _StopOnSignal:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop at the next batch
+    boundary; ``requested`` names the signal.
 
     The statistics are only consistent between batches, so that is where the scan saves its
-    checkpoint and stops. A second Ctrl-C interrupts at once.
+    checkpoint and stops. A second signal interrupts at once.
     """
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signals go to it only
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
         return self
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, number: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        logger.warning("stopping after this batch (Ctrl-C again to stop at once)")
+        self.requested = signal.Signals(number).name
+        logger.warning("%s: stopping after this batch (again to stop at once)", self.requested)
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _progress(texts: TokenizedCorpus, batches: list[np.ndarray], start: int, *, enabled: bool):
-    from tqdm.auto import tqdm
-
-    done = int(sum(texts.lengths[b].sum() for b in batches[:start]))
-    return tqdm(
-        total=int(sum(texts.lengths[b].sum() for b in batches)),
-        initial=done,
-        unit="tok",
-        unit_scale=True,
-        desc="scan",
-        disable=not enabled,
-        dynamic_ncols=True,
-    )
+    def __exit__(self, *exc_info: object) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)

@@ -8,18 +8,16 @@ strongest `hook_post`.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from gatescope import __version__
 from gatescope.atlas import Atlas
-from gatescope.constants import QUANTITIES
 from gatescope.demo import model_path
 from gatescope.demo.stdlib import line_chunks, stdlib_texts
 from gatescope.errors import GatescopeError
+from gatescope.files import DEMO, claim_output, remove_path, write_json_atomic
+from gatescope.progress import library_bars_off
 
 __all__ = ["DEMO_TOKENS", "Demo", "DemoPage", "held_out_chunks", "pick_neurons", "run_demo"]
 
@@ -31,7 +29,7 @@ CONTEXT = 256
 # Chunks of whole lines of at most this many characters: about 230 tokens of the demo
 # tokenizer (3.4 characters a token on the standard library), so few are cut short.
 CHUNK_CHARS = 780
-MARKER = "demo.json"
+MARKER = DEMO.markers[0]
 
 
 @dataclass
@@ -68,15 +66,13 @@ def pick_neurons(atlas: Atlas) -> list[tuple[int, int, str]]:
     strongest ``hook_post`` (another one when both are the same): (layer, neuron, why)."""
     from gatescope.pages import top_neurons
 
-    post = QUANTITIES.index("hook_post")
     picked: list[tuple[int, int, str]] = []
     for layer in range(atlas.num_layers):
         (negative,) = top_neurons(atlas, layer, 1, by="gate-_in-")
         freq = atlas.neuron(layer, negative).freq["gate-_in-"]
         picked.append((layer, negative, f"most frequent gate-_in- ({freq:.1%} of tokens)"))
         strong = next(n for n in top_neurons(atlas, layer, 2) if n != negative)
-        extremes = [atlas.tensor(name)[layer, :, post, strong] for name in ("max", "min")]
-        peak = max((abs(v) for t in extremes for v in t.tolist() if v == v), default=0.0)
+        peak = float(atlas.layer(layer).strongest("hook_post")[strong])
         picked.append((layer, strong, f"strongest hook_post (|{peak:.3g}|)"))
     return picked
 
@@ -85,7 +81,7 @@ def run_demo(out: str | Path, *, tokens: int = DEMO_TOKENS, progress: bool = Tru
     """Builds the corpus, scans it and writes the pages into ``out`` (a folder of its own:
     a rerun replaces an earlier demo there, any other non-empty folder is refused)."""
     out = _claim(Path(out), tokens)
-    with _only_our_progress_bars():
+    with library_bars_off():
         return _run(out, tokens, progress)
 
 
@@ -99,17 +95,13 @@ def _run(out: Path, tokens: int, progress: bool) -> Demo:
     if not chunks:
         raise GatescopeError("this Python has no held-out standard-library files to scan.")
     corpus = build_corpus(
-        chunks, model, max_length=CONTEXT, tokens=tokens, seed=0, progress=progress
-    )
-    save_corpus(
-        corpus,
-        out / "corpus",
-        metadata={"source": "held-out Python standard library", "tokenizer": str(model)},
-        overwrite=True,
-    )
+        chunks, model, max_length=CONTEXT, tokens=tokens, seed=0, progress=progress,
+        source_name="held-out Python standard library",
+    )  # fmt: skip
+    save_corpus(corpus, out / "corpus", overwrite=True)
     atlas = scan(model, out / "corpus", out=out / "atlas", overwrite=True, progress=progress)
     picked = pick_neurons(atlas)
-    shutil.rmtree(out / "site", ignore_errors=True)  # pages of an earlier demo's atlas
+    remove_path(out / "site")  # pages of an earlier demo's atlas
     paths = write_pages(
         PageSource.open(atlas), [(layer, n) for layer, n, _ in picked], out / "site",
         notes={(layer, n): why for layer, n, why in picked}, progress=progress,
@@ -118,33 +110,11 @@ def _run(out: Path, tokens: int, progress: bool) -> Demo:
     return Demo(out, atlas.tokens, pages)
 
 
-@contextlib.contextmanager
-def _only_our_progress_bars():
-    """One bar per step of the demo: the libraries' own bars (saving the corpus, loading
-    the weights) are off meanwhile."""
-    import datasets
-    from transformers.utils import logging as transformers_logging
-
-    datasets_were_on = not datasets.are_progress_bars_disabled()
-    transformers_were_on = transformers_logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if datasets_were_on:
-            datasets.enable_progress_bars()
-        if transformers_were_on:
-            transformers_logging.enable_progress_bar()
-
-
 def _claim(out: Path, tokens: int) -> Path:
-    """Makes ``out`` the demo's folder, refusing one that holds anything else."""
-    if out.exists() and not out.is_dir():
-        raise GatescopeError(f"{out} exists and is not a folder: choose another --out.")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise GatescopeError(f"{out} is not empty and holds no earlier demo: choose another --out.")
+    """Makes ``out`` the demo's folder: an earlier demo there is replaced, a folder holding
+    anything else refused."""
+    claim_output(out, DEMO, overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
     marker = {"format": "gatescope-demo", "gatescope": __version__, "tokens": tokens}
-    (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    write_json_atomic(out / MARKER, marker)
     return out

@@ -1,4 +1,4 @@
-"""Streaming GLUScope statistics of gated-MLP neurons: the math of DESIGN.md.
+"""Streaming GLUScope statistics of gated-MLP neurons: the math of docs/architecture.md.
 
 This package is the only place that computes statistics; everything else feeds it or
 reads its state. No Hugging Face imports: it takes a layer's ``g`` and ``u`` activations.
@@ -12,12 +12,14 @@ For each neuron and sign case ``c`` (``gate+_in+``, ``gate+_in-``, ``gate-_in+``
   ``k`` texts whose strongest token of case ``c`` has the largest ``|q|``, with the signed
   value, the text index and the token position. Ties go to the lower text index.
 
-Modules: ``accumulator`` (the state, the ranked lists, merging), ``torch_pass`` (a batch's
-counts, sums and per-text strongest tokens in torch operations, any device) and
-``cpu_pass`` (the same as one fused numba kernel, several times faster on a CPU).
+Modules: ``quantities`` (the four quantities and the statistics' dtype), ``accumulator``
+(the state, the ranked lists, merging), ``torch_pass`` (a batch's counts, sums and per-text
+strongest tokens in torch operations, any device) and ``cpu_pass`` (the same as one fused
+numba kernel, several times faster on a CPU).
 """
 
 from gatescope.stats.accumulator import NeuronStats
+from gatescope.stats.quantities import gated_quantities, stats_dtype
 from gatescope.stats.torch_pass import Workspace
 
-__all__ = ["NeuronStats", "Workspace"]
+__all__ = ["NeuronStats", "Workspace", "gated_quantities", "stats_dtype"]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from gatescope.constants import CASES, QUANTITIES, SIGNS
+from gatescope.stats.quantities import fill_quantities
 
 N_CASES = len(CASES)
 N_QUANTITIES = len(QUANTITIES)
@@ -123,11 +124,10 @@ class TorchPass:
         torch.mul(gate, valid.unsqueeze(-1), out=q[0, :, :length])
         q[1, :, :length].copy_(up)
         q[:2, :, length:].zero_()
-        q[2].copy_(self.act(q[0]))
-        torch.mul(q[2], q[1], out=q[3])
+        fill_quantities(q, self.act)
 
         # signs: [pos/neg, g/u, text, pos, neuron] as 0/1 floats. A zero g or u is neither
-        # positive nor negative, so it is in no case, as DESIGN.md requires. They live in
+        # positive nor negative, so it is in no case (docs/architecture.md). They live in
         # the buffer of `masked` (needed only later): a smaller workspace stays in cache.
         signs = masked.view(2, 2, *masked.shape[1:])
         torch.gt(q[:2], 0, out=signs[0])

@@ -1,0 +1,374 @@
+"""Typed records of what gatescope writes beside its results, and what makes two runs one.
+
+* :class:`CorpusMeta` is a corpus folder's ``gatescope_corpus.json``: how the corpus was
+  built (:class:`CorpusRecipe`) and what it holds.
+* :class:`AtlasMeta` is an atlas folder's ``atlas.json``: the model, the corpus, the
+  options, the shape and the provenance of the statistics.
+* :class:`RunIdentity` is the one rule for which of those must agree before a scan resumes
+  into an atlas folder, or atlases of parts of a corpus are merged.
+
+Records are frozen dataclasses, checked when made; ``to_dict``/``from_dict`` convert them to
+and from JSON, and ``from_dict`` also reads the files of earlier releases. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from gatescope.constants import CASES, QUANTITIES, TOP_LISTS
+from gatescope.errors import GatescopeError
+
+__all__ = [
+    "ATLAS_FORMAT",
+    "ATLAS_FORMAT_VERSION",
+    "AtlasMeta",
+    "AtlasOptions",
+    "CorpusMeta",
+    "CorpusRecipe",
+    "CorpusRef",
+    "ModelRecord",
+    "RunIdentity",
+    "ShardSet",
+]
+
+ATLAS_FORMAT = "gatescope-atlas"
+#: 1: the first release (untyped); 2: these records. Both load.
+ATLAS_FORMAT_VERSION = 2
+CORPUS_FORMAT_VERSION = 1
+
+R = TypeVar("R")
+
+
+def _known(cls: type[R], data: Mapping[str, Any], renames: Mapping[str, str] = {}) -> R:
+    """``cls`` from the entries of ``data`` that are its fields (JSON names renamed first);
+    entries of other releases are left aside."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {renames.get(key, key): value for key, value in data.items()}
+    return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise GatescopeError(message)
+
+
+# ------------------------------------------------------------------------------- corpus
+
+
+@dataclass(frozen=True)
+class CorpusRecipe:
+    """How a corpus was built from a text source (:func:`gatescope.build_corpus`)."""
+
+    source: str | None = None  # path or dataset name, as given
+    tokenizer: str | None = None  # name or path of the tokenizer
+    max_length: int | None = None  # most tokens per text, BOS included
+    tokens_budget: int | None = None  # token budget of the corpus (None: every text)
+    seed: int | None = None  # shuffle seed
+    text_column: str | None = None
+    split: str | None = None
+    separator: str | None = None  # between texts in a .txt file
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CorpusRecipe:
+        return _known(cls, data)
+
+
+@dataclass(frozen=True)
+class CorpusMeta:
+    """A corpus folder's ``gatescope_corpus.json``: its recipe and its content."""
+
+    num_texts: int
+    num_tokens: int
+    fingerprint: str  # sha256 of the token content (gatescope.corpus.fingerprint)
+    recipe: CorpusRecipe = field(default_factory=CorpusRecipe)
+    gatescope_version: str | None = None
+    format_version: int = CORPUS_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        _check(self.num_texts >= 0 and self.num_tokens >= 0, "a corpus cannot hold less than 0.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, as the first release wrote it: the recipe's fields beside the counts."""
+        return {
+            "format_version": self.format_version,
+            **self.recipe.to_dict(),
+            "num_texts": self.num_texts,
+            "num_tokens": self.num_tokens,
+            "fingerprint": self.fingerprint,
+            "gatescope_version": self.gatescope_version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CorpusMeta:
+        try:
+            return cls(
+                num_texts=int(data["num_texts"]),
+                num_tokens=int(data["num_tokens"]),
+                fingerprint=str(data["fingerprint"]),
+                recipe=CorpusRecipe.from_dict(data),
+                gatescope_version=data.get("gatescope_version"),
+                format_version=int(data.get("format_version", 1)),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise GatescopeError(f"the corpus description lacks or mangles {error}.") from error
+
+
+@dataclass(frozen=True)
+class CorpusRef:
+    """What an atlas records of its corpus."""
+
+    fingerprint: str | None = None  # None: unknown (an imported dataset)
+    path: str | None = None  # the corpus folder, absolute
+    texts: int | None = None
+    tokens: int | None = None  # every token, BOS included (the atlas counts fewer)
+    meta: CorpusMeta | None = None  # the folder's gatescope_corpus.json, if it had one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "fingerprint": self.fingerprint,
+            "texts": self.texts,
+            "tokens": self.tokens,
+            "metadata": self.meta.to_dict() if self.meta else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CorpusRef:
+        built = data.get("metadata")  # {} in the first release when there was none
+        return cls(
+            fingerprint=data.get("fingerprint"),
+            path=data.get("path"),
+            texts=data.get("texts"),
+            tokens=data.get("tokens"),
+            meta=CorpusMeta.from_dict(built) if built else None,
+        )
+
+
+# ------------------------------------------------------------------------------- atlas
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The model an atlas describes."""
+
+    name: str | None = None  # hub id or absolute local path (None: unknown)
+    revision: str | None = None  # the checkpoint's commit hash, where known
+    class_name: str | None = None  # e.g. LlamaForCausalLM
+    dtype: str | None = None  # the dtype it ran in, e.g. "bfloat16"
+    act: str | None = None  # its activation module, e.g. SiLUActivation
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["class"] = data.pop("class_name")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelRecord:
+        return _known(cls, data, renames={"class": "class_name"})
+
+
+@dataclass(frozen=True)
+class AtlasOptions:
+    """The scan options an atlas records (``k`` is part of the shape: :attr:`AtlasMeta.k`)."""
+
+    include_bos: bool = False  # position 0 counted (GLUScope counts it)
+    refactor_glu: bool = False  # neurons with cos(w_gate, w_in) < 0 flipped first
+    batch_size: int | None = None  # texts per forward (does not change the result)
+    refactored_neurons: int | None = None  # how many neurons refactor_glu flipped
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AtlasOptions:
+        return _known(cls, data)
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The parts of a corpus (``--shard i/N``) an atlas holds; absent from a whole scan."""
+
+    count: int
+    parts: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", tuple(sorted(int(p) for p in self.parts)))
+        _check(
+            self.count >= 1
+            and len(set(self.parts)) == len(self.parts) > 0
+            and all(0 <= p < self.count for p in self.parts),
+            f"shards {list(self.parts)} of {self.count} are not parts of one corpus.",
+        )
+
+    @property
+    def complete(self) -> bool:
+        return len(self.parts) == self.count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "parts": list(self.parts)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardSet:
+        return cls(int(data["count"]), tuple(data["parts"]))
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes two scans the same scan: a resume, or parts to merge, must agree in all
+    of it. The batch size, the device and the checkpoint interval do not change the result
+    and are not part of it."""
+
+    model: str | None  # name or absolute path
+    revision: str | None
+    dtype: str | None  # the dtype the model runs in
+    corpus: str | None  # the corpus's fingerprint
+    k: int
+    include_bos: bool
+    refactor_glu: bool
+
+    def first_difference(self, other: RunIdentity) -> tuple[str, str, str] | None:
+        """The first field in which ``self`` and ``other`` differ, for a message: its name,
+        the value here and the value there (``("k", "16", "5")``); None if they agree."""
+        for name, label in _IDENTITY_LABELS.items():
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return label, _shown(mine), _shown(theirs)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunIdentity:
+        return cls(**{name: data.get(name) for name in _IDENTITY_LABELS})  # type: ignore[arg-type]
+
+
+_IDENTITY_LABELS = {
+    "model": "model",
+    "revision": "model revision",
+    "dtype": "dtype",
+    "corpus": "corpus",
+    "k": "k",
+    "include_bos": "include_bos",
+    "refactor_glu": "refactor_glu",
+}
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: fingerprints shortened to 12 hex digits."""
+    if isinstance(value, str) and len(value) == 64:
+        return value[:12]
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class AtlasMeta:
+    """An atlas's ``atlas.json``: its shape, its model, corpus and options, its provenance.
+
+    The stored tensors' shapes are ``layers``, ``d_mlp`` and ``k`` (see
+    :mod:`gatescope.atlas`); ``tokens`` is the number of counted tokens, the denominator of
+    every frequency.
+    """
+
+    layers: int
+    d_mlp: int
+    k: int
+    tokens: int
+    model: ModelRecord = field(default_factory=ModelRecord)
+    corpus: CorpusRef = field(default_factory=CorpusRef)
+    options: AtlasOptions = field(default_factory=AtlasOptions)
+    tokens_exact: bool = True  # False: ``tokens`` is nominal (an import that recorded none)
+    shards: ShardSet | None = None  # only for an atlas of some parts of a corpus
+    created: str | None = None  # ISO 8601, UTC
+    scan_seconds: float | None = None
+    imported_from: str | None = None  # the dataset an imported atlas came from
+    gatescope_version: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.layers >= 1 and self.d_mlp >= 1 and self.k >= 1 and self.tokens >= 0,
+            f"an atlas of {self.layers} layers x {self.d_mlp} neurons, k {self.k} and "
+            f"{self.tokens} tokens is not possible.",
+        )
+
+    def identity(self) -> RunIdentity:
+        return RunIdentity(
+            model=self.model.name,
+            revision=self.model.revision,
+            dtype=self.model.dtype,
+            corpus=self.corpus.fingerprint,
+            k=self.k,
+            include_bos=self.options.include_bos,
+            refactor_glu=self.options.refactor_glu,
+        )
+
+    def replace(self, **changes: Any) -> AtlasMeta:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": ATLAS_FORMAT,
+            "format_version": ATLAS_FORMAT_VERSION,
+            "gatescope_version": self.gatescope_version,
+            "layers": self.layers,
+            "d_mlp": self.d_mlp,
+            "k": self.k,
+            "tokens": self.tokens,
+            "tokens_exact": self.tokens_exact,
+            # The layout, for readers without gatescope: names of the tensors' axes.
+            "cases": list(CASES),
+            "quantities": list(QUANTITIES),
+            "lists": [[CASES[c], QUANTITIES[q]] for c, q in TOP_LISTS],
+            "model": self.model.to_dict(),
+            "corpus": self.corpus.to_dict(),
+            "options": self.options.to_dict(),
+            "created": self.created,
+            "scan_seconds": self.scan_seconds,
+            "imported_from": self.imported_from,
+        }
+        if self.shards is not None:
+            data["shards"] = self.shards.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AtlasMeta:
+        """Reads format versions 1 and 2.
+
+        Raises:
+            GatescopeError: not an atlas description, a newer format, or malformed.
+        """
+        if data.get("format") != ATLAS_FORMAT:
+            raise GatescopeError("it is not a gatescope atlas description.")
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or version > ATLAS_FORMAT_VERSION:
+            raise GatescopeError(
+                f"it was written by a newer gatescope (format {version}): upgrade gatescope."
+            )
+        layout = (data.get("cases", list(CASES)), data.get("quantities", list(QUANTITIES)))
+        if layout != (list(CASES), list(QUANTITIES)):
+            raise GatescopeError("its cases or quantities are not gatescope's.")
+        try:
+            shards = data.get("shards")
+            return cls(
+                layers=int(data["layers"]),
+                d_mlp=int(data["d_mlp"]),
+                k=int(data["k"]),
+                tokens=int(data["tokens"]),
+                model=ModelRecord.from_dict(data.get("model") or {}),
+                corpus=CorpusRef.from_dict(data.get("corpus") or {}),
+                options=AtlasOptions.from_dict(data.get("options") or {}),
+                tokens_exact=bool(data.get("tokens_exact", True)),
+                shards=ShardSet.from_dict(shards) if shards else None,
+                created=data.get("created"),
+                scan_seconds=data.get("scan_seconds"),
+                imported_from=data.get("imported_from"),
+                gatescope_version=data.get("gatescope_version"),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise GatescopeError(f"it lacks or mangles the entry {error}.") from error

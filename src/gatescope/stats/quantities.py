@@ -1,0 +1,45 @@
+"""The four quantities of a gated neuron, and the dtype they are computed in.
+
+For a token with gate pre-activation ``g`` and in pre-activation ``u`` (docs/architecture.md,
+"The math"): ``hook_pre = g``, ``hook_pre_linear = u``, ``swish = act(g)`` with the model's
+own activation, ``hook_post = act(g) * u``. The scan's statistics passes and the
+recomputation of a page's texts all use this definition; the numba kernel forms the product
+``act(g) * u`` itself, in the same dtype, and is tested equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["fill_quantities", "gated_quantities", "stats_dtype"]
+
+
+def stats_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics: float32 for float32/bfloat16/float16 models (their
+    values round no further), float64 for float64 models."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+def fill_quantities(q: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Completes ``q`` in place and returns it.
+
+    Args:
+        q: [quantity, ...] with ``g`` in ``q[0]`` and ``u`` in ``q[1]``; ``q[2]`` becomes
+            ``act(g)`` and ``q[3]`` ``act(g) * u``.
+        act: The model's activation function.
+    """
+    q[2].copy_(act(q[0]))
+    torch.mul(q[2], q[1], out=q[3])
+    return q
+
+
+def gated_quantities(gate: Tensor, up: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """[quantity, *gate.shape]: ``g``, ``u``, ``act(g)``, ``act(g) * u`` in the dtype of
+    ``gate`` (already the statistics' dtype)."""
+    q = torch.empty((4, *gate.shape), dtype=gate.dtype, device=gate.device)
+    q[0].copy_(gate)
+    q[1].copy_(up)
+    return fill_quantities(q, act)
