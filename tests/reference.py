@@ -1,4 +1,4 @@
-"""An independent, brute-force implementation of DESIGN.md's statistics, for tests.
+"""An independent, brute-force implementation of the statistics of docs/architecture.md, for tests.
 
 Written directly from the contract with plain loops over texts and cases (numpy, float64);
 it shares no code with gatescope.stats.

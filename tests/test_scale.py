@@ -181,17 +181,33 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+def _stoppable_scan(tmp_path: Path) -> list[str]:
+    """A model and corpus on disk, and `gatescope scan` arguments that checkpoint after
+    every batch (a scan slow enough to stop midway)."""
+    from gatescope.corpus import save_corpus
+
+    tiny_model("llama", num_layers=2).save_pretrained(tmp_path / "model")
+    save_corpus(random_corpus(seed=5, n_texts=120), tmp_path / "corpus")
+    return ["--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus"),
+            "--out", str(tmp_path / "atlas"), "--batch-size", "1", "--k", str(K), "--quiet",
+            "--checkpoint-every", "0"]  # fmt: skip
+
+
+def _resumes_to_one_scan(tmp_path: Path, args: list[str]) -> None:
+    """`--resume` under torchrun finishes the stopped scan into the atlas of one process."""
+    assert not (tmp_path / "atlas" / "atlas.json").exists()
+    resumed = torchrun(*args, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    single = gatescope.scan(tmp_path / "model", tmp_path / "corpus", batch_size=1, k=K,
+                            progress=False)  # fmt: skip
+    assert_same_atlas(Atlas.load(tmp_path / "atlas"), single, values_rtol=RANK_RTOL)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_a_killed_rank_resumes_to_the_same_atlas(tmp_path):
-    from gatescope.corpus import save_corpus
-
-    model = tiny_model("llama", num_layers=2)
-    model.save_pretrained(tmp_path / "model")
-    save_corpus(random_corpus(seed=5, n_texts=120), tmp_path / "corpus")
-    args = ["--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus"),
-            "--out", str(tmp_path / "atlas"), "--batch-size", "1", "--k", str(K), "--quiet",
-            "--checkpoint-every", "0"]  # fmt: skip
+    args = _stoppable_scan(tmp_path)
     run = torchrun(*args)
     # Wait until rank 1 has saved progress, then kill it.
     checkpoint = tmp_path / "atlas" / "checkpoint" / "shard-1-of-2.safetensors"
@@ -203,14 +219,28 @@ def test_a_killed_rank_resumes_to_the_same_atlas(tmp_path):
     os.kill(pid, signal.SIGKILL)
     output, _ = run.communicate(timeout=120)
     assert run.returncode != 0, output
-    assert not (tmp_path / "atlas" / "atlas.json").exists()
+    _resumes_to_one_scan(tmp_path, args)
 
-    resumed = torchrun(*args, "--resume")
-    output, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, output
-    single = gatescope.scan(tmp_path / "model", tmp_path / "corpus", batch_size=1, k=K,
-                            progress=False)  # fmt: skip
-    assert_same_atlas(Atlas.load(tmp_path / "atlas"), single, values_rtol=RANK_RTOL)
+
+@pytest.mark.slow
+def test_sigterm_stops_every_rank_and_resumes_to_the_same_atlas(tmp_path):
+    """A preemption under torchrun: the agent passes SIGTERM on to its ranks, each finishes
+    its batch, saves its part and says how to resume."""
+    args = _stoppable_scan(tmp_path)
+    run = torchrun(*args)
+    checkpoints = [
+        tmp_path / "atlas" / "checkpoint" / f"shard-{r}-of-2.safetensors" for r in (0, 1)
+    ]
+    deadline = time.monotonic() + 120
+    while not all(c.exists() for c in checkpoints) and time.monotonic() < deadline:
+        assert run.poll() is None, "the scan finished before it could be stopped"
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode != 0, output
+    assert output.count("the scan was interrupted (SIGTERM)") == 2, output  # both ranks
+    assert "--resume" in output and "Traceback" not in output
+    _resumes_to_one_scan(tmp_path, args)
 
 
 def test_device_map_auto_gives_the_same_atlas(on_disk):
@@ -248,6 +278,54 @@ def _scan_as_rank(rank: int, world: int, init_file: str, root: str, out: str) ->
     tensors = {name: atlas.tensor(name) for name in ("count", "top_text", "top_position")}
     torch.save({**tensors, "tokens": atlas.tokens}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _failing_rank(rank: int, world: int, init_file: str, root: str, out: str) -> None:
+    """Rank 1 fails after its first batch; both ranks write how they ended, and when."""
+    import json
+
+    import torch.distributed as dist
+
+    from gatescope.stats import NeuronStats
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
+    if rank == 1:
+        real = NeuronStats.update
+
+        def update(self, *args):
+            if self.tokens > 0:
+                raise RuntimeError("simulated failure on rank 1")
+            return real(self, *args)
+
+        NeuronStats.update = update
+    start = time.monotonic()
+    try:
+        gatescope.scan(f"{root}/model", f"{root}/corpus", batch_size=1, k=K, progress=False)
+        ended = "finished"
+    except Exception as error:  # what the caller of gatescope.scan sees
+        ended = f"{type(error).__name__}: {error}"
+    record = {"ended": ended, "seconds": time.monotonic() - start}
+    Path(f"{out}/rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_others(on_disk, tmp_path):
+    """In a process group the caller made, a rank that raises does not leave the others
+    waiting in the final gather: they stop at their next batch, with a message."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    start = time.monotonic()
+    mp.spawn(_failing_rank, args=(2, str(tmp_path / "init"), str(on_disk), str(tmp_path)),
+             nprocs=2)  # fmt: skip
+    assert time.monotonic() - start < 120
+    failed = json.loads((tmp_path / "rank1.json").read_text())
+    stopped = json.loads((tmp_path / "rank0.json").read_text())
+    assert failed["ended"] == "RuntimeError: simulated failure on rank 1"
+    assert stopped["ended"].startswith("RankFailed: another rank failed (rank 1: simulated")
 
 
 @pytest.mark.slow

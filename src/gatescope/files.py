@@ -109,27 +109,30 @@ def claim_output(
         if overwrite:
             return Found.NOTHING
         raise GatescopeError(f"{out} already exists: pass --overwrite to replace it.")
-    if any((out / marker).exists() for marker in kind.markers):
+    found, refusal = _recognize(out, kind)
+    if found is not Found.NOTHING:
         if resume:
-            return Found.FINISHED
+            return found
         if overwrite:
             return Found.NOTHING
-        raise GatescopeError(f"{out} already holds {kind.noun}: pass --overwrite to replace it.")
-    if any((out / entry).exists() for entry in kind.unfinished):
-        if resume:
-            return Found.UNFINISHED
-        if overwrite:
-            return Found.NOTHING
-        raise GatescopeError(
-            f"{out} holds an unfinished scan: pass --resume to continue it or --overwrite to "
-            "start over."
-        )
+        raise GatescopeError(f"{out} {refusal}.")
     if any(out.iterdir()):
         raise GatescopeError(
             f"{out} is not empty and holds no {kind.noun.split(' ', 1)[1]}: choose another "
             "output path (gatescope never writes over what it did not write)."
         )
     return Found.NOTHING
+
+
+def _recognize(out: Path, kind: OutputKind) -> tuple[Found, str]:
+    """What the folder ``out`` holds of ``kind``, and how a refusal to write over it ends."""
+    if any((out / marker).exists() for marker in kind.markers):
+        return Found.FINISHED, f"already holds {kind.noun}: pass --overwrite to replace it"
+    if any((out / entry).exists() for entry in kind.unfinished):
+        return Found.UNFINISHED, (
+            "holds an unfinished scan: pass --resume to continue it or --overwrite to start over"
+        )
+    return Found.NOTHING, ""
 
 
 # ----------------------------------------------------------------------------- writing
