@@ -9,6 +9,7 @@ last bits even within one process (see test_scan).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,7 +240,9 @@ def test_sigterm_stops_every_rank_and_resumes_to_the_same_atlas(tmp_path):
     output, _ = run.communicate(timeout=120)
     assert run.returncode != 0, output
     assert output.count("the scan was interrupted (SIGTERM)") == 2, output  # both ranks
-    assert "--resume" in output and "Traceback" not in output
+    assert "--resume" in output
+    # torchrun's agent reports the signal with a traceback of its own; none is gatescope's.
+    assert not re.search(r'File "[^"]*gatescope/', output), output
     _resumes_to_one_scan(tmp_path, args)
 
 
