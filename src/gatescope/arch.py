@@ -34,7 +34,7 @@ __all__ = [
     "unembedding",
 ]
 
-logger = logging.getLogger(__name__)
+logger: logging.Logger = logging.getLogger(__name__)
 
 #: Called once per forward of a gated MLP with ``gate: [..., d_mlp]`` and ``up: [..., d_mlp]``.
 CaptureCallback = Callable[[Tensor, Tensor], None]
@@ -113,17 +113,24 @@ class GatedMLP:
         """Whether gate and up come from one fused ``gate_up_proj``."""
         return self.gate_up_proj is not None
 
+    def _separate(self) -> tuple[nn.Linear, nn.Linear]:
+        """``(gate_proj, up_proj)`` of an MLP that is not fused (both are set then)."""
+        assert self.gate_proj is not None and self.up_proj is not None, "not a fused MLP"
+        return self.gate_proj, self.up_proj
+
     def w_gate(self) -> Tensor:
         """Gate weights, one row per neuron: ``[d_mlp, d_model]`` (a view, no copy)."""
         if self.gate_up_proj is not None:
             return self.gate_up_proj.weight.detach()[: self.d_mlp]
-        return self.gate_proj.weight.detach()
+        gate_proj, _ = self._separate()
+        return gate_proj.weight.detach()
 
     def w_in(self) -> Tensor:
         """Up ("in") weights, one row per neuron: ``[d_mlp, d_model]`` (a view, no copy)."""
         if self.gate_up_proj is not None:
             return self.gate_up_proj.weight.detach()[self.d_mlp :]
-        return self.up_proj.weight.detach()
+        _, up_proj = self._separate()
+        return up_proj.weight.detach()
 
     def w_out(self) -> Tensor:
         """Output weights, one column per neuron: ``[d_model, d_mlp]`` (a view, no copy)."""
@@ -134,7 +141,8 @@ class GatedMLP:
         if self.gate_up_proj is not None:
             bias = self.gate_up_proj.bias
             return None if bias is None else bias.detach()[: self.d_mlp]
-        bias = self.gate_proj.bias
+        gate_proj, _ = self._separate()
+        bias = gate_proj.bias
         return None if bias is None else bias.detach()
 
     def b_in(self) -> Tensor | None:
@@ -142,7 +150,8 @@ class GatedMLP:
         if self.gate_up_proj is not None:
             bias = self.gate_up_proj.bias
             return None if bias is None else bias.detach()[self.d_mlp :]
-        bias = self.up_proj.bias
+        _, up_proj = self._separate()
+        bias = up_proj.bias
         return None if bias is None else bias.detach()
 
     def capture(self, callback: CaptureCallback) -> CaptureHandle:
@@ -168,6 +177,7 @@ class GatedMLP:
 
         # Separate projections: each hook stores its output, and whichever fires second calls
         # the callback, since families differ in whether gate_proj or up_proj runs first.
+        gate_proj, up_proj = self._separate()
         pending: dict[str, Tensor] = {}
 
         def reset(_module: nn.Module, _inputs: object) -> None:
@@ -189,8 +199,8 @@ class GatedMLP:
         return CaptureHandle(
             [
                 self.module.register_forward_pre_hook(reset),
-                self.gate_proj.register_forward_hook(make_hook("gate", "up")),
-                self.up_proj.register_forward_hook(make_hook("up", "gate")),
+                gate_proj.register_forward_hook(make_hook("gate", "up")),
+                up_proj.register_forward_hook(make_hook("up", "gate")),
             ]
         )
 
@@ -348,15 +358,19 @@ def _as_gated_mlp(layer: int, name: str, module: nn.Module) -> GatedMLP | None:
     if act is None:
         logger.debug("%s has gated projections but no activation; skipped.", name)
         return None
+    # Every projection present is an nn.Linear (checked above): narrow them for the type checker.
+    assert isinstance(down, nn.Linear)
     if gate_up is not None and (gate is None or up is None):
+        assert isinstance(gate_up, nn.Linear)
         return GatedMLP(layer, name, module, None, None, gate_up, down, act)
+    assert isinstance(gate, nn.Linear) and isinstance(up, nn.Linear)
     return GatedMLP(layer, name, module, gate, up, None, down, act)
 
 
 def _activation(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
     """The activation of an MLP: its ``act_fn``-like attribute, else an activation child."""
     for attr in _ACT_ATTRS:
-        act = getattr(module, attr, None)
+        act: Callable[[Tensor], Tensor] | None = getattr(module, attr, None)
         if act is not None and callable(act) and not isinstance(act, nn.Linear):
             return act
     for child in module.children():

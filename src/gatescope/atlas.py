@@ -105,7 +105,7 @@ class Atlas:
         meta: The atlas's description (:class:`~gatescope.records.AtlasMeta`).
     """
 
-    def __init__(self, meta: AtlasMeta, tensors: Mapping[str, Tensor] | _SafetensorsFile):
+    def __init__(self, meta: AtlasMeta, tensors: Mapping[str, Tensor] | _SafetensorsFile) -> None:
         self.meta = meta
         self._tensors = tensors
         _check_shapes(meta, {name: self._shape(name) for name in TENSORS})
@@ -240,7 +240,8 @@ class Atlas:
             )
 
     def neuron(self, layer: int, index: int) -> NeuronSummary:
-        """The summary of neuron ``index`` of layer ``layer``; reads only that neuron."""
+        """The summary of neuron ``index`` of layer ``layer``: its ranked lists alone, and its
+        column of the layer's small per-case tensors."""
         self.check_neuron(layer, index)
         count = self._read("count", layer)[:, index].tolist()  # [case]
         sums = self._read("sum", layer)[:, :, index].tolist()  # [case][quantity]
@@ -321,7 +322,7 @@ def _check_shapes(meta: AtlasMeta, shapes: Mapping[str, tuple[int, ...]]) -> Non
 class _SafetensorsFile:
     """Lazy, memory-mapped access to the tensors of a ``stats.safetensors`` file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
         if not path.exists():

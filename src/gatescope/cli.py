@@ -31,7 +31,7 @@ class _Command(click.Command):
 class _Group(click.Group):
     """Turns a user's mistake (GatescopeError) into one sentence and exit code 1."""
 
-    command_class = _Command
+    command_class: type[click.Command] | None = _Command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -76,7 +76,7 @@ def _scan_option(name: str, **kwargs: Any) -> Callable[[F], F]:
     default = ScanOptions.default(name)
     flag = "--" + name.replace("_", "-")
     if isinstance(default, bool):
-        return click.option(flag, is_flag=True, help=ScanOptions.help(name), **kwargs)
+        return click.option(flag, is_flag=True, default=default, help=ScanOptions.help(name))
     return click.option(
         flag, default=default, show_default=default is not None, help=ScanOptions.help(name),
         **kwargs,

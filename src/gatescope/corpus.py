@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gatescope import __version__
 from gatescope.constants import CORPUS_JSON, INPUT_IDS, SOURCE_ID
@@ -48,7 +48,7 @@ __all__ = [
     "save_corpus",
 ]
 
-logger = logging.getLogger(__name__)
+logger: logging.Logger = logging.getLogger(__name__)
 
 #: File suffixes read from a local source, and from the folders searched recursively.
 SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet", ".txt")
@@ -207,7 +207,7 @@ def build_corpus(
                 row[1:] = ids[: keep - 1]
                 ids_chunks.append(row)
                 lengths.append(keep)
-                source_ids.append(parts[part_of[index]].source_id(rows[index]))
+                source_ids.append(parts[part_of[index]].source_id(int(rows[index])))
                 n_tokens += keep
                 if bar is not None and tokens is not None:
                     bar.update(keep)
@@ -349,7 +349,7 @@ def fingerprint(dataset: datasets.Dataset) -> str:
     ids_hash = hashlib.sha256()
     table = dataset.select_columns([INPUT_IDS]).with_format("arrow")
     for start in range(0, dataset.num_rows, _HASH_ROWS):
-        column = table[start : start + _HASH_ROWS].column(INPUT_IDS)
+        column = _arrow_rows(table, slice(start, start + _HASH_ROWS), INPUT_IDS)
         for chunk in column.chunks:
             offsets = np.asarray(chunk.offsets, dtype=np.int64)
             lengths_hash.update(np.diff(offsets).astype("<i8").tobytes())
@@ -528,8 +528,18 @@ def _read_hub_dataset(name: str, *, text_column: str, split: str) -> _Texts:
 def _dataset_texts(dataset: datasets.Dataset, label: str, text_column: str, what: str) -> _Texts:
     _check_column(text_column, dataset.column_names, what)
     # Arrow format respects an indices mapping (a shuffled or selected dataset).
-    column = dataset.select_columns([text_column]).with_format("arrow")[:].column(text_column)
+    column = _arrow_rows(
+        dataset.select_columns([text_column]).with_format("arrow"), slice(None), text_column
+    )
     return _non_empty(label, column, f"column {text_column!r} of {what}")
+
+
+def _arrow_rows(table: datasets.Dataset, rows: slice, column: str) -> pa.ChunkedArray:
+    """One column of ``table[rows]``, for a dataset in the "arrow" format.
+
+    Such a dataset gives a ``pa.Table`` for a slice, though `datasets` annotates a dict.
+    """
+    return cast("pa.Table", table[rows]).column(column)
 
 
 def _check_column(column: str, names: Sequence[str], where: Path | str) -> None:
@@ -551,7 +561,9 @@ def _non_empty(label: str, column: pa.ChunkedArray | pa.Array, what: str) -> _Te
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise GatescopeError(f"the {what} holds {column.type}, not text.")
     column = column.cast(pa.large_string())
-    keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0), False)
+    # pyarrow.compute makes most of its functions at import time, so type checkers (which
+    # read its stubs) cannot see them: the lines calling those say so with a pyright ignore.
+    keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0), False)  # pyright: ignore[reportAttributeAccessIssue]
     keep_np = keep.to_numpy(zero_copy_only=False)
     return _Texts(label, column.filter(keep), np.flatnonzero(keep_np).astype(np.int64))
 
@@ -631,8 +643,10 @@ def _to_dataset(
 def _num_tokens(dataset: datasets.Dataset) -> int:
     import pyarrow.compute as pc
 
-    column = dataset.select_columns([INPUT_IDS]).with_format("arrow")[:].column(INPUT_IDS)
-    return int(pc.sum(pc.list_value_length(column)).as_py() or 0)
+    column = _arrow_rows(
+        dataset.select_columns([INPUT_IDS]).with_format("arrow"), slice(None), INPUT_IDS
+    )
+    return int(pc.sum(pc.list_value_length(column)).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 # --- reading a corpus -----------------------------------------------------------------
@@ -649,7 +663,7 @@ class TokenizedCorpus:
         meta: the folder's `CORPUS_JSON`, if it has one.
     """
 
-    def __init__(self, dataset: datasets.Dataset, path: Path | None):
+    def __init__(self, dataset: datasets.Dataset, path: Path | None) -> None:
         import numpy as np
 
         self.dataset = dataset
@@ -658,10 +672,10 @@ class TokenizedCorpus:
         self.lengths: np.ndarray = np.concatenate(
             [np.diff(chunk.offsets.to_numpy()) for chunk in column.chunks] or [np.zeros(0, int)]
         ).astype(np.int64)
-        self.max_id = _max_token_id(column)
+        self.max_id: int = _max_token_id(column)
         if len(self.lengths) == 0 or self.lengths.sum() == 0:
             raise GatescopeError("the corpus is empty: it has no tokenized texts.")
-        self.meta = corpus_metadata(path) if path is not None else None
+        self.meta: CorpusMeta | None = corpus_metadata(path) if path is not None else None
         self._fingerprint: str | None = None
 
     @classmethod
@@ -758,5 +772,5 @@ class TokenizedCorpus:
 def _max_token_id(column: pa.ChunkedArray) -> int:
     import pyarrow.compute as pc
 
-    values = pc.list_flatten(column)
-    return int(pc.max(values).as_py() or 0) if len(values) else 0
+    values = pc.list_flatten(column)  # pyright: ignore[reportAttributeAccessIssue]
+    return int(pc.max(values).as_py() or 0) if len(values) else 0  # pyright: ignore[reportAttributeAccessIssue]

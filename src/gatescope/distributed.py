@@ -129,7 +129,7 @@ class RankWatch:
 
     _POLL_SECONDS = 0.05
 
-    def __init__(self, ranks: Ranks | None):
+    def __init__(self, ranks: Ranks | None) -> None:
         self._ranks = ranks
         self._store = None
         if ranks is None:
@@ -143,7 +143,7 @@ class RankWatch:
         # The group's own store: the one channel every rank can read without the others
         # taking part (torch keeps its getter private, as torch's own elastic tools use it).
         store = distributed_c10d._get_default_store()
-        self._store = dist.PrefixStore(f"gatescope/{name[0]}/", store)
+        self._store = distributed_c10d.PrefixStore(f"gatescope/{name[0]}/", store)
 
     def failure(self) -> str | None:
         """The first failure another rank posted (``"rank 1: message"``), or None."""

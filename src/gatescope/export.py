@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import datasets
     import pyarrow as pa
 
-logger = logging.getLogger(__name__)
+logger: logging.Logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMATS",
@@ -390,7 +390,8 @@ def _load_source(source: str | Path) -> datasets.Dataset | pa.Table:
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded and len(loaded) != 1:
                 raise GatescopeError(
-                    f"{path} holds the splits {', '.join(loaded)}: import a folder of one split."
+                    f"{path} holds the splits {', '.join(map(str, loaded))}: import a folder "
+                    "of one split."
                 )
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
         return loaded
@@ -428,7 +429,7 @@ def _as_table(dataset: datasets.Dataset | pa.Table) -> pa.Table:
         return dataset
     if isinstance(dataset, datasets.DatasetDict):
         raise GatescopeError(
-            f"expected one split, got a DatasetDict with {', '.join(dataset)}: pass e.g. "
+            f"expected one split, got a DatasetDict with {', '.join(map(str, dataset))}: pass e.g. "
             "dataset['train']."
         )
     if not isinstance(dataset, datasets.Dataset):
@@ -510,7 +511,8 @@ def _list_length(
     """The common length of the lists of a column; ``expected`` if given, else that of row 0."""
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(table.column(name))
+    # pyarrow.compute makes its functions at import time, out of sight of its type stubs.
+    lengths = pc.list_value_length(table.column(name))  # pyright: ignore[reportAttributeAccessIssue]
     if lengths.null_count:
         raise GatescopeError(f"the column {name} has {lengths.null_count} empty (null) lists.")
     lengths = lengths.to_numpy()

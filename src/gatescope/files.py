@@ -156,7 +156,7 @@ def staged(out: Path) -> Iterator[Path]:
         remove_path(tmp)
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Writes one file through ``write(temporary path)`` and renames it into place."""
     with staged(path) as tmp:
         write(tmp)

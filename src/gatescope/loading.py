@@ -20,7 +20,7 @@ from gatescope.options import DEVICE_MAPS, DTYPES
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-logger = logging.getLogger(__name__)
+logger: logging.Logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,7 +95,9 @@ class ModelSpec:
                 f"could not load the model '{self.name}': {_first_line(error)}"
             ) from error
         if not self.placement:
-            model = model.to(self.device)
+            # transformers wraps `to` in functools.wraps, which hides its bound `self` from
+            # type checkers (they take the device for `self`).
+            model = model.to(self.device)  # pyright: ignore[reportArgumentType]
         return LoadedModel(model.eval(), self.name, self.revision)
 
 

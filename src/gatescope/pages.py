@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -260,7 +260,7 @@ def neuron_page(
     }
 
 
-def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
     """How each token reads, leading spaces included (SentencePiece's "▁" and byte-level
     BPE's "Ġ" become spaces, byte tokens like <0x0A> their character)."""
     pieces = tokenizer.convert_ids_to_tokens(list(ids))
@@ -285,7 +285,9 @@ def _examples(summary: NeuronSummary) -> Iterator[Example]:
             yield from examples
 
 
-def _links(atlas: Atlas, model: str, layer: int, neuron: int, existing) -> dict[str, str | None]:
+def _links(
+    atlas: Atlas, model: str, layer: int, neuron: int, existing: Set[tuple[str, int, int]]
+) -> dict[str, str | None]:
     """Neighbour pages that exist (or are being written) in the site."""
 
     def link(lyr: int, n: int) -> str | None:

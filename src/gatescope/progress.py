@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -19,7 +19,7 @@ __all__ = ["library_bars_off", "progress_bar"]
 
 def progress_bar(
     *, total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0
-) -> tqdm:
+) -> tqdm[NoReturn]:
     """One of gatescope's bars (a disabled one does nothing)."""
     from tqdm.auto import tqdm
 

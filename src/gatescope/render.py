@@ -11,13 +11,16 @@ import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import jinja2
 
 __all__ = ["refresh_nav", "render_index", "render_nav", "render_neuron"]
 
 
 @cache
-def _environment():
+def _environment() -> jinja2.Environment:
     import jinja2
 
     env = jinja2.Environment(
@@ -35,7 +38,12 @@ def _environment():
 
 @cache
 def _asset(name: str) -> str:
-    return resources.files("gatescope").joinpath("templates", name).read_text(encoding="utf-8")
+    return (
+        resources.files("gatescope")
+        .joinpath("templates")
+        .joinpath(name)
+        .read_text(encoding="utf-8")
+    )
 
 
 def render_neuron(page: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "ScanOptions", "scan"]
 
-logger = logging.getLogger(__name__)
+logger: logging.Logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.safetensors"
 _CHECKPOINT_FORMAT = "gatescope-checkpoint-2"
@@ -233,7 +233,8 @@ def _prepare_layers(
 
     mlps = find_gated_mlps(loaded.model)
     config = loaded.model.config
-    vocab = loaded.model.get_input_embeddings().num_embeddings
+    # transformers annotates the input embeddings as any nn.Module; this one has a vocabulary.
+    vocab = cast("int", loaded.model.get_input_embeddings().num_embeddings)
     texts.check_fits(int(vocab), getattr(config, "max_position_embeddings", None))
     d_mlps = {mlp.d_mlp for mlp in mlps}
     if len(d_mlps) != 1:

@@ -14,7 +14,7 @@ LOOPBACK = "127.0.0.1"
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args) -> None:  # one line per request is noise
+    def log_message(self, format: str, *args: object) -> None:  # one line per request is noise
         pass
 
 

@@ -35,7 +35,7 @@ def model_path() -> Path:
     return folder
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # run_demo pulls in torch and transformers: imported on first use only.
     if name == "run_demo":
         from gatescope.demo.run import run_demo

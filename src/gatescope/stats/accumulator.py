@@ -32,13 +32,17 @@ CPU_PENDING_TEXTS = 32
 
 KERNELS = ("auto", "cpu", "torch")
 
+# A statistics pass: (gate, up, valid, count, sums, weakest) -> (strength, position).
+_Pass = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
 
 class NeuronStats:
     """Accumulates the statistics of the ``d_mlp`` neurons of one gated MLP layer.
 
     Args:
         d_mlp: Number of neurons.
-        act: The model's activation function (SiLU, GELU, ...), applied to ``gate``.
+        act: The model's activation function (SiLU, GELU, ...), applied to ``gate``; None
+            for statistics that are only merged, never updated (:meth:`from_states`).
         k: Length of each ranked list.
         device: Where the state lives; ``update`` expects its tensors there.
         dtype: Floating type of the computation and of the stored top-k values: float32 for
@@ -52,7 +56,7 @@ class NeuronStats:
     def __init__(
         self,
         d_mlp: int,
-        act: Callable[[Tensor], Tensor],
+        act: Callable[[Tensor], Tensor] | None,
         *,
         k: int = 16,
         device: torch.device | str = "cpu",
@@ -64,13 +68,13 @@ class NeuronStats:
         self.d_mlp = d_mlp
         self.act = act
         self.k = k
-        self.device = torch.device(device)
+        self.device: torch.device = torch.device(device)
         self.dtype = dtype
         self._pass = self._choose_pass(kernel, chunk_elements, workspace)
 
-        self.tokens = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.count = torch.zeros(N_CASES, d_mlp, dtype=torch.int64, device=self.device)
-        self.sum = torch.zeros(
+        self.tokens: Tensor = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.count: Tensor = torch.zeros(N_CASES, d_mlp, dtype=torch.int64, device=self.device)
+        self.sum: Tensor = torch.zeros(
             N_CASES, N_QUANTITIES, d_mlp, dtype=torch.float64, device=self.device
         )
         # [case, quantity, neuron] the largest and smallest |value| over the case's tokens
@@ -92,19 +96,22 @@ class NeuronStats:
         )
         self._list_signs = self._signs.flatten()[self._list_pairs].view(N_LISTS, 1, 1)
 
-    def _choose_pass(self, kernel: str, chunk_elements: int | None, workspace: Workspace | None):
+    def _choose_pass(
+        self, kernel: str, chunk_elements: int | None, workspace: Workspace | None
+    ) -> _Pass:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if kernel == "auto":
             kernel = "cpu" if self.device.type == "cpu" and _numba_works() else "torch"
+        act = self.act if self.act is not None else _no_activation
         if kernel == "cpu":
             if self.device.type != "cpu":
                 raise ValueError(f"the cpu kernel cannot run on {self.device}")
             from gatescope.stats.cpu_pass import cpu_pass
 
-            return functools.partial(cpu_pass, act=self.act)
+            return functools.partial(cpu_pass, act=act)
         return TorchPass(
-            self.act,
+            act,
             device=self.device,
             dtype=self.dtype,
             chunk_elements=chunk_elements,
@@ -332,3 +339,8 @@ def _numba_works() -> bool:
         warnings.warn(f"numba is unavailable ({error}); using the slower torch pass", stacklevel=4)
         return False
     return True
+
+
+def _no_activation(gate: Tensor) -> Tensor:
+    """The activation of statistics built only to be merged (``act=None``): never called."""
+    raise TypeError("these statistics have no activation function (act=None): merge them only")

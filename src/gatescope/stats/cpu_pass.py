@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 import torch
+from numba.core import config as numba_config
 from torch import Tensor
 
 from gatescope.constants import SIGNS
@@ -78,7 +79,9 @@ def cpu_pass(
     strength = torch.empty(16, texts, neurons, dtype=gate.dtype)
     position = torch.empty(16, texts, neurons, dtype=torch.int64)
     # numba keeps its own thread pool: use as many threads as torch is allowed to.
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    # (numba sets its config attributes from the environment at import: unseen by pyright.)
+    n_threads = numba_config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), n_threads)))
     _batch(
         gate.numpy(), up.numpy(), swish.numpy(), valid.contiguous().numpy(),
         count.numpy(), sums.numpy(), weakest.numpy(), strength.numpy(), position.numpy(),

@@ -58,7 +58,7 @@ class TorchPass:
         if chunk_elements is None:
             chunk_elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
         self.chunk_elements = chunk_elements
-        self.workspace = workspace if workspace is not None else Workspace()
+        self.workspace: Workspace = workspace if workspace is not None else Workspace()
         self._block_offsets = torch.arange(BLOCK, device=device).view(1, 1, BLOCK, 1)
         self._signs = torch.tensor(SIGNS, dtype=dtype, device=device).view(
             N_CASES, N_QUANTITIES, 1, 1, 1
