@@ -115,7 +115,7 @@ class GatedMLP:
 
     def _separate(self) -> tuple[nn.Linear, nn.Linear]:
         """``(gate_proj, up_proj)`` of an MLP that is not fused (both are set then)."""
-        assert self.gate_proj is not None and self.up_proj is not None, "not a fused MLP"
+        assert self.gate_proj is not None and self.up_proj is not None, "set when not fused"
         return self.gate_proj, self.up_proj
 
     def w_gate(self) -> Tensor:
