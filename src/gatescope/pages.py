@@ -21,9 +21,11 @@ from gatescope.atlas import Atlas, Example, NeuronSummary
 from gatescope.constants import CASES, QUANTITIES
 from gatescope.errors import GatescopeError
 from gatescope.files import SITE, claim_output, write_json_atomic, write_text_atomic
+from gatescope.progress import progress_bar
+from gatescope.records import SiteMeta, SitePage
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from transformers import PreTrainedTokenizerBase
 
@@ -129,66 +131,88 @@ def write_pages(
     Returns:
         The pages written, in the order given.
     """
-    from tqdm.auto import tqdm
-
-    from gatescope.recompute import recompute
-    from gatescope.render import refresh_nav, render_index, render_neuron
+    from gatescope.render import render_index
 
     out = Path(out)
     claim_output(out, SITE, resume=True)  # an existing site gains pages
     out.mkdir(parents=True, exist_ok=True)
-    site = _read_site(out)
     atlas = source.atlas
-    model = atlas.meta.model.name or "model"
-    by_layer: dict[int, list[int]] = defaultdict(list)
-    for layer, neuron in dict.fromkeys(neurons):
+    for layer, neuron in neurons:
         atlas.check_neuron(layer, neuron)  # range errors before any work
-        by_layer[layer].append(neuron)
-    planned = {(model, layer, n) for layer, ns in by_layer.items() for n in ns}
-    existing = {(p["model"], p["layer"], p["neuron"]) for p in site["pages"]} | planned
-    entries = {p["file"]: p for p in site["pages"]}  # the site's pages by file name
+    model = atlas.meta.model.name or "model"
+    pages = {page.file: page for page in _read_site(out).pages}  # by file name
+    planned = list(dict.fromkeys(neurons))
+    existing = {(p.model, p.layer, p.neuron) for p in pages.values()}
+    existing |= {(model, layer, neuron) for layer, neuron in planned}
 
     written: dict[tuple[int, int], Path] = {}
-    bar = tqdm(total=len(planned), unit="page", desc="pages", disable=not progress)
-    for layer, layer_neurons in by_layer.items():
-        summaries = {n: atlas.neuron(layer, n) for n in layer_neurons}
-        texts = sorted({e.text for s in summaries.values() for e in _examples(s)})
-        refactor = atlas.meta.options.refactor_glu
-        acts = recompute(
-            source.loaded, source.corpus, layer, layer_neurons, texts, refactor_glu=refactor
-        )
-        tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
-        sources = source.corpus.source_ids(texts)
-        for i, neuron in enumerate(layer_neurons):
-            page = neuron_page(
-                atlas, summaries[neuron], {t: a.values[i] for t, a in acts.items()},
-                tokens, sources, links=_links(atlas, model, layer, neuron, existing),
-            )  # fmt: skip
-            path = out / page_file(model, layer, neuron)
-            write_text_atomic(path, render_neuron(page))
-            written[layer, neuron] = path
-            entry = {"model": model, "layer": layer, "neuron": neuron, "file": path.name}
-            note = (notes or {}).get((layer, neuron)) or entries.get(path.name, {}).get("note")
-            if note:
-                entry["note"] = note
-            entries[path.name] = entry
-            bar.update()
-    bar.close()
-    # Earlier pages beside the new ones gain links to them.
+    with progress_bar(total=len(planned), desc="pages", unit="page", enabled=progress) as bar:
+        for layer, layer_neurons in _by_layer(planned).items():
+            for neuron, path in _write_layer(source, layer, layer_neurons, out, existing):
+                written[layer, neuron] = path
+                earlier = pages.get(path.name)
+                note = (notes or {}).get((layer, neuron)) or (earlier and earlier.note)
+                pages[path.name] = SitePage(model, layer, neuron, path.name, note or None)
+                bar.update()
+    _refresh_neighbours(atlas, model, out, pages.values(), written, existing)
+    site = SiteMeta(tuple(sorted(pages.values(), key=lambda p: (p.model, p.layer, p.neuron))))
+    write_text_atomic(out / "index.html", render_index(site))
+    write_json_atomic(out / SITE_JSON, site.to_dict())
+    return [written[pair] for pair in planned]
+
+
+def _by_layer(neurons: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    """(layer, neuron) pairs grouped by layer, in the order given."""
+    grouped: dict[int, list[int]] = defaultdict(list)
+    for layer, neuron in neurons:
+        grouped[layer].append(neuron)
+    return grouped
+
+
+def _write_layer(
+    source: PageSource, layer: int, neurons: list[int], out: Path,
+    existing: Set[tuple[str, int, int]],
+) -> Iterator[tuple[int, Path]]:  # fmt: skip
+    """Writes the pages of some neurons of one layer, from one recomputation of the union of
+    their top texts; yields (neuron, page) as each is written."""
+    from gatescope.recompute import recompute
+    from gatescope.render import render_neuron
+
+    atlas = source.atlas
+    model = atlas.meta.model.name or "model"
+    summaries = {n: atlas.neuron(layer, n) for n in neurons}
+    texts = sorted({e.text for s in summaries.values() for e in _examples(s)})
+    acts = recompute(source.loaded, source.corpus, layer, neurons, texts,
+                     refactor_glu=atlas.meta.options.refactor_glu)  # fmt: skip
+    tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
+    sources = source.corpus.source_ids(texts)
+    for i, neuron in enumerate(neurons):
+        page = neuron_page(
+            atlas, summaries[neuron], {t: a.values[i] for t, a in acts.items()},
+            tokens, sources, links=_links(atlas, model, layer, neuron, existing),
+        )  # fmt: skip
+        path = out / page_file(model, layer, neuron)
+        write_text_atomic(path, render_neuron(page))
+        yield neuron, path
+
+
+def _refresh_neighbours(
+    atlas: Atlas, model: str, out: Path, pages: Iterable[SitePage],
+    written: Mapping[tuple[int, int], Path], existing: Set[tuple[str, int, int]],
+) -> None:  # fmt: skip
+    """Earlier pages beside the new ones gain links to them."""
+    from gatescope.render import refresh_nav
+
     beside = {
         (layer + dl, neuron + dn)
         for layer, neuron in written
         for dl, dn in ((0, -1), (0, 1), (-1, 0), (1, 0))
     }
-    for entry in entries.values():
-        key = (entry["layer"], entry["neuron"])
-        page = out / entry["file"]
-        if entry["model"] == model and key in beside - written.keys() and page.exists():
-            refresh_nav(page, _links(atlas, model, *key, existing))
-    site["pages"] = sorted(entries.values(), key=lambda p: (p["model"], p["layer"], p["neuron"]))
-    write_text_atomic(out / "index.html", render_index(site))
-    write_json_atomic(out / SITE_JSON, site)
-    return [written[pair] for pair in dict.fromkeys(neurons)]
+    for page in pages:
+        key = (page.layer, page.neuron)
+        path = out / page.file
+        if page.model == model and key in beside - written.keys() and path.exists():
+            refresh_nav(path, _links(atlas, model, *key, existing))
 
 
 def neuron_page(
@@ -301,17 +325,14 @@ def _links(
     }
 
 
-def _read_site(out: Path) -> dict[str, Any]:
+def _read_site(out: Path) -> SiteMeta:
     path = out / SITE_JSON
     if not path.exists():
-        return {"format": "gatescope-site", "pages": []}
+        return SiteMeta()
     try:
-        site = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise GatescopeError(f"{path} is unreadable ({error}): move it away.") from error
-    if site.get("format") != "gatescope-site":
-        raise GatescopeError(f"{path} is not a gatescope site description.")
-    return site
+        return SiteMeta.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, GatescopeError) as error:
+        raise GatescopeError(f"{path} cannot be read ({error}): move it away.") from error
 
 
 def _rounded(x: float) -> float:

@@ -32,6 +32,8 @@ __all__ = [
     "ModelRecord",
     "RunIdentity",
     "ShardSet",
+    "SiteMeta",
+    "SitePage",
 ]
 
 ATLAS_FORMAT = "gatescope-atlas"
@@ -372,3 +374,48 @@ class AtlasMeta:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GatescopeError(f"it lacks or mangles the entry {error}.") from error
+
+
+# ------------------------------------------------------------------------------- site
+
+SITE_FORMAT = "gatescope-site"
+
+
+@dataclass(frozen=True)
+class SitePage:
+    """One neuron page of a site folder."""
+
+    model: str  # the atlas's model name (pages of several models may share a site)
+    layer: int
+    neuron: int
+    file: str  # file name inside the site folder
+    note: str | None = None  # a line for the index, e.g. why the neuron was chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.note is None:
+            del data["note"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SitePage:
+        return _known(cls, data)
+
+
+@dataclass(frozen=True)
+class SiteMeta:
+    """A site folder's ``site.json``: every page it holds, from which its index is made."""
+
+    pages: tuple[SitePage, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SITE_FORMAT, "pages": [page.to_dict() for page in self.pages]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SiteMeta:
+        if data.get("format") != SITE_FORMAT:
+            raise GatescopeError("it is not a gatescope site description.")
+        try:
+            return cls(tuple(SitePage.from_dict(page) for page in data.get("pages", [])))
+        except TypeError as error:
+            raise GatescopeError(f"a page entry is mangled ({error}).") from error

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import jinja2
 
+    from gatescope.records import SiteMeta
+
 __all__ = ["refresh_nav", "render_index", "render_nav", "render_neuron"]
 
 
@@ -56,7 +58,7 @@ def render_neuron(page: dict[str, Any]) -> str:
     )
 
 
-def render_index(site: dict[str, Any]) -> str:
+def render_index(site: SiteMeta) -> str:
     """The HTML of a site's index: a model / layer / neuron picker over its pages."""
     from markupsafe import Markup
 
