@@ -15,7 +15,6 @@ import torch
 from gatescope.atlas import Atlas
 from gatescope.errors import GatescopeError
 from gatescope.export import (
-    NOMINAL_TOKENS,
     export_atlas,
     from_hf_dataset,
     import_dataset,
@@ -204,12 +203,12 @@ def test_glu_scope_like_import(atlas: Atlas, dataset: datasets.Dataset, tmp_path
     assert glu.info.description in ("", None)
 
     imported = from_hf_dataset(glu)
-    assert imported.tokens == NOMINAL_TOKENS
-    assert imported.meta.tokens_exact is False
+    assert imported.tokens is None  # unknown, never invented
+    assert imported.neuron(1, 3).count is None
     assert (imported.tensor("top_position") == -1).all()
     assert torch.equal(imported.tensor("top_value"), atlas.tensor("top_value"))
     assert torch.equal(imported.tensor("top_text"), atlas.tensor("top_text"))
-    freq = imported.tensor("count").double() / imported.tokens
+    freq = imported.tensor("count").double() / imported.denominator
     expected = atlas.tensor("count").double() / atlas.tokens
     torch.testing.assert_close(freq, expected, rtol=0, atol=1e-9)
     # Of the extremes only each ranked list's strongest value is known.
@@ -224,14 +223,14 @@ def test_glu_scope_like_import(atlas: Atlas, dataset: datasets.Dataset, tmp_path
     # With the token count known, the counts are exact again.
     exact = from_hf_dataset(glu, tokens=atlas.tokens)
     assert torch.equal(exact.tensor("count"), atlas.tensor("count"))
-    assert exact.meta.tokens_exact
+    assert exact.tokens == atlas.tokens
 
     # The same from a plain parquet file, through import_dataset.
     path = tmp_path / "glu.parquet"
     pq.write_table(glu.data.table.replace_schema_metadata(None), str(path))
     loaded = import_dataset(path, tmp_path / "atlas", model="allenai/OLMo-7B-0424-hf")
     assert loaded.meta.model.name == "allenai/OLMo-7B-0424-hf"
-    assert loaded.meta.tokens_exact is False
+    assert loaded.meta.tokens is None
     assert torch.equal(loaded.tensor("top_text"), atlas.tensor("top_text"))
 
 

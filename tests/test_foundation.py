@@ -108,8 +108,11 @@ def test_an_atlas_of_the_first_format_still_loads(folders, tmp_path):
                                            "SiLUActivation")  # fmt: skip
     assert atlas.meta.options == AtlasOptions(False, True, 16, 5)
     assert atlas.meta.corpus == CorpusRef("cd" * 32, "/data/corpus", 12, new.meta.corpus.tokens)
-    assert atlas.meta.tokens_exact and atlas.meta.shards is None
+    assert atlas.meta.tokens == new.tokens and atlas.meta.shards is None
     assert atlas.neuron(1, 3) == new.neuron(1, 3)
+    # The first release wrote a nominal count where it knew none: it is read as unknown.
+    (old / ATLAS_JSON).write_text(json.dumps({**first_release, "tokens_exact": False}))
+    assert Atlas.load(old).tokens is None
 
 
 def test_stats_that_do_not_match_their_description_are_refused(folders, tmp_path):

@@ -6,13 +6,17 @@ lists of :data:`~gatescope.constants.TOP_LISTS`, ``k`` entries each):
 ==============  ====================  =======  =============================================
 name            shape                 dtype    meaning
 ==============  ====================  =======  =============================================
-count           [L, case, d]          int64    counted tokens of each sign case
+count           [L, case, d]          int64    counted tokens of each sign case (*)
 sum             [L, case, quantity, d] float64 sums of each quantity over the case's tokens
 max, min        [L, case, quantity, d] float32 extremes over the case's tokens (NaN: none)
 top_value       [L, d, list, k]       float32  signed values, strongest first (0 if empty)
 top_text        [L, d, list, k]       int32    corpus text index (-1 if empty)
 top_position    [L, d, list, k]       int32    token position in the text (-1 if empty)
 ==============  ====================  =======  =============================================
+
+(*) An atlas whose token count is unknown (``meta.tokens`` None: a dataset imported without
+its corpus) holds ``round(freq * FREQ_SCALE)`` there instead: its frequencies to float64
+precision, and sums that divide by the same numbers into the means.
 
 The ranked lists are neuron-major so that one neuron's lists are one contiguous block of
 the memory-mapped file. ``atlas.json`` (:class:`~gatescope.records.AtlasMeta`) is written
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
 __all__ = ["Atlas", "Example", "LayerStats", "NeuronSummary"]
 
 TENSORS = ("count", "sum", "max", "min", "top_value", "top_text", "top_position")
+#: What ``count`` is a multiple of when the token count is unknown (see the module docstring).
+FREQ_SCALE = 2**53
 # The names of the ranked-list tensors; the others are the per-case totals and extremes.
 RANKED = ("top_value", "top_text", "top_position")
 
@@ -63,8 +69,8 @@ class NeuronSummary:
 
     layer: int
     index: int
-    tokens: int  # counted tokens of the corpus
-    count: dict[str, int]  # case -> tokens in the case
+    tokens: int | None  # counted tokens of the corpus (None: unknown)
+    count: dict[str, int] | None  # case -> tokens in the case (None: unknown)
     freq: dict[str, float]  # case -> count / tokens
     mean: dict[str, dict[str, float]]  # case -> quantity -> mean (NaN if the case never occurs)
     max: dict[str, dict[str, float]]  # case -> quantity -> largest value (NaN: never, unknown)
@@ -135,7 +141,7 @@ class Atlas:
             "top_position": ranked("top_position", torch.int32),
         }
         tokens = {int(state["tokens"]) for state in states}
-        if tokens != {meta.tokens}:
+        if meta.tokens is None or tokens != {meta.tokens}:
             raise ValueError(f"the layers counted {sorted(tokens)} tokens, not {meta.tokens}")
         return cls(meta, tensors)
 
@@ -151,6 +157,8 @@ class Atlas:
         state = {name: getattr(stats, name) for name in TENSORS}
         for name in RANKED:
             state[name] = state[name].permute(1, 0, 2).contiguous()
+        if self.tokens is None:
+            raise GatescopeError("an atlas without a token count cannot be merged.")
         return {"tokens": torch.tensor(self.tokens, dtype=torch.int64), **state}
 
     # --------------------------------------------------------------- disk
@@ -210,8 +218,14 @@ class Atlas:
         return self.meta.k
 
     @property
-    def tokens(self) -> int:
+    def tokens(self) -> int | None:
+        """Counted tokens (None: unknown)."""
         return self.meta.tokens
+
+    @property
+    def denominator(self) -> int:
+        """What ``count`` divides by into frequencies."""
+        return FREQ_SCALE if self.tokens is None else self.tokens
 
     def tensor(self, name: str) -> Tensor:
         """A whole stored tensor (see the module docstring for names and shapes)."""
@@ -253,14 +267,14 @@ class Atlas:
         text = self._read("top_text", layer, index).tolist()
         position = self._read("top_position", layer, index).tolist()
 
-        tokens = self.tokens
+        denominator = self.denominator
         summary = NeuronSummary(
             layer=layer,
             index=index,
-            tokens=tokens,
-            count=dict(zip(CASES, count, strict=True)),
+            tokens=self.tokens,
+            count=dict(zip(CASES, count, strict=True)) if self.tokens is not None else None,
             freq={
-                case: (n / tokens if tokens else math.nan)
+                case: (n / denominator if denominator else math.nan)
                 for case, n in zip(CASES, count, strict=True)
             },
             mean={

@@ -17,12 +17,13 @@ The atlas metadata (token count, k, model, corpus, options, ...) travels as JSON
 dataset's ``info.description`` (and, in a parquet file, in the schema metadata, since
 ``datasets`` does not keep the description there), so an export imports back exactly.
 GLUScope's own dataset has neither positions, extremes nor a token count: its import gets
-positions -1, counts ``round(freq * tokens)`` for a given or nominal token count, and of
-the extremes only the strongest value of each ranked list (the other one is NaN).
+positions -1, an unknown token count (unless one is given), and of the extremes only the
+strongest value of each ranked list (the other one is NaN).
 
 Counts and sums are not columns of the schema: an import rebuilds them as
-``count = round(freq * tokens)`` (exact for our exports) and ``sum = mean * count``, which
-can differ from the scanned sum in the last bit of its float64 mantissa.
+``count = round(freq * tokens)`` (exact for our exports; ``tokens`` is
+:data:`~gatescope.atlas.FREQ_SCALE` when unknown) and ``sum = mean * count``, which can
+differ from the scanned sum in the last bit of its float64 mantissa.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gatescope.atlas import Atlas
+from gatescope.atlas import FREQ_SCALE, Atlas
 from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, DATASET, claim_output, json_default, staged
@@ -62,10 +63,6 @@ FORMATS = ("hf", "parquet")
 
 #: Key of the atlas metadata in the description JSON and in a parquet file's schema metadata.
 META_KEY = "gatescope_meta"
-
-#: Token count assumed when importing a dataset that records none (GLUScope's): counts are
-#: then ``round(freq * NOMINAL_TOKENS)`` and the metadata says ``"tokens_exact": false``.
-NOMINAL_TOKENS = 10**9
 
 # Suffixes of the three columns of a ranked list, in the order of the atlas tensors.
 _LIST_FIELDS = (
@@ -128,14 +125,12 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
     count = atlas.tensor("count").numpy()  # [L, case, d]
     sums = atlas.tensor("sum").numpy()  # [L, case, quantity, d]
     extremes = {name: atlas.tensor(name).numpy() for name in _EXTREMES}  # [L, case, q, d]
-    tokens = atlas.tokens
-
     columns: dict[str, pa.Array] = {
         "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), d_mlp)),
         "neuron": pa.array(np.tile(np.arange(d_mlp, dtype=np.int32), layers)),
     }
     with np.errstate(divide="ignore", invalid="ignore"):
-        freq = count / tokens if tokens else np.full(count.shape, np.nan)
+        freq = count / atlas.denominator
         mean = np.where(count[:, :, None, :] > 0, sums / count[:, :, None, :], np.nan)
     for c, case in enumerate(CASES):
         columns[f"{case}_freq"] = pa.array(freq[:, c].reshape(rows).astype(np.float64))
@@ -237,8 +232,8 @@ def from_hf_dataset(
     Args:
         dataset: The dataset (or a pyarrow table of it), one row per neuron.
         tokens: Counted tokens of the corpus behind the dataset; without it (and without
-            restored metadata) a nominal 10**9 is used and recorded as
-            ``"tokens_exact": false``: frequencies stay right, counts are nominal.
+            restored metadata) the token count stays unknown: frequencies are right, counts
+            are not known.
 
     Returns:
         The atlas: ``count`` [L, case, d] = round(freq * tokens), ``sum`` [L, case,
@@ -262,20 +257,15 @@ def from_hf_dataset(
     layers, d_mlp = int(layer.max()) + 1, int(neuron.max()) + 1
     place = _places(layer, neuron, layers, d_mlp)  # [row] -> layer * d_mlp + neuron
 
-    exact = True
     if tokens is None and restored is not None:
-        tokens, exact = restored.tokens, restored.tokens_exact
-    if tokens is None:
-        tokens, exact = NOMINAL_TOKENS, False
-        logger.warning(
-            "the dataset records no token count: counts assume a nominal %d tokens", tokens
-        )
+        tokens = restored.tokens
+    denominator = FREQ_SCALE if tokens is None else tokens
 
     count = np.zeros((layers * d_mlp, len(CASES)), dtype=np.int64)
     sums = np.zeros((layers * d_mlp, len(CASES), len(QUANTITIES)), dtype=np.float64)
     for c, case in enumerate(CASES):
         freq = _floats(table, f"{case}_freq")
-        count[place, c] = np.rint(np.nan_to_num(freq * tokens, nan=0.0)).astype(np.int64)
+        count[place, c] = np.rint(np.nan_to_num(freq * denominator, nan=0.0)).astype(np.int64)
         for q, quantity in enumerate(QUANTITIES):
             mean = _floats(table, f"{case}_{quantity}_mean")
             sums[place, c, q] = np.where(np.isnan(mean), 0.0, mean * count[place, c])
@@ -308,7 +298,7 @@ def from_hf_dataset(
             for name, array in ranked.items()
         },
     }
-    shape = {"layers": layers, "d_mlp": d_mlp, "k": k, "tokens": tokens, "tokens_exact": exact}
+    shape = {"layers": layers, "d_mlp": d_mlp, "k": k, "tokens": tokens}
     meta = restored.replace(**shape) if restored is not None else AtlasMeta(**shape)
     return Atlas(meta, tensors)
 

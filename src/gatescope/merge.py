@@ -35,7 +35,7 @@ def merge_atlases(parts: Sequence[Atlas], names: Sequence[str] | None = None) ->
     ]
     first = parts[0].meta
     meta = first.replace(
-        tokens=sum(part.tokens for part in parts),
+        tokens=int(layers[0].tokens),
         shards=None if shards.complete else shards,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         scan_seconds=round(sum(p.meta.scan_seconds or 0.0 for p in parts), 3),

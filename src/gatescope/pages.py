@@ -235,7 +235,7 @@ def neuron_page(
     meta = atlas.meta
     cases = []
     for case in CASES:
-        occurs = summary.count[case] > 0
+        occurs = summary.freq[case] > 0
         sections = []
         for quantity, examples in summary.top.get(case, {}).items():
             if examples:  # a list is empty only where the case never occurs

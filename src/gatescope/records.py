@@ -275,17 +275,17 @@ class AtlasMeta:
 
     The stored tensors' shapes are ``layers``, ``d_mlp`` and ``k`` (see
     :mod:`gatescope.atlas`); ``tokens`` is the number of counted tokens, the denominator of
-    every frequency.
+    every frequency, or None where it is not known (a dataset imported without its corpus:
+    GLUScope's records frequencies only).
     """
 
     layers: int
     d_mlp: int
     k: int
-    tokens: int
+    tokens: int | None
     model: ModelRecord = field(default_factory=ModelRecord)
     corpus: CorpusRef = field(default_factory=CorpusRef)
     options: AtlasOptions = field(default_factory=AtlasOptions)
-    tokens_exact: bool = True  # False: ``tokens`` is nominal (an import that recorded none)
     shards: ShardSet | None = None  # only for an atlas of some parts of a corpus
     created: str | None = None  # ISO 8601, UTC
     scan_seconds: float | None = None
@@ -294,7 +294,10 @@ class AtlasMeta:
 
     def __post_init__(self) -> None:
         _check(
-            self.layers >= 1 and self.d_mlp >= 1 and self.k >= 1 and self.tokens >= 0,
+            self.layers >= 1
+            and self.d_mlp >= 1
+            and self.k >= 1
+            and (self.tokens is None or self.tokens >= 0),
             f"an atlas of {self.layers} layers x {self.d_mlp} neurons, k {self.k} and "
             f"{self.tokens} tokens is not possible.",
         )
@@ -322,7 +325,6 @@ class AtlasMeta:
             "d_mlp": self.d_mlp,
             "k": self.k,
             "tokens": self.tokens,
-            "tokens_exact": self.tokens_exact,
             # The layout, for readers without gatescope: names of the tensors' axes.
             "cases": list(CASES),
             "quantities": list(QUANTITIES),
@@ -361,11 +363,10 @@ class AtlasMeta:
                 layers=int(data["layers"]),
                 d_mlp=int(data["d_mlp"]),
                 k=int(data["k"]),
-                tokens=int(data["tokens"]),
+                tokens=_tokens(data),
                 model=ModelRecord.from_dict(data.get("model") or {}),
                 corpus=CorpusRef.from_dict(data.get("corpus") or {}),
                 options=AtlasOptions.from_dict(data.get("options") or {}),
-                tokens_exact=bool(data.get("tokens_exact", True)),
                 shards=ShardSet.from_dict(shards) if shards else None,
                 created=data.get("created"),
                 scan_seconds=data.get("scan_seconds"),
@@ -374,6 +375,14 @@ class AtlasMeta:
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GatescopeError(f"it lacks or mangles the entry {error}.") from error
+
+
+def _tokens(data: Mapping[str, Any]) -> int | None:
+    """The token count of an atlas.json; the first release wrote a nominal count with
+    ``"tokens_exact": false`` where it knew none."""
+    if data["tokens"] is None or data.get("tokens_exact", True) is False:
+        return None
+    return int(data["tokens"])
 
 
 # ------------------------------------------------------------------------------- site

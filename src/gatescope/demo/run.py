@@ -107,6 +107,7 @@ def _run(out: Path, tokens: int, progress: bool) -> Demo:
         notes={(layer, n): why for layer, n, why in picked}, progress=progress,
     )  # fmt: skip
     pages = [DemoPage(layer, n, why, p) for (layer, n, why), p in zip(picked, paths, strict=True)]
+    assert atlas.tokens is not None  # a scan always knows its token count
     return Demo(out, atlas.tokens, pages)
 
 
