@@ -293,7 +293,7 @@ def test_import_sources_that_do_not_load(tmp_path) -> None:
     with pytest.raises(GatescopeError, match="does not exist"):
         import_dataset(tmp_path / "absent.parquet", tmp_path / "atlas")
     (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(GatescopeError, match="not a parquet file"):
+    with pytest.raises(GatescopeError, match="neither a parquet file nor a GLUScope summary"):
         import_dataset(tmp_path / "data.csv", tmp_path / "atlas")
     with pytest.raises(GatescopeError, match="Hugging Face dataset id failed"):
         import_dataset("nobody/no-such-dataset", tmp_path / "atlas")

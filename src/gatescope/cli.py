@@ -255,16 +255,26 @@ def merge(parts, out, overwrite) -> None:
     "fmt",
     default="hf",
     show_default=True,
-    type=click.Choice(["hf", "parquet"]),
-    help="hf: a `datasets` folder (save_to_disk); parquet: one file.",
+    type=click.Choice(["hf", "parquet", "gluscope"]),
+    help="hf: a `datasets` folder (save_to_disk); parquet: one file; gluscope: GLUScope's "
+    "exact schema (a save_to_disk folder its own code reads).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 def export(atlas_path, out, fmt, overwrite) -> None:
-    """Export ATLAS as the GLUScope activation dataset (one row per neuron) to OUT."""
+    """Export ATLAS as the GLUScope activation dataset (one row per neuron) to OUT.
+
+    hf and parquet hold our superset (positions, extremes, the atlas's metadata); gluscope
+    holds exactly GLUScope's columns, dtypes and padding.
+    """
     from gatescope.atlas import Atlas
     from gatescope.export import export_atlas
+    from gatescope.gluscope import first_token_warning
 
-    path = export_atlas(Atlas.load(atlas_path), out, format=fmt, overwrite=overwrite)
+    atlas = Atlas.load(atlas_path)
+    warning = first_token_warning(atlas) if fmt == "gluscope" else None
+    if warning:
+        click.echo(f"note: {warning}", err=True)
+    path = export_atlas(atlas, out, format=fmt, overwrite=overwrite)
     click.echo(f"wrote {path}")
 
 
@@ -273,17 +283,37 @@ def export(atlas_path, out, fmt, overwrite) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--model", default=None, help="Model the dataset describes (recorded in the atlas).")
 @click.option(
+    "--corpus",
+    "corpus_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The corpus its text indices point into (`gatescope corpus` on GLUScope's tokenized "
+    "corpus): pages use it, and it gives the token count.",
+)
+@click.option(
+    "--refactor-glu",
+    is_flag=True,
+    help="The statistics were made with refactored weights (GLUScope's --refactor_glu, as "
+    "its published OLMo-7B data).",
+)
+@click.option(
     "--tokens",
     type=click.IntRange(min=1),
     default=None,
-    help="Tokens of its corpus, if known (GLUScope's schema stores only frequencies).",
+    help="Tokens of its corpus, if known and no --corpus is given.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-def import_(source, out, model, tokens, overwrite) -> None:
-    """Import a dataset in the GLUScope schema (SOURCE: folder, .parquet or hub id) as an atlas."""
+def import_(source, out, model, corpus_path, refactor_glu, tokens, overwrite) -> None:
+    """Import a dataset in the GLUScope schema (SOURCE: folder, .parquet or hub id) or a
+    GLUScope summary.pt as an atlas.
+
+    GLUScope's conventions are kept: the first token counted, zero-padded lists read as
+    empty slots, no positions (pages find them), no token count unless --corpus or --tokens.
+    """
     from gatescope.export import import_dataset
 
-    atlas = import_dataset(source, out, model=model, tokens=tokens, overwrite=overwrite)
+    atlas = import_dataset(source, out, model=model, tokens=tokens, corpus=corpus_path,
+                           refactor_glu=refactor_glu, overwrite=overwrite)  # fmt: skip
     click.echo(f"wrote {atlas.num_layers} layers x {atlas.d_mlp} neurons to {out}")
 
 

@@ -41,7 +41,7 @@ from gatescope.atlas import FREQ_SCALE, Atlas
 from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, DATASET, claim_output, json_default, staged
-from gatescope.records import AtlasMeta
+from gatescope.records import AtlasMeta, AtlasOptions
 
 if TYPE_CHECKING:
     import datasets
@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Output formats of :func:`export_atlas`.
-FORMATS = ("hf", "parquet")
+FORMATS = ("hf", "parquet", "gluscope")
 
 #: Key of the atlas metadata in the description JSON and in a parquet file's schema metadata.
 META_KEY = "gatescope_meta"
@@ -166,7 +166,9 @@ def export_atlas(
         atlas: The atlas to export.
         out: Target path. ``"hf"``: a folder for ``datasets.load_from_disk``. ``"parquet"``:
             one parquet file, written at ``out`` exactly as given (no suffix is added).
-        format: ``"hf"`` or ``"parquet"``.
+            ``"gluscope"``: a ``load_from_disk`` folder in GLUScope's exact schema
+            (:func:`gatescope.gluscope.to_gluscope_dataset`), as its own script saves it.
+        format: ``"hf"``, ``"parquet"`` or ``"gluscope"``.
         overwrite: Replace an existing ``out`` (only a dataset folder, an empty folder or a
             file; any other folder is refused).
 
@@ -179,12 +181,17 @@ def export_atlas(
         )
     out = Path(out)
     claim_output(out, DATASET, overwrite=overwrite)
-    dataset = to_hf_dataset(atlas)
+    if format == "gluscope":
+        from gatescope.gluscope import to_gluscope_dataset
+
+        dataset = to_gluscope_dataset(atlas)
+    else:
+        dataset = to_hf_dataset(atlas)
     with staged(out) as tmp:
-        if format == "hf":
-            dataset.save_to_disk(str(tmp))
-        else:
+        if format == "parquet":
             _write_parquet(dataset, tmp)
+        else:
+            dataset.save_to_disk(str(tmp))
     logger.info("exported %d neurons (%s) to %s", dataset.num_rows, format, out)
     return out
 
@@ -283,6 +290,13 @@ def from_hf_dataset(
             _list_length(table, column, layer, neuron, expected=k)
             fill, dtype = _LIST_FILL[name]
             ranked[name][place, lst] = _list_values(table, column, fill, dtype).reshape(rows, k)
+    gluscope_layout = _ranked_column(0, "max_positions") not in columns
+    if gluscope_layout:
+        # GLUScope ranks every text, so a case seen in fewer than k texts fills its list with
+        # zeros (-0.0 for negative lists) at valid-looking text indices: empty slots.
+        empty = ranked["top_value"] == 0
+        ranked["top_value"][empty] = 0.0
+        ranked["top_text"][empty] = -1
 
     def neuron_last(array: np.ndarray) -> torch.Tensor:  # [L * d, ...] -> [L, ..., d]
         moved = np.moveaxis(array.reshape(layers, d_mlp, *array.shape[1:]), 1, -1)
@@ -299,7 +313,10 @@ def from_hf_dataset(
         },
     }
     shape = {"layers": layers, "d_mlp": d_mlp, "k": k, "tokens": tokens}
-    meta = restored.replace(**shape) if restored is not None else AtlasMeta(**shape)
+    if restored is not None:
+        meta = restored.replace(**shape)
+    else:  # GLUScope's own: it counts every text's first token
+        meta = AtlasMeta(**shape, options=AtlasOptions(include_bos=True))
     return Atlas(meta, tensors)
 
 
@@ -338,29 +355,49 @@ def import_dataset(
     *,
     model: str | None = None,
     tokens: int | None = None,
+    corpus: str | Path | None = None,
+    refactor_glu: bool = False,
     overwrite: bool = False,
 ) -> Atlas:
-    """Imports a dataset in the GLUScope schema into an atlas folder.
+    """Imports a dataset in the GLUScope schema, or a GLUScope ``summary.pt``, into an atlas
+    folder.
 
     Args:
-        source: A ``save_to_disk`` folder, a parquet file (recognized by its content, whatever
-            its suffix), or a Hugging Face dataset id (its ``train`` split), such as
-            GLUScope's published OLMo-7B dataset.
+        source: A ``save_to_disk`` folder, a parquet file or a ``summary.pt`` (recognized by
+            their content, whatever their suffix), or a Hugging Face dataset id (its
+            ``train`` split), such as GLUScope's published OLMo-7B dataset.
         out: The atlas folder to write.
         model: The model the statistics belong to (recorded as its name).
         tokens: Counted tokens of the corpus, when the dataset does not record them.
+        corpus: The corpus the dataset's text indices point into (``gatescope corpus`` on
+            GLUScope's tokenized corpus keeps its rows): recorded for pages, checked against
+            the indices, and the source of the token count (every token of every text: the
+            first too, as GLUScope counts it) when none is known.
+        refactor_glu: The statistics were made with refactored weights (GLUScope's
+            ``--refactor_glu``, as its published OLMo-7B data): pages recompute with them.
         overwrite: Replace an atlas already in ``out``.
 
     Returns:
         The atlas, loaded from ``out``.
     """
+    from gatescope.corpus import TokenizedCorpus
+
     out = Path(out)
     claim_output(out, ATLAS, overwrite=overwrite)
+    texts = TokenizedCorpus.open(corpus) if corpus is not None else None
     dataset = _load_source(source)
+    restored = _restored_meta(dataset, _as_table(dataset))
+    if tokens is None and texts is not None and (restored is None or restored.tokens is None):
+        tokens = int(texts.lengths.sum())
     atlas = from_hf_dataset(dataset, tokens=tokens)
     meta = atlas.meta.replace(imported_from=str(source))
     if model is not None:
         meta = meta.replace(model=dataclasses.replace(meta.model, name=model))
+    if refactor_glu:
+        meta = meta.replace(options=dataclasses.replace(meta.options, refactor_glu=True))
+    if texts is not None:
+        texts.check_texts([int(atlas.tensor("top_text").max())])
+        meta = meta.replace(corpus=texts.reference())
     atlas.meta = meta
     atlas.save(out, overwrite=overwrite)
     logger.info("imported %s into %s", source, out)
@@ -387,11 +424,16 @@ def _load_source(source: str | Path) -> datasets.Dataset | pa.Table:
         return loaded
     if path.is_file():
         with path.open("rb") as file:
-            if file.read(4) != b"PAR1":
-                raise GatescopeError(
-                    f"{path} is not a parquet file: import a parquet file, a dataset folder or "
-                    "a Hugging Face dataset id."
-                )
+            magic = file.read(4)
+        if magic == b"PK\x03\x04":  # torch.save's zip format: a GLUScope summary.pt
+            from gatescope.gluscope import read_summary
+
+            return read_summary(path)
+        if magic != b"PAR1":
+            raise GatescopeError(
+                f"{path} is neither a parquet file nor a GLUScope summary.pt: import one of "
+                "those, a dataset folder or a Hugging Face dataset id."
+            )
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -8,6 +8,7 @@ the site folder holds, from which ``index.html`` is rebuilt: re-running adds pag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -27,6 +28,8 @@ from gatescope.records import SiteMeta, SitePage
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
+    import numpy as np
+    import torch
     from transformers import PreTrainedTokenizerBase
 
     from gatescope.corpus import TokenizedCorpus
@@ -35,6 +38,10 @@ if TYPE_CHECKING:
 __all__ = ["PageSource", "page_file", "parse_neuron", "top_neurons", "write_pages"]
 
 SITE_JSON = "site.json"
+
+#: The share of a page's examples whose recomputed value may miss the stored one (a batch
+#: of other texts rounds differently) before the page is refused as showing unrelated texts.
+MISMATCH_SHARE = 0.1
 
 #: Tokens of context shown before and after an example's strongest token.
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4
@@ -186,14 +193,70 @@ def _write_layer(
                      refactor_glu=atlas.meta.options.refactor_glu)  # fmt: skip
     tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
     sources = source.corpus.source_ids(texts)
+    rtol = _relative_precision(source.loaded.dtype)
     for i, neuron in enumerate(neurons):
+        values = {t: a.values[i] for t, a in acts.items()}  # text -> [quantity, pos]
+        summary = located(summaries[neuron], values, atlas.meta.options.include_bos, rtol)
         page = neuron_page(
-            atlas, summaries[neuron], {t: a.values[i] for t, a in acts.items()},
-            tokens, sources, links=_links(atlas, model, layer, neuron, existing),
+            atlas, summary, values, tokens, sources,
+            links=_links(atlas, model, layer, neuron, existing),
         )  # fmt: skip
         path = out / page_file(model, layer, neuron)
         write_text_atomic(path, render_neuron(page))
         yield neuron, path
+
+
+def located(
+    summary: NeuronSummary, values: Mapping[int, np.ndarray], include_bos: bool, rtol: float
+) -> NeuronSummary:
+    """The summary with each example at its text's strongest token, checked.
+
+    An example without a position (GLUScope's data has none) gets the position of its
+    text's strongest token of the case (:func:`~gatescope.stats.quantities.strongest_token`).
+    Every example's recomputed value must then equal the stored one to ``rtol``: where more
+    than :data:`MISMATCH_SHARE` of them do not, the corpus, the model or the refactoring is
+    not the atlas's, and the page would show unrelated texts.
+
+    Args:
+        values: Text index -> [quantity, pos], the neuron's recomputed activations.
+        include_bos: Whether the atlas counted the first token.
+        rtol: Relative tolerance of the comparison (the model dtype's precision).
+    """
+    from gatescope.stats.quantities import strongest_token
+
+    first = 0 if include_bos else 1
+    top: dict[str, dict[str, list[Example]]] = {}
+    checked = wrong = 0
+    for case, lists in summary.top.items():
+        for quantity, examples in lists.items():
+            c, q = CASES.index(case), QUANTITIES.index(quantity)
+            top.setdefault(case, {})[quantity] = found = []
+            for example in examples:
+                text = values[example.text]
+                position = example.position
+                if position < 0:
+                    position = strongest_token(text, c, q, first)
+                value = math.nan if position is None else float(text[q, position])
+                checked += 1
+                wrong += not math.isclose(value, example.value, rel_tol=rtol, abs_tol=1e-6)
+                found.append(
+                    dataclasses.replace(example, position=-1 if position is None else position)
+                )
+    if wrong > MISMATCH_SHARE * checked:
+        raise GatescopeError(
+            f"{wrong} of the {checked} top examples of neuron {summary.layer}.{summary.index} "
+            "do not recompute to their stored values: the corpus, the model or the "
+            "refactoring (--refactor-glu) does not match the atlas."
+        )
+    return dataclasses.replace(summary, top=top)
+
+
+def _relative_precision(dtype: torch.dtype) -> float:
+    """How far a recomputation may land from a stored value: a scan in other batches, on
+    other hardware, rounds its matrix products differently in the model's dtype."""
+    import torch
+
+    return 0.1 if dtype in (torch.bfloat16, torch.float16) else 1e-2
 
 
 def _refresh_neighbours(

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["fill_quantities", "gated_quantities", "stats_dtype"]
+__all__ = ["fill_quantities", "gated_quantities", "stats_dtype", "strongest_token"]
 
 
 def stats_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -43,3 +44,27 @@ def gated_quantities(gate: Tensor, up: Tensor, act: Callable[[Tensor], Tensor]) 
     q[0].copy_(gate)
     q[1].copy_(up)
     return fill_quantities(q, act)
+
+
+def strongest_token(values: np.ndarray, case: int, quantity: int, first: int = 0) -> int | None:
+    """A text's strongest token of a sign case, as the ranked lists pick it.
+
+    Args:
+        values: [quantity, pos] one neuron's ``g``, ``u``, ``act(g)``, ``act(g) * u`` on one
+            text (:func:`gated_quantities`).
+        case: Index into :data:`~gatescope.constants.CASES`.
+        quantity: Index into :data:`~gatescope.constants.QUANTITIES`.
+        first: The first counted position (1 when the first token is not counted).
+
+    Returns:
+        The first position of the largest ``|value|`` among the case's counted tokens, or
+        None where the case does not occur in the text.
+    """
+    g, u = values[0, first:], values[1, first:]
+    gate_ok = g < 0 if case >= 2 else g > 0  # case = 2 * (g < 0) + (u < 0)
+    in_ok = u < 0 if case % 2 else u > 0
+    in_case = gate_ok & in_ok
+    if not in_case.any():
+        return None
+    strength = np.where(in_case, np.abs(values[quantity, first:]), -np.inf)
+    return first + int(np.argmax(strength))
