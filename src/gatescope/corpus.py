@@ -16,6 +16,7 @@ Heavy libraries (pyarrow, datasets, transformers) are imported inside the functi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -164,6 +165,22 @@ def build_corpus(
     if tok.bos_token_id is None:
         logger.info("the tokenizer has no BOS token: each text starts with EOS (id %d)", bos)
 
+    recipe = CorpusRecipe(
+        source=source_name or _describe(source, quoted=False),
+        tokenizer=str(tokenizer) if isinstance(tokenizer, (str, Path)) else tok.name_or_path,
+        max_length=max_length,
+        tokens_budget=tokens,
+        seed=seed,
+        text_column=text_column,
+        split=split,
+        separator=separator,
+    )
+    tokenized = _tokenized_source(source, split=split)
+    if tokenized is not None:
+        rows, label = tokenized
+        recipe = dataclasses.replace(recipe, seed=None, text_column=INPUT_IDS, separator=None)
+        return _kept_rows(rows, label, tok, max_length=max_length, tokens=tokens, recipe=recipe)
+
     parts = _read_source(source, text_column=text_column, split=split, separator=separator)
     total = sum(len(part.texts) for part in parts)
     if total == 0:
@@ -226,16 +243,6 @@ def build_corpus(
             "the source has only %d tokens, fewer than the budget of %d", n_tokens, tokens
         )
     logger.info("corpus: %d texts, %d tokens", len(lengths), n_tokens)
-    recipe = CorpusRecipe(
-        source=source_name or _describe(source, quoted=False),
-        tokenizer=str(tokenizer) if isinstance(tokenizer, (str, Path)) else tok.name_or_path,
-        max_length=max_length,
-        tokens_budget=tokens,
-        seed=seed,
-        text_column=text_column,
-        split=split,
-        separator=separator,
-    )
     return _to_dataset(ids_chunks, lengths, source_ids, recipe)
 
 
@@ -493,6 +500,12 @@ def _read_parquet(path: Path, text_column: str) -> pa.Array:
 
 
 def _read_saved_dataset(path: Path, *, text_column: str, split: str) -> _Texts:
+    dataset, label = _load_saved_dataset(path, split)
+    return _dataset_texts(dataset, label, text_column, str(path))
+
+
+def _load_saved_dataset(path: Path, split: str) -> tuple[datasets.Dataset, str]:
+    """A `save_to_disk` folder's dataset (its `split` if it holds several), and its label."""
     import datasets
 
     try:
@@ -508,7 +521,7 @@ def _read_saved_dataset(path: Path, *, text_column: str, split: str) -> _Texts:
         dataset, split_name = loaded[split], split
     else:
         dataset, split_name = loaded, str(loaded.split) if loaded.split else split
-    return _dataset_texts(dataset, f"{path.name}/{split_name}", text_column, str(path))
+    return dataset, f"{path.name}/{split_name}"
 
 
 def _read_hub_dataset(name: str, *, text_column: str, split: str) -> _Texts:
@@ -582,6 +595,87 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
     )
+
+
+# --- already tokenized sources -------------------------------------------------------
+
+
+def _tokenized_source(
+    source: str | Path | Mapping[str, str], *, split: str
+) -> tuple[datasets.Dataset, str] | None:
+    """A source that is already tokenized (it has an `INPUT_IDS` column: a saved dataset, a
+    parquet file or a Hugging Face dataset, such as GLUScope's dolma-small), with its label;
+    None for a source of texts."""
+    import datasets
+
+    if isinstance(source, Mapping):
+        return None
+    path = Path(source).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        dataset, label = _load_saved_dataset(path, split)
+    elif path.is_file() and path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if INPUT_IDS not in pq.read_schema(path).names:
+            return None
+        dataset, label = datasets.Dataset.from_parquet(str(path)), path.name
+    elif not path.exists() and not _looks_like_path(source):
+        try:
+            dataset = datasets.load_dataset(str(source), split=split)
+        except Exception:  # _read_source says why, for a source of texts too
+            return None
+        label = f"{source}/{split}"
+    else:
+        return None
+    if not isinstance(dataset, datasets.Dataset) or INPUT_IDS not in dataset.column_names:
+        return None
+    return dataset, label
+
+
+def _kept_rows(
+    dataset: datasets.Dataset, label: str, tok: PreTrainedTokenizerBase, *, max_length: int,
+    tokens: int | None, recipe: CorpusRecipe,
+) -> datasets.Dataset:  # fmt: skip
+    """A tokenized dataset's rows as a corpus, in their order (text i is row i: indices into
+    the source, like GLUScope's, stay valid): no new BOS, no shuffle, padding stripped (the
+    positions its `attention_mask` masks, else trailing pad tokens), each row cut at
+    `max_length` and the last at the token budget."""
+    import numpy as np
+
+    arrays = dataset.with_format("numpy")  # rows as arrays, never Python lists of ints
+    masks = arrays["attention_mask"] if "attention_mask" in dataset.column_names else None
+    pad = tok.pad_token_id if isinstance(tok.pad_token_id, int) else None
+    if pad in (tok.bos_token_id, tok.eos_token_id):
+        pad = None  # a pad that is also BOS or EOS may be a real token
+    ids_chunks: list[np.ndarray] = []
+    n_tokens = 0
+    for row, ids in enumerate(arrays[INPUT_IDS]):
+        ids = np.asarray(ids, dtype=np.int32)
+        if masks is not None:
+            ids = ids[np.asarray(masks[row]) != 0]
+        elif pad is not None:
+            ids = ids[: len(ids) - _trailing(ids, pad)]
+        if len(ids) == 0:
+            raise GatescopeError(f"row {row} of {label} has no tokens once padding is stripped.")
+        keep = min(len(ids), max_length)
+        if tokens is not None:
+            keep = min(keep, tokens - n_tokens)
+        ids_chunks.append(ids[:keep])
+        n_tokens += keep
+        if tokens is not None and n_tokens >= tokens:
+            break
+    lengths = [len(ids) for ids in ids_chunks]
+    source_ids = [f"{label}:{row}" for row in range(len(ids_chunks))]
+    logger.info("corpus: %d tokenized rows kept in order, %d tokens", len(lengths), n_tokens)
+    return _to_dataset(ids_chunks, lengths, source_ids, recipe)
+
+
+def _trailing(ids: np.ndarray, pad: int) -> int:
+    """How many ``pad`` tokens end ``ids``."""
+    import numpy as np
+
+    not_pad = np.flatnonzero(ids != pad)
+    return len(ids) - (int(not_pad[-1]) + 1 if len(not_pad) else 0)
 
 
 # --- tokenizing ---------------------------------------------------------------------------
