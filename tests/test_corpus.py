@@ -20,6 +20,7 @@ from gatescope.constants import CORPUS_JSON, INPUT_IDS, SOURCE_ID
 from gatescope.corpus import (
     build_corpus,
     corpus_metadata,
+    corpus_recipe,
     fingerprint,
     load_corpus,
     save_corpus,
@@ -462,3 +463,20 @@ def test_real_tokenizer_and_tinystories(
     out = save_corpus(corpus, tmp_path / "ts")
     assert corpus_metadata(out).recipe.tokenizer == real.name_or_path
     assert fingerprint(load_corpus(out)) == fingerprint(corpus)
+
+
+def test_tokenized_parquet_keeps_rows_and_strips_trailing_padding(tmp_path: Path) -> None:
+    """An `input_ids` parquet file without attention masks: rows in order, trailing pad
+    tokens stripped (a pad that is also BOS/EOS would be kept), budget and max_length cut."""
+    from tests.tokenizers import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    pad = tokenizer.pad_token_id
+    rows = [[1, 40, 41, pad, pad], [1, 50, pad, 51, pad], [1, 60, 61, 62, 63]]
+    pq.write_table(pa.table({"input_ids": rows, "text": ["a", "b", "c"]}), tmp_path / "t.parquet")
+    corpus = build_corpus(tmp_path / "t.parquet", tokenizer, max_length=4, seed=9)
+    assert corpus["input_ids"] == [[1, 40, 41], [1, 50, pad, 51], [1, 60, 61, 62]]
+    assert corpus["source_id"] == ["t.parquet:0", "t.parquet:1", "t.parquet:2"]
+    assert corpus_recipe(corpus).seed is None  # never shuffled
+    budget = build_corpus(tmp_path / "t.parquet", tokenizer, tokens=5)
+    assert budget["input_ids"] == [[1, 40, 41], [1, 50]]
