@@ -77,6 +77,7 @@ def to_gluscope_dataset(atlas: Atlas) -> datasets.Dataset:
     """
     import datasets
     import pyarrow as pa
+    from datasets.fingerprint import generate_random_fingerprint
 
     from gatescope.export import to_hf_dataset
 
@@ -96,7 +97,8 @@ def to_gluscope_dataset(atlas: Atlas) -> datasets.Dataset:
         columns[f"{prefix}_indices"] = _lists(texts)
     ordered = pa.table({name: columns[name] for name, _ in gluscope_columns()})
     info = datasets.DatasetInfo(description=_description(atlas, ours.info.description))
-    return datasets.Dataset(ordered, info=info, fingerprint=ours._fingerprint)
+    # A random fingerprint: the default one hashes the whole table (see export).
+    return datasets.Dataset(ordered, info=info, fingerprint=generate_random_fingerprint())
 
 
 def first_token_warning(atlas: Atlas) -> str | None:
