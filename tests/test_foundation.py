@@ -303,3 +303,56 @@ def test_corpus_recipe_survives_saving_and_loading(tmp_path):
     save_corpus(dataset, tmp_path / "c", recipe=recipe)
     assert gatescope.corpus.corpus_metadata(tmp_path / "c").recipe == recipe
     assert corpus_recipe(load_corpus(tmp_path / "c")) is None  # a dataset not built by us
+
+
+def test_resume_and_overwrite_are_not_both_asked(folders, tmp_path):
+    with pytest.raises(GatescopeError, match="--resume or --overwrite, not both"):
+        gatescope.scan(folders / "model", folders / "corpus", out=folders / "atlas", k=4,
+                       resume=True, overwrite=True, progress=False)  # fmt: skip
+    assert Atlas.load(folders / "atlas").k == 4  # untouched
+
+
+def test_a_scan_split_otherwise_is_not_resumed_from_scratch(folders, tmp_path):
+    out = tmp_path / "atlas"
+    (out / CHECKPOINT_DIR).mkdir(parents=True)
+    (out / CHECKPOINT_DIR / "shard-0-of-2.safetensors").write_bytes(b"a rank's progress")
+    with pytest.raises(GatescopeError, match="split into other parts"):
+        gatescope.scan(folders / "model", folders / "corpus", out=out, k=4, resume=True,
+                       progress=False)  # fmt: skip
+    assert (out / CHECKPOINT_DIR / "shard-0-of-2.safetensors").exists()
+
+
+def test_the_first_releases_nominal_counts_keep_their_frequencies(folders, tmp_path):
+    """The first release imported GLUScope data with counts over a nominal 10**9 tokens."""
+    new = Atlas.load(folders / "atlas")
+    nominal = tmp_path / "nominal"
+    nominal.mkdir()
+    (nominal / "stats.safetensors").write_bytes(
+        (folders / "atlas" / "stats.safetensors").read_bytes()
+    )
+    meta = {**new.meta.to_dict(), "format_version": 1, "tokens_exact": False}
+    del meta["count_scale"]
+    (nominal / ATLAS_JSON).write_text(json.dumps(meta))
+    old = Atlas.load(nominal)
+    assert old.tokens is None and old.meta.count_scale == new.tokens
+    assert old.neuron(1, 3).freq == new.neuron(1, 3).freq
+    assert old.neuron(1, 3).count is None
+
+
+def test_a_folder_replaces_a_file_and_an_unsafe_summary_is_refused(tmp_path):
+    out = tmp_path / "export"
+    out.write_text("an earlier parquet export")
+    with staged(out) as tmp:
+        tmp.mkdir()
+        (tmp / "dataset_info.json").write_text("{}")
+    assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    from gatescope.export import import_dataset
+
+    bad = tmp_path / "summary.pt"
+    torch.save({("gate+_in+", "freq"): torch.zeros(3)}, bad)  # not [layers, neurons]
+    with pytest.raises(GatescopeError, match="not a GLUScope summary of the usual shapes"):
+        import_dataset(bad, tmp_path / "atlas")
+    torch.save({("gate+_in+", "freq"): Path("an object to unpickle")}, bad)
+    with pytest.raises(GatescopeError, match="not a GLUScope summary file that loads safely"):
+        import_dataset(bad, tmp_path / "atlas")

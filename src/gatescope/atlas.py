@@ -225,7 +225,9 @@ class Atlas:
     @property
     def denominator(self) -> int:
         """What ``count`` divides by into frequencies."""
-        return FREQ_SCALE if self.tokens is None else self.tokens
+        if self.tokens is not None:
+            return self.tokens
+        return self.meta.count_scale or FREQ_SCALE
 
     def tensor(self, name: str) -> Tensor:
         """A whole stored tensor (see the module docstring for names and shapes)."""

@@ -198,7 +198,8 @@ def scan(
 
     For every neuron: how often each sign case of (gate, in) occurs, the mean of the four
     quantities per case, and the top-k texts per case and quantity. Checkpoints go into
-    --out every few minutes and on Ctrl-C; --resume continues from the last one.
+    --out every few minutes and on Ctrl-C or SIGTERM (a preemption); --resume continues
+    from the last one.
 
     Under `torchrun --nproc-per-node G -m gatescope scan ...` each rank scans its part of
     the corpus and rank 0 writes the merged atlas.

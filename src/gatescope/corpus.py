@@ -620,7 +620,10 @@ def _tokenized_source(
             return None
         dataset, label = datasets.Dataset.from_parquet(str(path)), path.name
     elif not path.exists() and not _looks_like_path(source):
-        try:
+        try:  # the features first: a dataset of texts is loaded once, by _read_source
+            features = datasets.load_dataset_builder(str(source)).info.features
+            if features is not None and INPUT_IDS not in features:
+                return None
             dataset = datasets.load_dataset(str(source), split=split)
         except Exception:  # _read_source says why, for a source of texts too
             return None

@@ -183,7 +183,7 @@ class RankWatch:
             return
         if isinstance(error, RankFailed):
             return
-        message = f"rank {self._ranks.rank}: {error or type(error).__name__}"
+        message = f"rank {self._ranks.rank}: {str(error) or type(error).__name__}"
         with contextlib.suppress(RuntimeError):  # the store may be gone too
             self._store.set("failed", message)
 

@@ -21,9 +21,11 @@ positions -1, an unknown token count (unless one is given), and of the extremes 
 strongest value of each ranked list (the other one is NaN).
 
 Counts and sums are not columns of the schema: an import rebuilds them as
-``count = round(freq * tokens)`` (exact for our exports; ``tokens`` is
-:data:`~gatescope.atlas.FREQ_SCALE` when unknown) and ``sum = mean * count``, which can
-differ from the scanned sum in the last bit of its float64 mantissa.
+``count = round(freq * tokens)`` (``tokens`` is :data:`~gatescope.atlas.FREQ_SCALE` when
+unknown) and ``sum = mean * count``, which can differ from the scanned sum in the last bit
+of its float64 mantissa. Counts are exact from our float64 frequencies; from GLUScope's
+float32 ones (and our ``--format gluscope``) they are exact below 2**24 tokens of a case,
+and within float32's relative precision (6e-8) above.
 """
 
 from __future__ import annotations
@@ -312,7 +314,8 @@ def from_hf_dataset(
             for name, array in ranked.items()
         },
     }
-    shape = {"layers": layers, "d_mlp": d_mlp, "k": k, "tokens": tokens}
+    shape = {"layers": layers, "d_mlp": d_mlp, "k": k, "tokens": tokens,
+             "count_scale": None if tokens is not None else FREQ_SCALE}  # fmt: skip
     if restored is not None:
         meta = restored.replace(**shape)
     else:  # GLUScope's own: it counts every text's first token
@@ -388,7 +391,8 @@ def import_dataset(
     dataset = _load_source(source)
     restored = _restored_meta(dataset, _as_table(dataset))
     if tokens is None and texts is not None and (restored is None or restored.tokens is None):
-        tokens = int(texts.lengths.sum())
+        first_counted = restored is None or restored.options.include_bos  # GLUScope counts it
+        tokens = int(texts.lengths.sum()) - (0 if first_counted else len(texts.lengths))
     atlas = from_hf_dataset(dataset, tokens=tokens)
     meta = atlas.meta.replace(imported_from=str(source))
     if model is not None:
@@ -396,7 +400,7 @@ def import_dataset(
     if refactor_glu:
         meta = meta.replace(options=dataclasses.replace(meta.options, refactor_glu=True))
     if texts is not None:
-        texts.check_texts([int(atlas.tensor("top_text").max())])
+        texts.check_texts([max(int(atlas.tensor("top_text").max()), 0)])
         meta = meta.replace(corpus=texts.reference())
     atlas.meta = meta
     atlas.save(out, overwrite=overwrite)

@@ -9,9 +9,10 @@ here:
   which continues it); anything else that is not empty is never touched. Each refusal has
   one wording, here.
 * :func:`staged` writes a whole file or folder under a temporary name beside the target and
-  renames it into place at the end; :func:`write_atomic` does the same for one file. Inside
-  a folder, the file that marks it complete (``atlas.json``, ``gatescope_corpus.json``) is
-  written last.
+  renames it into place at the end (on failure the target is untouched); :func:`write_atomic`
+  does the same for one file. Inside a folder, the file that marks it complete
+  (``atlas.json``, ``gatescope_corpus.json``) is written last, and removed first when the
+  folder is rewritten in place (an atlas being replaced, a scan's first checkpoint).
 
 Torch-free.
 """
@@ -182,16 +183,21 @@ def json_default(value: Any) -> Any:
 def _replace(tmp: Path, out: Path) -> None:
     """Renames the finished ``tmp`` (file or folder) to ``out``, replacing what is there.
 
-    A rename cannot replace a non-empty folder, so the old one is moved aside first and
-    removed only once the new one is in place.
+    A rename cannot replace a non-empty folder, nor put a folder where a file is, so what
+    is there is moved aside first (and back if the rename fails), and removed once the new
+    one is in place.
     """
-    if out.is_dir() and not out.is_symlink():
-        old = temporary_name(out)
-        os.replace(out, old)
+    if not (out.exists() or out.is_symlink()):
         os.replace(tmp, out)
-        remove_path(old)
-    else:
+        return
+    old = temporary_name(out)
+    os.replace(out, old)
+    try:
         os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    remove_path(old)
 
 
 def remove_path(path: Path) -> None:

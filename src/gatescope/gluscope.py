@@ -43,7 +43,13 @@ if TYPE_CHECKING:
 
     from gatescope.atlas import Atlas
 
-__all__ = ["GLUSCOPE_ORDER", "gluscope_columns", "read_summary", "to_gluscope_dataset"]
+__all__ = [
+    "GLUSCOPE_ORDER",
+    "first_token_warning",
+    "gluscope_columns",
+    "read_summary",
+    "to_gluscope_dataset",
+]
 
 logger: logging.Logger = logging.getLogger(__name__)
 
@@ -117,7 +123,6 @@ def read_summary(path: Path) -> pa.Table:
     Loaded with ``torch.load(weights_only=True)``: only tensors, dicts, tuples and strings,
     never arbitrary objects.
     """
-    import pyarrow as pa
     import torch
 
     try:
@@ -128,6 +133,18 @@ def read_summary(path: Path) -> pa.Table:
         ) from error
     if not isinstance(summary, dict) or (CASES[0], "freq") not in summary:
         raise GatescopeError(f"{path} is not a GLUScope summary: it has no ('{CASES[0]}', 'freq').")
+    try:
+        return _summary_columns(summary, path)
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise GatescopeError(
+            f"{path} is not a GLUScope summary of the usual shapes ({_first_line(error)})."
+        ) from error
+
+
+def _summary_columns(summary: dict, path: Path) -> pa.Table:
+    """The dataset's columns from a loaded summary dict (shapes as GLUScope saves them)."""
+    import pyarrow as pa
+
     layers, d_mlp = summary[CASES[0], "freq"].shape
     columns: dict[str, pa.Array] = {
         "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int64), d_mlp)),

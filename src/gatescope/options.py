@@ -32,10 +32,11 @@ def _option(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class ScanOptions:
-    """The options of a scan. All of them are recorded in the atlas, and those that change
-    the result (``k``, ``include_bos``, ``refactor_glu`` and the model's dtype) are part of
-    the run's identity (:class:`gatescope.records.RunIdentity`): a resume or a merge must
-    share them."""
+    """The options of a scan. Those that change the result (``k``, ``include_bos``,
+    ``refactor_glu`` and the dtype, as the model's resolved dtype) are recorded in the atlas
+    and are part of the run's identity (:class:`gatescope.records.RunIdentity`): a resume
+    or a merge must share them. ``batch_size`` is recorded too; where the scan ran
+    (``device``, ``device_map``) and ``checkpoint_every`` are not."""
 
     batch_size: int = _option(16, "Texts per forward pass.")
     k: int = _option(DEFAULT_K, "Texts kept per case and quantity.")

@@ -286,6 +286,9 @@ class AtlasMeta:
     model: ModelRecord = field(default_factory=ModelRecord)
     corpus: CorpusRef = field(default_factory=CorpusRef)
     options: AtlasOptions = field(default_factory=AtlasOptions)
+    # Where ``tokens`` is unknown: what the stored counts divide by into frequencies
+    # (2**53 for imports; the first release stored counts over a nominal 10**9 tokens).
+    count_scale: int | None = None
     shards: ShardSet | None = None  # only for an atlas of some parts of a corpus
     created: str | None = None  # ISO 8601, UTC
     scan_seconds: float | None = None
@@ -325,6 +328,7 @@ class AtlasMeta:
             "d_mlp": self.d_mlp,
             "k": self.k,
             "tokens": self.tokens,
+            "count_scale": self.count_scale,
             # The layout, for readers without gatescope: names of the tensors' axes.
             "cases": list(CASES),
             "quantities": list(QUANTITIES),
@@ -364,6 +368,7 @@ class AtlasMeta:
                 d_mlp=int(data["d_mlp"]),
                 k=int(data["k"]),
                 tokens=_tokens(data),
+                count_scale=_count_scale(data),
                 model=ModelRecord.from_dict(data.get("model") or {}),
                 corpus=CorpusRef.from_dict(data.get("corpus") or {}),
                 options=AtlasOptions.from_dict(data.get("options") or {}),
@@ -383,6 +388,16 @@ def _tokens(data: Mapping[str, Any]) -> int | None:
     if data["tokens"] is None or data.get("tokens_exact", True) is False:
         return None
     return int(data["tokens"])
+
+
+def _count_scale(data: Mapping[str, Any]) -> int | None:
+    """What counts divide by where the token count is unknown: recorded since format 2,
+    the first release's nominal count before."""
+    if data.get("count_scale") is not None:
+        return int(data["count_scale"])
+    if data.get("tokens_exact", True) is False:
+        return int(data["tokens"])
+    return None
 
 
 # ------------------------------------------------------------------------------- site

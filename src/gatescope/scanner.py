@@ -96,6 +96,9 @@ def scan(
             the message says how to continue.
     """
     opts = ScanOptions.of(options, **changes)
+    if resume and overwrite:
+        raise GatescopeError("pass --resume or --overwrite, not both: one continues the scan "
+                             "in --out, the other starts it over.")  # fmt: skip
     part = Shard.parse(shard) if isinstance(shard, str) else shard
     folder = Path(out) if out is not None else None
     with distributed.process_group() as ranks:
@@ -123,14 +126,14 @@ def _scan(
         if distributed.on_rank_zero(ranks, claim):
             return Atlas.load(out)
 
-    loaded = spec.load()
-    mlps, layers = _prepare_layers(loaded, texts, opts)
-    checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity, shard) if out is not None else None
-    order = texts.scan_order(own_texts)
-    done = checkpoint.restore(layers) if (checkpoint and resume) else 0
-
     started = time.perf_counter()
+    # From here on, a rank that fails tells the others (loading can fail on one GPU alone).
     with distributed.RankWatch(ranks) as watch:
+        loaded = spec.load()
+        mlps, layers = _prepare_layers(loaded, texts, opts)
+        checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity, shard) if out else None
+        order = texts.scan_order(own_texts)
+        done = checkpoint.restore(layers) if (checkpoint and resume) else 0
         flipped = _feed(loaded, mlps, layers, texts, order, done, opts, checkpoint, watch,
                         progress=progress and not (ranks and ranks.rank), out=out)  # fmt: skip
         if ranks is not None:
@@ -218,8 +221,7 @@ def _claim_folder(
             )
         logger.info("%s already holds the finished atlas", out)
         return True
-    if overwrite:
-        (out / ATLAS_JSON).unlink(missing_ok=True)
+    if overwrite:  # the old atlas stays until the new scan saves progress or its atlas
         remove_path(out / CHECKPOINT_DIR)
     return False
 
@@ -438,6 +440,9 @@ class Checkpoint:
         from safetensors.torch import save_file
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        # From the first checkpoint on, the folder holds an unfinished scan, not an atlas
+        # that --overwrite asked to replace.
+        (self.folder.parent / ATLAS_JSON).unlink(missing_ok=True)
         tensors = {
             f"{i}.{name}": tensor.detach().cpu().contiguous()
             for i, stats in enumerate(layers)
@@ -457,9 +462,16 @@ class Checkpoint:
 
         from safetensors import safe_open
 
-        if not self.file.exists():
-            return 0
         where = self.folder.parent
+        if not self.file.exists():
+            others = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            if others:
+                raise GatescopeError(
+                    f"the unfinished scan in {where} was split into other parts ({others[0]}): "
+                    "resume it with the same --shard or number of ranks, or pass --overwrite "
+                    "to start over."
+                )
+            return 0
         with safe_open(str(self.file), framework="pt") as saved:
             metadata = saved.metadata() or {}
             if metadata.get("format") != _CHECKPOINT_FORMAT:
