@@ -129,21 +129,20 @@ def _scan(
     started = time.perf_counter()
     # From here on, a rank that fails tells the others (loading can fail on one GPU alone).
     with distributed.RankWatch(ranks) as watch:
-        loaded = spec.load()
-        mlps, layers = _prepare_layers(loaded, texts, opts)
-        checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity, shard) if out else None
+        prepared = _prepare(spec.load(), texts, opts)
+        checkpoint = Checkpoint(out / CHECKPOINT_DIR, identity, shard) if out is not None else None
         order = texts.scan_order(own_texts)
-        done = checkpoint.restore(layers) if (checkpoint and resume) else 0
-        flipped = _feed(loaded, mlps, layers, texts, order, done, opts, checkpoint, watch,
+        done = checkpoint.restore(prepared.layers) if (checkpoint and resume) else 0
+        flipped = _feed(prepared, texts, order, done, opts, checkpoint, watch,
                         progress=progress and not (ranks and ranks.rank), out=out)  # fmt: skip
         if ranks is not None:
-            if checkpoint is not None:
-                checkpoint.save(layers, len(order))  # every rank's part is safe before waiting
+            if checkpoint is not None:  # every rank's part is safe before it waits
+                checkpoint.save(prepared.layers, len(order))
             watch.wait_for_all()
-            layers = distributed.gather_merged(ranks, layers)
-    meta = _describe(loaded, mlps, layers, texts, opts, _shards(shard, ranks), flipped,
+            prepared.layers = distributed.gather_merged(ranks, prepared.layers)
+    meta = _describe(prepared, texts, opts, _shards(shard, ranks), flipped,
                      seconds=time.perf_counter() - started)  # fmt: skip
-    atlas = Atlas.from_stats(layers, meta)
+    atlas = Atlas.from_stats(prepared.layers, meta)
     return _publish(atlas, out, ranks)
 
 
@@ -226,10 +225,18 @@ def _claim_folder(
     return False
 
 
-def _prepare_layers(
-    loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions
-) -> tuple[list[GatedMLP], list[NeuronStats]]:
-    """The model's gated MLPs and a fresh accumulator for each, on its layer's device."""
+@dataclass
+class _Prepared:
+    """A loaded model ready to scan: its gated MLPs and an accumulator for each."""
+
+    loaded: LoadedModel
+    mlps: list[GatedMLP]
+    layers: list[NeuronStats]  # one per MLP, on its layer's device
+
+
+def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> _Prepared:
+    """Finds the model's gated MLPs, checks the corpus fits it, and makes a fresh
+    accumulator for each MLP on its layer's device."""
     from gatescope.arch import find_gated_mlps
     from gatescope.stats import NeuronStats, Workspace, stats_dtype
 
@@ -248,12 +255,11 @@ def _prepare_layers(
         device = _execution_device(mlp)
         layers.append(NeuronStats(mlp.d_mlp, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
                                   workspace=workspaces[device]))  # fmt: skip
-    return mlps, layers
+    return _Prepared(loaded, mlps, layers)
 
 
 def _feed(
-    loaded: LoadedModel, mlps: list[GatedMLP], layers: list[NeuronStats],
-    texts: TokenizedCorpus, order: np.ndarray, done: int, opts: ScanOptions,
+    model: _Prepared, texts: TokenizedCorpus, order: np.ndarray, done: int, opts: ScanOptions,
     checkpoint: Checkpoint | None, watch: distributed.RankWatch, *, progress: bool,
     out: Path | None,
 ) -> int:  # fmt: skip
@@ -262,11 +268,12 @@ def _feed(
     ``refactor_glu`` flipped."""
     from gatescope.arch import refactored_glu
 
-    refactor = refactored_glu(mlps) if opts.refactor_glu else contextlib.nullcontext(0)
+    loaded, layers = model.loaded, model.layers
+    refactor = refactored_glu(model.mlps) if opts.refactor_glu else contextlib.nullcontext(0)
     lengths = texts.lengths[order]
     bar = progress_bar(total=int(lengths.sum()), initial=int(lengths[:done].sum()), desc="scan",
                        unit="tok", enabled=progress)  # fmt: skip
-    with bar, refactor as flipped, _capture(mlps, layers) as feed, _StopOnSignal() as stop:
+    with bar, refactor as flipped, _capture(model.mlps, layers) as feed, _StopOnSignal() as stop:
         last_save = time.monotonic()
         while done < len(order):
             indices = order[done : done + opts.batch_size]
@@ -297,13 +304,13 @@ def _feed(
 
 
 def _describe(
-    loaded: LoadedModel, mlps: list[GatedMLP], layers: list[NeuronStats],
-    texts: TokenizedCorpus, opts: ScanOptions, shards: ShardSet | None, flipped: int,
-    *, seconds: float,
+    model: _Prepared, texts: TokenizedCorpus, opts: ScanOptions, shards: ShardSet | None,
+    flipped: int, *, seconds: float,
 ) -> AtlasMeta:  # fmt: skip
     """The atlas.json of the scan."""
     from gatescope.loading import dtype_name
 
+    loaded, layers = model.loaded, model.layers
     tokens = int(layers[0].tokens)
     if tokens == 0:
         raise GatescopeError(
@@ -320,7 +327,7 @@ def _describe(
             revision=loaded.revision,
             class_name=type(loaded.model).__name__,
             dtype=dtype_name(loaded.dtype),
-            act=type(mlps[0].act_fn).__name__,
+            act=type(model.mlps[0].act_fn).__name__,
         ),
         corpus=texts.reference(),
         options=AtlasOptions(
