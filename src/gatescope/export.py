@@ -42,7 +42,7 @@ import torch
 from gatescope.atlas import FREQ_SCALE, Atlas
 from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
-from gatescope.files import ATLAS, DATASET, claim_output, json_default, staged
+from gatescope.files import ATLAS, DATASET, claim_output, staged
 from gatescope.records import AtlasMeta, AtlasOptions
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ def _describe(meta: AtlasMeta) -> str:
     """The ``info.description`` of an export: a sentence and the atlas metadata, as JSON."""
     model = meta.model.name or "a model"
     text = f"Neuron statistics of {model} in the GLUScope activation-dataset schema (gatescope)."
-    return json.dumps({"description": text, META_KEY: meta.to_dict()}, default=json_default)
+    return json.dumps({"description": text, META_KEY: meta.to_dict()})
 
 
 def _write_parquet(dataset: datasets.Dataset, path: Path) -> None:

@@ -168,16 +168,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=json_default) + "\n")
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for the paths and torch dtypes found in metadata."""
-    if isinstance(value, Path):
-        return str(value)
-    if type(value).__module__ == "torch":  # a torch.dtype; no torch import needed here
-        return str(value).removeprefix("torch.")
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -140,7 +140,7 @@ def _scan(
                 checkpoint.save(prepared.layers, len(order))
             watch.wait_for_all()
             prepared.layers = distributed.gather_merged(ranks, prepared.layers)
-    meta = _describe(prepared, texts, opts, _shards(shard, ranks), flipped,
+    meta = _describe(prepared, identity, texts, opts, _shards(shard, ranks), flipped,
                      seconds=time.perf_counter() - started)  # fmt: skip
     atlas = Atlas.from_stats(prepared.layers, meta)
     return _publish(atlas, out, ranks)
@@ -304,13 +304,12 @@ def _feed(
 
 
 def _describe(
-    model: _Prepared, texts: TokenizedCorpus, opts: ScanOptions, shards: ShardSet | None,
-    flipped: int, *, seconds: float,
+    model: _Prepared, identity: RunIdentity, texts: TokenizedCorpus, opts: ScanOptions,
+    shards: ShardSet | None, flipped: int, *, seconds: float,
 ) -> AtlasMeta:  # fmt: skip
-    """The atlas.json of the scan."""
-    from gatescope.loading import dtype_name
-
-    loaded, layers = model.loaded, model.layers
+    """The atlas.json of the scan. Its model's name, revision and dtype are the identity's,
+    so that a resume compares the atlas with the very values it was checked against."""
+    layers = model.layers
     tokens = int(layers[0].tokens)
     if tokens == 0:
         raise GatescopeError(
@@ -323,10 +322,10 @@ def _describe(
         k=opts.k,
         tokens=tokens,
         model=ModelRecord(
-            name=loaded.name,
-            revision=loaded.revision,
-            class_name=type(loaded.model).__name__,
-            dtype=dtype_name(loaded.dtype),
+            name=identity.model,
+            revision=identity.revision,
+            class_name=type(model.loaded.model).__name__,
+            dtype=identity.dtype,
             act=type(model.mlps[0].act_fn).__name__,
         ),
         corpus=texts.reference(),
