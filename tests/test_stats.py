@@ -70,6 +70,8 @@ def assert_matches_reference(stats: NeuronStats, ref) -> None:
                     getattr(stats, extreme)[c, q].numpy(), expected[case, quantity],
                     rtol=1e-12, err_msg=extreme,
                 )  # fmt: skip
+    if stats.distributions:
+        assert_distributions_match(stats, ref)
     for lst, (c, q) in enumerate(TOP_LISTS):
         expected = ref.top[CASES[c], QUANTITIES[q]]
         for n, entries in enumerate(expected):
@@ -77,6 +79,24 @@ def assert_matches_reference(stats: NeuronStats, ref) -> None:
             np.testing.assert_array_equal(stats.top_text[lst, n].numpy(), texts)
             np.testing.assert_array_equal(stats.top_position[lst, n].numpy(), positions)
             np.testing.assert_allclose(stats.top_value[lst, n].numpy(), values, rtol=1e-12)
+
+
+def assert_distributions_match(stats: NeuronStats, ref) -> None:
+    """Histograms bin for bin; typical examples text, position and values."""
+    state = stats.state_dict()
+    for c, case in enumerate(CASES):
+        for q, quantity in enumerate(QUANTITIES):
+            histogram = state["histogram"][c, q].T.numpy()  # [neuron, bin]
+            np.testing.assert_array_equal(histogram, ref.histogram[case, quantity])
+            assert (histogram.sum(axis=1) == ref.count[case]).all()  # every token in one bin
+        np.testing.assert_array_equal(state["joint"][c].permute(2, 0, 1).numpy(), ref.joint[case])
+        for n, expected in enumerate(ref.typical[case]):
+            texts, positions, values = zip(*expected, strict=True)
+            np.testing.assert_array_equal(state["typical_text"][c, n].numpy(), texts)
+            np.testing.assert_array_equal(state["typical_position"][c, n].numpy(), positions)
+            np.testing.assert_allclose(
+                state["typical_value"][c, :, n].T.numpy(), np.array(values), rtol=1e-12
+            )
 
 
 @pytest.fixture(params=[torch.nn.functional.silu, clipped_silu], ids=["silu", "clipped"])

@@ -1,9 +1,11 @@
-"""The per-layer accumulator: counts, float64 sums and the ranked top-k lists.
+"""The per-layer accumulator: counts, float64 sums, the ranked top-k lists, and the
+distributions (histograms and typical examples).
 
 A pass (:mod:`~gatescope.stats.cpu_pass` on a CPU, :mod:`~gatescope.stats.torch_pass`
-elsewhere) turns a batch into counts, sums and each text's strongest token per list; this
-module keeps the state and merges those per-text candidates into the ranked lists with one
-sort of packed (|value|, text index) keys.
+elsewhere) adds a batch to the counts, sums and histograms and finds each text's strongest
+token per list and its drawn typical token; this module keeps the state and merges those
+per-text candidates: into the ranked lists with one sort of packed (|value|, text index)
+keys, into the typical examples by their smallest (priority, text index) keys.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import torch
 from torch import Tensor
 
 from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
+from gatescope.errors import GatescopeError
+from gatescope.stats import distributions
+from gatescope.stats.batch import PerText, StatisticsPass, Totals
 from gatescope.stats.torch_pass import TorchPass, Workspace
 
 N_CASES = len(CASES)
@@ -32,8 +37,11 @@ CPU_PENDING_TEXTS = 32
 
 KERNELS = ("auto", "cpu", "torch")
 
-# A statistics pass: (gate, up, valid, count, sums, weakest) -> (strength, position).
-_Pass = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+#: The histograms count in int32.
+MAX_HISTOGRAM_TOKENS = 2**31 - 1
+
+#: The state of the distributions (present when they are collected).
+DISTRIBUTION_STATE = ("histogram", "joint", "typical_text", "typical_position", "typical_value")
 
 
 class NeuronStats:
@@ -51,6 +59,10 @@ class NeuronStats:
             or ``"auto"``: the fused pass on a CPU, torch elsewhere.
         chunk_elements: Workspace size of the torch pass; ``None`` picks one per device.
         workspace: The torch pass's scratch buffers, to share with the other layers.
+        distributions: Whether to collect the histograms and typical examples
+            (:mod:`~gatescope.stats.distributions`).
+        seed: The typical examples' draw.
+        layer: The layer's index (part of the draw: each layer draws its own texts).
     """
 
     def __init__(
@@ -64,6 +76,9 @@ class NeuronStats:
         kernel: str = "auto",
         chunk_elements: int | None = None,
         workspace: Workspace | None = None,
+        distributions: bool = True,
+        seed: int = 0,
+        layer: int = 0,
     ) -> None:
         self.d_mlp = d_mlp
         self.act = act
@@ -95,10 +110,34 @@ class NeuronStats:
             [c * N_QUANTITIES + q for c, q in TOP_LISTS], device=self.device
         )
         self._list_signs = self._signs.flatten()[self._list_pairs].view(N_LISTS, 1, 1)
+        self.distributions = distributions
+        self.seed, self.layer = seed, layer
+        self._cases = torch.arange(N_CASES, device=self.device)
+        self._neurons = torch.arange(d_mlp, device=self.device)
+        self.histogram: Tensor | None = None
+        self.joint: Tensor | None = None
+        if distributions:
+            self._empty_distributions()
+
+    def _empty_distributions(self) -> None:
+        """Histograms at zero and no typical examples (slots: text -1, position -1, value 0)."""
+        n_bins, joint_bins = distributions.N_BINS, distributions.N_JOINT_BINS
+        zeros = functools.partial(torch.zeros, dtype=torch.int32, device=self.device)
+        # [case, quantity, bin, neuron] and [case, |g| bin, |u| bin, neuron]
+        self.histogram = zeros(N_CASES, N_QUANTITIES, n_bins, self.d_mlp)
+        self.joint = zeros(N_CASES, joint_bins, joint_bins, self.d_mlp)
+        # The typical examples, [case, neuron, slot] by ascending key (priority << 31 | text).
+        shape = (N_CASES, self.d_mlp, self.k)
+        self._typical_key = torch.full(shape, distributions.NO_KEY, device=self.device)
+        self._typical_text = torch.full(shape, -1, dtype=torch.int32, device=self.device)
+        self._typical_position = self._typical_text.clone()
+        self._typical_value = torch.zeros(
+            N_CASES, N_QUANTITIES, self.d_mlp, self.k, dtype=self.dtype, device=self.device
+        )
 
     def _choose_pass(
         self, kernel: str, chunk_elements: int | None, workspace: Workspace | None
-    ) -> _Pass:
+    ) -> StatisticsPass:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if kernel == "auto":
@@ -140,9 +179,14 @@ class NeuronStats:
         text_index = text_index.to(self.device, torch.int64)
         self.tokens += valid.sum()
         gate, up = gate.to(self.dtype), up.to(self.dtype)
+        totals = Totals(self.count, self.sum, self._weakest, self.histogram, self.joint)
+        priority = self._text_priority(text_index) if self.distributions else None
+        per_text = self._pass(gate, up, valid, totals, self._salts(priority))
+        if priority is not None:
+            self._add_typical_candidates(per_text, priority, text_index)
         # [case * 4 + quantity, text, neuron]: each text's strongest token (-inf: the case
         # does not occur in the text).
-        strength, position = self._pass(gate, up, valid, self.count, self.sum, self._weakest)
+        strength, position = per_text.strength, per_text.position
         strongest = strength.amax(dim=1).view(N_CASES, N_QUANTITIES, d_mlp)
         torch.maximum(self._strongest, strongest, out=self._strongest)
 
@@ -152,6 +196,63 @@ class NeuronStats:
         value = torch.where(present, strength * self._list_signs, 0)
         text = torch.where(present, text_index.view(1, batch, 1), -1)
         self._add_candidates(value.transpose(1, 2), text.transpose(1, 2), position.transpose(1, 2))
+
+    # ------------------------------------------------------------------ typical examples
+
+    def _text_priority(self, text_index: Tensor) -> Tensor:
+        """[case, text, neuron] the texts' draw priorities for every neuron."""
+        return distributions.text_priority(
+            self.seed, self.layer, self._cases.view(-1, 1, 1), self._neurons.view(1, 1, -1),
+            text_index.view(1, -1, 1),
+        )  # fmt: skip
+
+    def _salts(self, priority: Tensor | None) -> Tensor | None:
+        """[case, text, neuron] the token-draw salts of the texts that may enter the typical
+        examples (-1 for the others: their priority is above the k-th kept one)."""
+        if priority is None:
+            return None
+        kth = (self._typical_key[..., -1] >> distributions.TEXT_BITS).unsqueeze(1)
+        return torch.where(priority <= kth, distributions.token_salt(priority), -1)
+
+    def _add_typical_candidates(
+        self, per_text: PerText, priority: Tensor, text_index: Tensor
+    ) -> None:
+        """Merges each text's drawn token ([case, text, neuron]) into the typical examples."""
+        assert per_text.typical_position is not None and per_text.typical_value is not None
+        drawn = per_text.typical_position >= 0
+        key = torch.where(drawn, (priority << distributions.TEXT_BITS) | text_index.view(1, -1, 1),
+                          distributions.NO_KEY)  # fmt: skip
+        text = torch.where(drawn, text_index.view(1, -1, 1).to(torch.int32), -1)
+        self._merge_typical(
+            key.transpose(1, 2),
+            text.transpose(1, 2),
+            per_text.typical_position.to(torch.int32).transpose(1, 2),
+            per_text.typical_value.transpose(2, 3),
+        )
+
+    def _merge_typical(self, key: Tensor, text: Tensor, position: Tensor, value: Tensor) -> None:
+        """Keeps the k smallest keys among the kept examples and the candidates.
+
+        Args:
+            key, text, position: [case, neuron, n] candidates (key NO_KEY: none).
+            value: [case, quantity, neuron, n] their four values.
+        """
+        keys = torch.cat([self._typical_key, key], dim=-1)
+        best = keys.topk(self.k, dim=-1, largest=False, sorted=True).indices  # [case, neuron, k]
+        self._typical_key = keys.gather(-1, best)
+        self._typical_text = torch.cat([self._typical_text, text], dim=-1).gather(-1, best)
+        self._typical_position = torch.cat([self._typical_position, position], -1).gather(-1, best)
+        values = torch.cat([self._typical_value, value.to(self.dtype)], dim=-1)
+        self._typical_value = values.gather(-1, best.unsqueeze(1).expand(-1, N_QUANTITIES, -1, -1))
+
+    def _typical_keys_of(self, text: Tensor) -> Tensor:
+        """[case, neuron, slot] the keys of kept examples of texts ``text`` (-1: empty)."""
+        index = text.to(torch.int64).clamp(min=0)
+        priority = distributions.text_priority(
+            self.seed, self.layer, self._cases.view(-1, 1, 1), self._neurons.view(1, -1, 1), index
+        )
+        key = (priority << distributions.TEXT_BITS) | index
+        return torch.where(text >= 0, key, distributions.NO_KEY)
 
     # ------------------------------------------------------------------ top-k
 
@@ -263,8 +364,8 @@ class NeuronStats:
 
     def merge(self, other: NeuronStats) -> None:
         """Adds the statistics of ``other`` (disjoint texts of the same layer) to these."""
-        if (other.d_mlp, other.k) != (self.d_mlp, self.k):
-            raise ValueError("cannot merge statistics of different shapes or k")
+        if (other.d_mlp, other.k, other.distributions) != (self.d_mlp, self.k, self.distributions):
+            raise ValueError("cannot merge statistics of different shapes, k or distributions")
         self.tokens += other.tokens.to(self.device)
         self.count += other.count.to(self.device)
         self.sum += other.sum.to(self.device)
@@ -276,22 +377,49 @@ class NeuronStats:
             other.top_position.to(self.device),
         )
         self._merge_pending()
+        if self.distributions:
+            self._check_histogram_capacity()
+            assert self.histogram is not None and self.joint is not None
+            assert other.histogram is not None and other.joint is not None
+            self.histogram += other.histogram.to(self.device)
+            self.joint += other.joint.to(self.device)
+            self._merge_typical(
+                other._typical_key.to(self.device),
+                other._typical_text.to(self.device),
+                other._typical_position.to(self.device),
+                other._typical_value.to(self.device),
+            )
+
+    def _check_histogram_capacity(self) -> None:
+        if int(self.tokens) > MAX_HISTOGRAM_TOKENS:
+            raise GatescopeError(
+                f"the distributions count at most {MAX_HISTOGRAM_TOKENS:,} tokens, and this "
+                f"scan has {int(self.tokens):,}: scan with --no-distributions."
+            )
 
     @classmethod
     def from_states(
-        cls, states: Sequence[dict[str, Tensor]], *, device: torch.device | str = "cpu"
+        cls,
+        states: Sequence[dict[str, Tensor]],
+        *,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        layer: int = 0,
     ) -> NeuronStats:
         """The statistics of disjoint sets of texts, merged in the order given: how scans
-        run apart (shards, ranks) are combined. Ranked lists and extremes do not depend on
-        the order or grouping; float64 sums do only to rounding."""
+        run apart (shards, ranks) are combined. Ranked lists, extremes, histograms and
+        typical examples do not depend on the order or grouping; float64 sums do only to
+        rounding. ``seed`` and ``layer`` are those the typical examples were drawn with."""
         if not states:
             raise ValueError("nothing to merge")
         d_mlp, k = states[0]["count"].shape[-1], states[0]["top_value"].shape[-1]
         dtype = states[0]["top_value"].dtype
+        with_distributions = "histogram" in states[0]
 
         def load(state: dict[str, Tensor]) -> NeuronStats:
             # Never updated, only merged: no activation function, the plain torch pass.
-            stats = cls(d_mlp, act=None, k=k, device=device, dtype=dtype, kernel="torch")
+            stats = cls(d_mlp, act=None, k=k, device=device, dtype=dtype, kernel="torch",
+                        distributions=with_distributions, seed=seed, layer=layer)  # fmt: skip
             stats.load_state_dict(state)
             return stats
 
@@ -301,8 +429,12 @@ class NeuronStats:
         return merged
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The accumulated state; ``load_state_dict`` restores it exactly."""
-        return {
+        """The accumulated state; ``load_state_dict`` restores it exactly. With the
+        distributions: ``histogram`` [case, quantity, bin, neuron] and ``joint`` [case,
+        |g| bin, |u| bin, neuron] int32, and the typical examples ``typical_text``,
+        ``typical_position`` [case, neuron, slot] int32 and ``typical_value`` [case,
+        quantity, neuron, slot], in draw order (text -1: empty)."""
+        state = {
             "tokens": self.tokens,
             "count": self.count,
             "sum": self.sum,
@@ -312,9 +444,22 @@ class NeuronStats:
             "top_text": self.top_text,
             "top_position": self.top_position,
         }
+        if self.distributions:
+            self._check_histogram_capacity()
+            assert self.histogram is not None and self.joint is not None
+            state |= {
+                "histogram": self.histogram,
+                "joint": self.joint,
+                "typical_text": self._typical_text,
+                "typical_position": self._typical_position,
+                "typical_value": self._typical_value,
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         expected = self.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(f"the state has {sorted(state)}, expected {sorted(expected)}")
         for name, tensor in expected.items():
             if state[name].shape != tensor.shape:
                 raise ValueError(
@@ -329,6 +474,14 @@ class NeuronStats:
         self._value[..., : self.k] = state["top_value"]
         self._text[..., : self.k] = state["top_text"]
         self._position[..., : self.k] = state["top_position"]
+        if self.distributions:
+            int32 = functools.partial(torch.Tensor.to, device=self.device, dtype=torch.int32)
+            self.histogram = int32(state["histogram"]).clone()
+            self.joint = int32(state["joint"]).clone()
+            self._typical_text = int32(state["typical_text"]).clone()
+            self._typical_position = int32(state["typical_position"]).clone()
+            self._typical_value = state["typical_value"].to(self.device, self.dtype).clone()
+            self._typical_key = self._typical_keys_of(self._typical_text)
 
 
 def _numba_works() -> bool:

@@ -18,12 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numba
+import numba.extending
 import numpy as np
 import torch
 from numba.core import config as numba_config
 from torch import Tensor
 
 from gatescope.constants import SIGNS
+from gatescope.stats import distributions
+from gatescope.stats.batch import PerText, Totals
 
 #: Neurons per block; 64 was fastest on the benchmark model (AVX-512 and AVX2 alike).
 BLOCK = 64
@@ -40,6 +43,11 @@ TOTAL_ROWS = WEAKEST + 16
 STRENGTH = 0  # best[STRENGTH + pair]
 POSITION = STRENGTH + 16  # best[POSITION + pair]
 BEST_ROWS = POSITION + 16
+# `drawn` (int64, per text): per case the token draw's salt (-1: not drawn), the smallest
+# priority key so far (priority << 31 | position) and then the drawn position.
+SALT = 0  # drawn[SALT + case]
+KEY = SALT + 4  # drawn[KEY + case]
+DRAW_ROWS = KEY + 4
 
 # The kernel spells out each case's quantity signs; this is the table it implements.
 _KERNEL_SIGNS = ((1, 1, 1, 1), (1, -1, 1, -1), (-1, 1, -1, -1), (-1, -1, -1, 1))
@@ -50,47 +58,54 @@ def cpu_pass(
     gate: Tensor,
     up: Tensor,
     valid: Tensor,
-    count: Tensor,
-    sums: Tensor,
-    weakest: Tensor,
+    totals: Totals,
+    salt: Tensor | None,
     *,
     act: Callable[[Tensor], Tensor],
-) -> tuple[Tensor, Tensor]:
-    """Adds a batch to the totals and finds each text's strongest tokens.
+) -> PerText:
+    """The :class:`~gatescope.stats.batch.StatisticsPass` contract, on the CPU.
 
-    Args:
-        gate, up: [text, pos, neuron] ``g`` and ``u`` in the statistics' dtype (float32 or
-            float64), on the CPU.
-        valid: [text, pos] bool, the counted tokens.
-        count: [case, neuron] int64, added to in place.
-        sums: [case, quantity, neuron] float64, added to in place.
-        weakest: [case, quantity, neuron] the smallest |value| so far (+inf: none), in the
-            input dtype, lowered in place.
-        act: The activation; ``act(g)`` is computed by torch, exactly as the model does.
-
-    Returns:
-        strength: [case * 4 + quantity, text, neuron] the largest |value| of the quantity
-            over the text's tokens of the case; -inf where the case does not occur.
-        position: [case * 4 + quantity, text, neuron] int64, the first position holding it.
+    ``act(g)`` is computed by torch, exactly as the model does; ``totals.weakest`` is in the
+    input dtype.
     """
     gate, up = gate.contiguous(), up.contiguous()
     swish = act(gate).contiguous()
     texts, _, neurons = gate.shape
     strength = torch.empty(16, texts, neurons, dtype=gate.dtype)
     position = torch.empty(16, texts, neurons, dtype=torch.int64)
+    histograms = totals.histogram is not None and totals.joint is not None
+    draw = salt is not None
+    # Unused outputs are empty arrays: numba compiles one kernel for both.
+    histogram = totals.histogram if totals.histogram is not None else _NO_COUNTS.view(0, 0, 0, 0)
+    joint = totals.joint if totals.joint is not None else _NO_COUNTS.view(0, 0, 0, 0)
+    typical_shape = (4, texts, neurons) if draw else (0, 0, 0)
+    salts = salt.contiguous() if salt is not None else torch.empty(typical_shape, dtype=torch.int64)
+    typical_position = torch.empty(typical_shape, dtype=torch.int64)
+    typical_value = torch.empty((4, *typical_shape), dtype=gate.dtype)
     # numba keeps its own thread pool: use as many threads as torch is allowed to.
     # (numba sets its config attributes from the environment at import: unseen by pyright.)
     n_threads = numba_config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]
     numba.set_num_threads(max(1, min(torch.get_num_threads(), n_threads)))
     _batch(
         gate.numpy(), up.numpy(), swish.numpy(), valid.contiguous().numpy(),
-        count.numpy(), sums.numpy(), weakest.numpy(), strength.numpy(), position.numpy(),
+        totals.count.numpy(), totals.sums.numpy(), totals.weakest.numpy(),
+        strength.numpy(), position.numpy(),
+        histograms, histogram.numpy(), joint.numpy(),
+        draw, salts.numpy(), typical_position.numpy(), typical_value.numpy(),
     )  # fmt: skip
-    return strength, position
+    if not draw:
+        return PerText(strength, position)
+    return PerText(strength, position, typical_position, typical_value)
+
+
+_NO_COUNTS = torch.empty(0, dtype=torch.int32)
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
-def _batch(g, u, a, valid, count, sums, weakest, strength, position):  # pragma: no cover
+def _batch(
+    g, u, a, valid, count, sums, weakest, strength, position,
+    histograms, histogram, joint, draw, salt, typical_position, typical_value,
+):  # pragma: no cover  # fmt: skip
     texts, _, neurons = g.shape
     for block in numba.prange((neurons + BLOCK - 1) // BLOCK):
         first = block * BLOCK
@@ -98,13 +113,23 @@ def _batch(g, u, a, valid, count, sums, weakest, strength, position):  # pragma:
         totals = np.zeros(TOTAL_ROWS * BLOCK)
         totals[WEAKEST * BLOCK :] = np.inf
         best = np.empty(BEST_ROWS * BLOCK, dtype=g.dtype)
+        drawn = np.empty(DRAW_ROWS * BLOCK, dtype=np.int64)
+        counts = np.zeros(COUNT_ROWS * BLOCK if histograms else 0, dtype=np.int32)
+        at = np.empty(5 * BLOCK, dtype=np.int32)
         for text in range(texts):
             best[: POSITION * BLOCK] = -np.inf
             best[POSITION * BLOCK :] = -1
             _text(g, u, a, valid, text, first, width, totals, best)
             _weakest(g, u, a, valid, text, first, width, totals)
             _store_text(best, text, first, width, strength, position)
+            if histograms:
+                _histograms(g, u, a, valid, text, first, width, counts, at)
+            if draw:
+                _draw(g, u, a, valid, text, first, width, salt, drawn)
+                _store_draw(g, u, a, drawn, text, first, width, typical_position, typical_value)
         _store_block(totals, first, width, count, sums, weakest)
+        if histograms:
+            _store_histograms(counts, first, width, histogram, joint)
 
 
 # The loops below are not inlined into `_batch`: inside its parallel loop they made numba's
@@ -228,3 +253,180 @@ def _weaker(totals, j, case, in_case, g, u, a, p, sg, su, sa, sp):  # pragma: no
 def _lower(totals, at, in_case, strength):  # pragma: no cover - compiled
     s = np.float64(strength)
     totals[at] = s if in_case & (s < totals[at]) else totals[at]
+
+
+# The distributions (gatescope.stats.distributions implements the same in torch; tests
+# hold the two equal).
+
+_LOWEST, _JOINT_LOWEST = distributions.LOWEST, distributions.JOINT_LOWEST
+_N_BINS, _N_JOINT_BINS = distributions.N_BINS, distributions.N_JOINT_BINS
+_HALF_OCTAVE = distributions.HALF_OCTAVE
+_NO_KEY = distributions.NO_KEY
+_POSITION_MASK = 2**distributions.TEXT_BITS - 1
+# A block's histogram counts (int32, rows of BLOCK): the magnitude bins of each (case,
+# quantity), the joint cells of each case, and a spare row for tokens in no case.
+HISTOGRAM_ROWS = 16 * _N_BINS
+SPARE_ROW = HISTOGRAM_ROWS + 4 * _N_JOINT_BINS * _N_JOINT_BINS
+COUNT_ROWS = SPARE_ROW + 1
+assert distributions.BINS_PER_OCTAVE == 2 and distributions.JOINT_OCTAVES == 2, "kernel out of date"
+
+
+@numba.njit(boundscheck=False, error_model="numpy")
+def _histograms(g, u, a, valid, text, first, width, counts, at):  # pragma: no cover
+    """Adds one text's tokens to a block's histogram counts (rows of BLOCK, see COUNT_ROWS).
+
+    Two loops: the first finds each token's five counters (its four quantities' bins and
+    its joint bin) and vectorizes; the second adds to them one by one, since counters at
+    data-dependent addresses do not vectorize. ``at`` ([5 * BLOCK] int32) holds the
+    counters' offsets in between; a token in no case adds to the spare row.
+    """
+    for t in range(g.shape[1]):
+        if not valid[text, t]:
+            continue
+        for j in range(width):
+            gv, uv, av, pv, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
+            in_case = pp | pn | np_ | nn
+            case = (2 if gv < 0 else 0) + (1 if uv < 0 else 0)
+            row = 4 * case * _N_BINS
+            g_bin, u_bin = _magnitude_bin(gv), _magnitude_bin(uv)
+            spare = SPARE_ROW * BLOCK + j
+            at[j] = (row + g_bin) * BLOCK + j if in_case else spare
+            at[BLOCK + j] = (row + _N_BINS + u_bin) * BLOCK + j if in_case else spare
+            at[2 * BLOCK + j] = (
+                (row + 2 * _N_BINS + _magnitude_bin(av)) * BLOCK + j if in_case else spare
+            )
+            at[3 * BLOCK + j] = (
+                (row + 3 * _N_BINS + _magnitude_bin(pv)) * BLOCK + j if in_case else spare
+            )
+            cell = (case * _N_JOINT_BINS + _joint_bin(g_bin)) * _N_JOINT_BINS + _joint_bin(u_bin)
+            at[4 * BLOCK + j] = (HISTOGRAM_ROWS + cell) * BLOCK + j if in_case else spare
+        for j in range(width):
+            for k in range(5):
+                counts[at[k * BLOCK + j]] += 1
+
+
+@numba.njit(inline="always")
+def _row(in_case, row):  # pragma: no cover - compiled
+    """The offset of a counter row, or of the spare row for a token in no case."""
+    return (row if in_case else SPARE_ROW) * BLOCK
+
+
+@numba.njit(boundscheck=False)
+def _store_histograms(counts, first, width, histogram, joint):  # pragma: no cover
+    """Adds a block's histogram counts to the layer's."""
+    for case in range(4):
+        for quantity in range(4):
+            for b in range(_N_BINS):
+                row = ((4 * case + quantity) * _N_BINS + b) * BLOCK
+                for j in range(width):
+                    histogram[case, quantity, b, first + j] += counts[row + j]
+        for gb in range(_N_JOINT_BINS):
+            for ub in range(_N_JOINT_BINS):
+                cell = (case * _N_JOINT_BINS + gb) * _N_JOINT_BINS + ub
+                row = (HISTOGRAM_ROWS + cell) * BLOCK
+                for j in range(width):
+                    joint[case, gb, ub, first + j] += counts[row + j]
+
+
+def _float_fields(x: float) -> tuple[int, int]:  # pragma: no cover - compiled code only
+    """Stands for the overload below, which numba compiles in its place."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@numba.extending.overload(_float_fields, inline="always")
+def _float_fields_overload(x):  # pragma: no cover - compiled
+    """The unbiased exponent and top 23 mantissa bits of |x|: 32-bit integer work for
+    float32 (it vectorizes twice as wide), the float64 bits otherwise."""
+    if x == numba.types.float32:
+
+        def fields32(x):
+            bits = np.float32(x).view(np.int32) & 0x7FFFFFFF
+            return (bits >> 23) - 127, bits & 0x7FFFFF
+
+        return fields32
+
+    def fields64(x):
+        bits = np.float64(x).view(np.int64) & 0x7FFFFFFFFFFFFFFF
+        return (bits >> 52) - 1023, (bits >> 29) & 0x7FFFFF
+
+    return fields64
+
+
+@numba.njit(inline="always")
+def _magnitude_bin(x):  # pragma: no cover - compiled
+    exponent, mantissa = _float_fields(x)
+    regular = 1 + 2 * (exponent - _LOWEST) + (1 if mantissa >= _HALF_OCTAVE else 0)
+    return min(max(regular, 0), _N_BINS - 1)
+
+
+@numba.njit(inline="always")
+def _joint_bin(magnitude_bin):  # pragma: no cover - compiled
+    """The joint bin of a magnitude bin: its edges are every fourth magnitude edge from
+    2**JOINT_LOWEST (the magnitude bins' octave is ``LOWEST + (bin - 1) // 2``)."""
+    octave = _LOWEST + ((magnitude_bin - 1) >> 1)
+    regular = 1 + ((octave - _JOINT_LOWEST) >> 1)
+    regular = regular if magnitude_bin > 0 else 0
+    regular = regular if magnitude_bin < _N_BINS - 1 else _N_JOINT_BINS - 1
+    return min(max(regular, 0), _N_JOINT_BINS - 1)
+
+
+@numba.njit(inline="always")
+def _mix32(x):  # pragma: no cover - compiled
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+@numba.njit(boundscheck=False, error_model="numpy")
+def _draw(g, u, a, valid, text, first, width, salt, drawn):  # pragma: no cover - compiled
+    """One text's token draw for the typical examples, for a block's neurons: per case the
+    token of smallest priority key. Skipped when no neuron of the block asks for the text."""
+    wanted = False
+    for case in range(4):
+        for j in range(width):
+            s = salt[case, text, first + j]
+            drawn[(SALT + case) * BLOCK + j] = s
+            drawn[(KEY + case) * BLOCK + j] = _NO_KEY
+            wanted |= s >= 0
+    if not wanted:
+        return
+    for t in range(g.shape[1]):
+        if not valid[text, t]:
+            continue
+        for j in range(width):
+            _, _, _, _, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
+            s0, s1 = drawn[SALT * BLOCK + j], drawn[(SALT + 1) * BLOCK + j]
+            s2, s3 = drawn[(SALT + 2) * BLOCK + j], drawn[(SALT + 3) * BLOCK + j]
+            s = s0 if pp else (s1 if pn else (s2 if np_ else s3))
+            key = (_mix32(s ^ t) << 31) | t
+            _drawn_if(drawn, j, 0, pp & (s0 >= 0), key)
+            _drawn_if(drawn, j, 1, pn & (s1 >= 0), key)
+            _drawn_if(drawn, j, 2, np_ & (s2 >= 0), key)
+            _drawn_if(drawn, j, 3, nn & (s3 >= 0), key)
+
+
+@numba.njit(inline="always")
+def _drawn_if(drawn, j, case, eligible, key):  # pragma: no cover - compiled
+    at = (KEY + case) * BLOCK + j
+    drawn[at] = key if eligible & (key < drawn[at]) else drawn[at]
+
+
+@numba.njit(boundscheck=False)
+def _store_draw(g, u, a, drawn, text, first, width, position, value):  # pragma: no cover
+    """Writes a text's drawn positions and their four values for a block's neurons."""
+    for case in range(4):
+        for j in range(width):
+            n = first + j
+            key = drawn[(KEY + case) * BLOCK + j]
+            if key == _NO_KEY:
+                position[case, text, n] = -1
+                for quantity in range(4):
+                    value[case, quantity, text, n] = 0
+                continue
+            t = key & _POSITION_MASK
+            position[case, text, n] = t
+            gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
+            value[case, 0, text, n] = gv
+            value[case, 1, text, n] = uv
+            value[case, 2, text, n] = av
+            value[case, 3, text, n] = av * uv

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from gatescope.constants import CASES, QUANTITIES, SIGNS
+from gatescope.stats import distributions
+from gatescope.stats.batch import PerText, Totals
 from gatescope.stats.quantities import fill_quantities
 
 N_CASES = len(CASES)
@@ -65,56 +67,47 @@ class TorchPass:
         )
 
     def __call__(
-        self,
-        gate: Tensor,
-        up: Tensor,
-        valid: Tensor,
-        count: Tensor,
-        sums: Tensor,
-        weakest: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Same contract as :func:`gatescope.stats.cpu_pass.cpu_pass`.
-
-        Args:
-            gate, up: [text, pos, neuron] ``g`` and ``u``.
-            valid: [text, pos] bool, the counted tokens.
-            count: [case, neuron] int64, added to in place.
-            sums: [case, quantity, neuron] float64, added to in place.
-            weakest: [case, quantity, neuron] the smallest |value| so far (+inf: none),
-                lowered in place.
-
-        Returns:
-            strength: [case * 4 + quantity, text, neuron] the largest |value| of the
-                quantity over the text's tokens of the case; -inf where the case does not
-                occur.
-            position: [case * 4 + quantity, text, neuron] int64, the first position holding it.
-        """
+        self, gate: Tensor, up: Tensor, valid: Tensor, totals: Totals, salt: Tensor | None
+    ) -> PerText:
+        """The :class:`~gatescope.stats.batch.StatisticsPass` contract."""
         batch, length, neurons = gate.shape
         pairs = N_CASES * N_QUANTITIES
         strength = torch.empty(pairs, batch, neurons, dtype=self.dtype, device=self.device)
         position = torch.empty(pairs, batch, neurons, dtype=torch.int64, device=self.device)
+        typical = None
+        if salt is not None:
+            typical = (
+                torch.empty(N_CASES, batch, neurons, dtype=torch.int64, device=self.device),
+                torch.empty(N_CASES, N_QUANTITIES, batch, neurons, dtype=self.dtype,
+                            device=self.device),
+            )  # fmt: skip
         chunk = max(1, self.chunk_elements // (length * neurons))
         for start in range(0, batch, chunk):
             texts = slice(start, min(start + chunk, batch))
-            self._chunk(
-                gate[texts], up[texts], valid[texts], count, sums, weakest,
+            q, cases = self._chunk(
+                gate[texts], up[texts], valid[texts], totals,
                 strength[:, texts], position[:, texts],
             )  # fmt: skip
-        return strength, position
+            if totals.histogram is not None and totals.joint is not None:
+                _add_histograms(q, cases, totals.histogram, totals.joint)
+            if salt is not None and typical is not None:
+                _draw_typical(q, cases, salt[:, texts], typical[0][:, texts],
+                              typical[1][:, :, texts])  # fmt: skip
+        return PerText(strength, position, *(typical or (None, None)))
 
     def _chunk(
         self,
         gate: Tensor,
         up: Tensor,
         valid: Tensor,
-        count: Tensor,
-        sums: Tensor,
-        weakest: Tensor,
+        totals: Totals,
         strength: Tensor,
         position: Tensor,
-    ) -> None:
+    ) -> tuple[Tensor, Tensor]:
         """One chunk of texts; ``strength`` and ``position`` ([pair, chunk, neuron]) are
-        views into the batch's results and are written in place."""
+        views into the batch's results and are written in place. Returns the chunk's
+        quantities ``q`` and one-hot ``cases`` (workspace views, valid until the next
+        chunk)."""
         texts, length, _ = gate.shape
         q, cases, masked = self._buffers(texts, length, gate.shape[2])
 
@@ -137,21 +130,23 @@ class TorchPass:
         torch.mul(g_sign.unsqueeze(1), u_sign.unsqueeze(0), out=cases.view(2, 2, *cases.shape[1:]))
         # Counts per text are sums of 0/1 floats: exact below 2**24 positions.
         count_per_text = cases.sum(dim=2)  # [case, text, neuron]
-        count += count_per_text.sum(dim=1).to(torch.int64)
+        totals.count.add_(count_per_text.sum(dim=1).to(torch.int64))
 
         for c in range(N_CASES):
             # masked: [quantity, text, pos, neuron], the quantities on case c's tokens, else 0.
             torch.mul(q, cases[c], out=masked)
-            sums[c] += masked.sum(dim=(1, 2), dtype=torch.float64)
+            totals.sums[c] += masked.sum(dim=(1, 2), dtype=torch.float64)
             # Weakest |value|: the case's tokens only (a bool mask: the masked zeros are not).
             in_case = (cases[c] > 0).unsqueeze(0)  # [1, text, pos, neuron]
             magnitude = torch.where(in_case, masked.abs(), float("inf"))
-            torch.minimum(weakest[c], magnitude.amin(dim=(1, 2)), out=weakest[c])
+            weakest = totals.weakest[c]
+            torch.minimum(weakest, magnitude.amin(dim=(1, 2)), out=weakest)
             pairs = slice(c * N_QUANTITIES, (c + 1) * N_QUANTITIES)
             present = count_per_text[c] > 0  # [text, neuron]
             case_strength, case_position = self._strongest(masked, cases[c], present, c)
             strength[pairs] = torch.where(present, case_strength, float("-inf"))
             position[pairs] = case_position
+        return q, cases
 
     def _strongest(
         self, masked: Tensor, case_mask: Tensor, present: Tensor, case: int
@@ -245,3 +240,62 @@ def _first_max(x: Tensor, dim: int) -> Tensor:
     hits = torch.empty_like(x)
     torch.eq(x, x.amax(dim=dim, keepdim=True), out=hits)
     return size - hits.mul_(weights).amax(dim=dim).to(torch.int64)
+
+
+def _case_index(cases: Tensor) -> tuple[Tensor, Tensor]:
+    """From one-hot ``cases`` [case, text, pos, neuron]: each token's case (int64; 0 where
+    it is in none) and whether it is in one (bool)."""
+    weights = torch.arange(N_CASES, device=cases.device, dtype=cases.dtype).view(-1, 1, 1, 1)
+    index = (cases * weights).sum(dim=0).to(torch.int64)
+    return index, cases.sum(dim=0) > 0
+
+
+def _add_histograms(q: Tensor, cases: Tensor, histogram: Tensor, joint: Tensor) -> None:
+    """Adds a chunk's tokens to the magnitude and joint histograms (int32, in place).
+
+    Args:
+        q: [quantity, text, pos, neuron] the quantities (padding in no case).
+        cases: [case, text, pos, neuron] one-hot case membership.
+        histogram: [case, quantity, bin, neuron].
+        joint: [case, |g| bin, |u| bin, neuron].
+    """
+    neurons = q.shape[-1]
+    case, in_case = _case_index(cases)  # [text, pos, neuron]
+    ones = in_case.to(torch.int32)  # tokens in no case add 0 (at a valid index)
+    neuron = torch.arange(neurons, device=q.device)
+    quantity = torch.arange(N_QUANTITIES, device=q.device).view(-1, 1, 1, 1)
+    bins = distributions.magnitude_bins(q)  # [quantity, text, pos, neuron]
+    flat = ((case * N_QUANTITIES + quantity) * distributions.N_BINS + bins) * neurons + neuron
+    histogram.view(-1).scatter_add_(0, flat.flatten(), ones.expand_as(flat).flatten())
+    g_bin, u_bin = distributions.joint_bins(q[0]), distributions.joint_bins(q[1])
+    size = distributions.N_JOINT_BINS
+    flat = ((case * size + g_bin) * size + u_bin) * neurons + neuron
+    joint.view(-1).scatter_add_(0, flat.flatten(), ones.flatten())
+
+
+def _draw_typical(q: Tensor, cases: Tensor, salt: Tensor, position: Tensor, value: Tensor) -> None:
+    """Each text's token for the typical examples: the smallest token priority among the
+    case's tokens, the first position on a tie.
+
+    Args:
+        q: [quantity, text, pos, neuron] the quantities.
+        cases: [case, text, pos, neuron] one-hot case membership.
+        salt: [case, text, neuron] int64 token-draw salts (-1: not drawn).
+        position: [case, text, neuron] int64, written: the drawn position or -1.
+        value: [case, quantity, text, neuron], written: its quantities (0: none).
+    """
+    length = q.shape[2]
+    at = torch.arange(length, device=q.device).view(1, -1, 1)  # [1, pos, 1]
+    for c in range(N_CASES):
+        case_salt = salt[c].unsqueeze(1)  # [text, 1, neuron]
+        priority = distributions.token_priority(case_salt, at)  # [text, pos, neuron]
+        # Unique keys: priority, then position.
+        key = (priority << distributions.TEXT_BITS) | at
+        drawn = (cases[c] > 0) & (case_salt >= 0)
+        best = torch.where(drawn, key, distributions.NO_KEY).amin(dim=1)  # [text, neuron]
+        found = best != distributions.NO_KEY
+        chosen = best & (2**distributions.TEXT_BITS - 1)
+        position[c] = torch.where(found, chosen, -1)
+        index = chosen.where(found, 0).unsqueeze(0).unsqueeze(2).expand(N_QUANTITIES, -1, 1, -1)
+        picked = q.gather(2, index).squeeze(2)  # [quantity, text, neuron]
+        value[c] = picked.where(found.unsqueeze(0), 0)
