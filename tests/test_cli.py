@@ -24,6 +24,7 @@ from tests.models import tiny_model, tiny_non_gated
 from tests.test_scan import random_corpus
 
 TENSORS = ("count", "sum", "top_value", "top_text", "top_position")
+DISTRIBUTIONS = ("histogram", "joint", "typical_text", "typical_position", "typical_value")
 
 
 def run(*args: str):
@@ -42,7 +43,9 @@ def fail(*args: str, match: str) -> str:
 
 
 def assert_same_atlas(left: Atlas, right: Atlas, *, exact_sums: bool = True) -> None:
-    for name in TENSORS:
+    both = left.has_distributions and right.has_distributions
+    names = TENSORS + (DISTRIBUTIONS if both else ())
+    for name in names:
         if name == "sum" and not exact_sums:
             torch.testing.assert_close(left.tensor(name), right.tensor(name), rtol=1e-14, atol=0)
         else:
@@ -98,7 +101,9 @@ def test_corpus_scan_export_import(stories260k, tinystories, tmp_path):
     result = run("import", exported, tmp_path / "imported")
     assert result.exit_code == 0, result.output
     # The schema stores means, not sums: those come back to float64 rounding.
-    assert_same_atlas(Atlas.load(tmp_path / "imported"), loaded, exact_sums=False)
+    imported = Atlas.load(tmp_path / "imported")
+    assert_same_atlas(imported, loaded, exact_sums=False)
+    assert loaded.has_distributions and not imported.has_distributions  # histograms stay
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_scan(

@@ -58,7 +58,9 @@ def test_atlas_meta_round_trips_and_is_checked(folders):
     assert AtlasMeta.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
     assert meta.model.name == str((folders / "model").resolve()) and meta.model.dtype == "float32"
     assert meta.corpus.meta is not None and meta.corpus.meta.num_texts == 12
-    assert meta.options == AtlasOptions(batch_size=16, refactored_neurons=0)
+    assert meta.options == AtlasOptions(
+        batch_size=16, refactored_neurons=0, distributions=True, seed=0
+    )
     parts = dataclasses.replace(meta, shards=ShardSet(4, (3, 1)))
     assert AtlasMeta.from_dict(parts.to_dict()).shards == ShardSet(4, (1, 3))
     with pytest.raises(GatescopeError, match="not parts of one corpus"):
@@ -109,7 +111,10 @@ def test_an_atlas_of_the_first_format_still_loads(folders, tmp_path):
     assert atlas.meta.options == AtlasOptions(False, True, 16, 5)
     assert atlas.meta.corpus == CorpusRef("cd" * 32, "/data/corpus", 12, new.meta.corpus.tokens)
     assert atlas.meta.tokens == new.tokens and atlas.meta.shards is None
-    assert atlas.neuron(1, 3) == new.neuron(1, 3)
+    # The same numbers; an atlas before format 3 has no distributions (its file's extra
+    # tensors are not read).
+    assert not atlas.has_distributions and new.has_distributions
+    assert atlas.neuron(1, 3) == dataclasses.replace(new.neuron(1, 3), distributions=None)
     # The first release wrote a nominal count where it knew none: it is read as unknown.
     (old / ATLAS_JSON).write_text(json.dumps({**first_release, "tokens_exact": False}))
     assert Atlas.load(old).tokens is None

@@ -42,9 +42,12 @@ def assert_same_atlas(a: Atlas, b: Atlas, *, values_rtol: float = 0.0) -> None:
     """Identical counts and lists (texts, positions); values and extremes identical or
     within ``values_rtol`` (relative, and absolute near 0); sums equal to float64 rounding."""
     assert a.tokens == b.tokens
-    for name in ("count", "top_text", "top_position"):
+    assert a.has_distributions and b.has_distributions
+    exact = ("count", "top_text", "top_position", "histogram", "joint", "typical_text",
+             "typical_position")  # fmt: skip
+    for name in exact:
         assert torch.equal(a.tensor(name), b.tensor(name)), name
-    for name in ("top_value", "max", "min"):
+    for name in ("top_value", "max", "min", "typical_value"):
         torch.testing.assert_close(
             a.tensor(name), b.tensor(name), rtol=values_rtol, atol=values_rtol, equal_nan=True
         )

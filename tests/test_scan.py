@@ -93,7 +93,10 @@ def assert_atlas_matches(atlas: Atlas, texts_per_layer, k: int, rtol: float = 1e
     """
     for layer, texts in enumerate(texts_per_layer):
         texts = [t for t in texts if len(t[1]["position"])]
-        ref = reference_stats(texts, k)
+        seed = atlas.meta.options.seed or 0
+        ref = reference_stats(texts, k, seed=seed, layer=layer, rtol=rtol, atol=1e-6)
+        if atlas.has_distributions:
+            assert_distributions_match(atlas, layer, ref, rtol)
         assert atlas.tokens == ref.tokens
         count = atlas.tensor("count")[layer].numpy()
         sums = atlas.tensor("sum")[layer].numpy()
@@ -121,6 +124,32 @@ def assert_atlas_matches(atlas: Atlas, texts_per_layer, k: int, rtol: float = 1e
                 np.testing.assert_allclose(value[n, lst], values, rtol=rtol, atol=1e-7)
 
 
+def assert_distributions_match(atlas: Atlas, layer: int, ref, rtol: float) -> None:
+    """Histograms bin for bin but for the tokens within rounding of a bin's edge (the
+    reference's slack); every token in one bin; typical examples exactly, values to rtol."""
+    stats = atlas.layer(layer)
+    assert stats.histogram is not None and stats.joint is not None
+    assert stats.typical_text is not None and stats.typical_position is not None
+    assert stats.typical_value is not None
+    for c, case in enumerate(CASES):
+        count = atlas.tensor("count")[layer, c].numpy()
+        for q, quantity in enumerate(QUANTITIES):
+            histogram = stats.histogram[:, c, q].numpy()  # [neuron, bin]
+            assert (histogram.sum(axis=1) == count).all()
+            off = np.abs(histogram - ref.histogram[case, quantity])
+            assert (off <= ref.histogram_slack[case, quantity]).all(), (case, quantity)
+        joint = stats.joint[:, c].numpy()
+        assert (joint.sum(axis=(1, 2)) == count).all()
+        assert (np.abs(joint - ref.joint[case]) <= ref.joint_slack[case]).all(), case
+        for n, expected in enumerate(ref.typical[case]):
+            texts, positions, values = zip(*expected, strict=True)
+            np.testing.assert_array_equal(stats.typical_text[n, c].numpy(), texts)
+            np.testing.assert_array_equal(stats.typical_position[n, c].numpy(), positions)
+            np.testing.assert_allclose(
+                stats.typical_value[n, c].T.numpy(), np.array(values), rtol=rtol, atol=1e-6
+            )
+
+
 @pytest.mark.parametrize("family", FAMILIES + VARIANTS)
 def test_scan_matches_brute_force(family):
     model = tiny_model(family, dtype=torch.float64)
@@ -135,7 +164,9 @@ def test_batch_size_and_padding_do_not_change_the_result():
     corpus = random_corpus(seed=1, n_texts=11)
     one = gatescope.scan(model, corpus, batch_size=1, k=K, progress=False)
     many = gatescope.scan(model, corpus, batch_size=5, k=K, progress=False)
-    for name in ("count", "top_text", "top_position"):
+    exact = ("count", "top_text", "top_position", "histogram", "joint", "typical_text",
+             "typical_position")  # fmt: skip
+    for name in exact:
         assert torch.equal(one.tensor(name), many.tensor(name)), name
     torch.testing.assert_close(one.tensor("sum"), many.tensor("sum"), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(one.tensor("top_value"), many.tensor("top_value"))

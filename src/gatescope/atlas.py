@@ -14,6 +14,17 @@ top_text        [L, d, list, k]       int32    corpus text index (-1 if empty)
 top_position    [L, d, list, k]       int32    token position in the text (-1 if empty)
 ==============  ====================  =======  =============================================
 
+With the distributions (``meta.options.distributions``, format 3; bins of
+:mod:`gatescope.stats.distributions`, ``B`` magnitude bins, ``J`` joint bins per axis):
+
+================  ==========================  =====  =====================================
+histogram         [L, d, case, quantity, B]   int32  tokens of the case per |value| bin
+joint             [L, d, case, J, J]          int32  tokens of the case per (|g|, |u|) bin
+typical_text      [L, d, case, k]             int32  typical examples' texts, draw order (-1)
+typical_position  [L, d, case, k]             int32  their drawn token (-1 if empty)
+typical_value     [L, d, case, quantity, k]   float  the token's four values (0 if empty)
+================  ==========================  =====  =====================================
+
 (*) An atlas whose token count is unknown (``meta.tokens`` None: a dataset imported without
 its corpus) holds ``round(freq * FREQ_SCALE)`` there instead: its frequencies to float64
 precision, and sums that divide by the same numbers into the means.
@@ -30,24 +41,42 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from gatescope.constants import ATLAS_JSON, CASES, CHECKPOINT_DIR, QUANTITIES, STATS_FILE, TOP_LISTS
+from gatescope.constants import (
+    ATLAS_JSON,
+    CASES,
+    CHECKPOINT_DIR,
+    QUANTILES,
+    QUANTITIES,
+    SIGNS,
+    STATS_FILE,
+    TOP_LISTS,
+)
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, claim_output, write_atomic, write_json_atomic
 from gatescope.records import AtlasMeta
+from gatescope.stats.distributions import Bracket
 
 if TYPE_CHECKING:
     import datasets
 
     from gatescope.stats import NeuronStats
 
-__all__ = ["Atlas", "Example", "LayerStats", "NeuronSummary"]
+__all__ = [
+    "Atlas",
+    "Example",
+    "LayerStats",
+    "NeuronDistributions",
+    "NeuronSummary",
+    "TypicalExample",
+]
 
 TENSORS = ("count", "sum", "max", "min", "top_value", "top_text", "top_position")
+DISTRIBUTIONS = ("histogram", "joint", "typical_text", "typical_position", "typical_value")
 #: What ``count`` is a multiple of when the token count is unknown (see the module docstring).
 FREQ_SCALE = 2**53
 # The names of the ranked-list tensors; the others are the per-case totals and extremes.
@@ -61,6 +90,26 @@ class Example:
     value: float  # signed value of the quantity
     text: int  # index of the text in the corpus
     position: int  # token position in the text
+
+
+@dataclass(frozen=True)
+class TypicalExample:
+    """A token drawn at random among a case's tokens (in a text drawn at random)."""
+
+    text: int  # index of the text in the corpus
+    position: int  # token position in the text
+    values: dict[str, float]  # quantity -> value
+
+
+@dataclass(frozen=True)
+class NeuronDistributions:
+    """A neuron's distributions (bins of :mod:`gatescope.stats.distributions`)."""
+
+    histogram: dict[str, dict[str, list[int]]]  # case -> quantity -> tokens per |value| bin
+    joint: dict[str, list[list[int]]]  # case -> [|g| bin][|u| bin] tokens
+    # case -> quantity -> quantile name ("p50", ...) -> where it lies (None: never occurs)
+    quantiles: dict[str, dict[str, dict[str, Bracket | None]]]
+    typical: dict[str, list[TypicalExample]]  # case -> examples in draw order
 
 
 @dataclass
@@ -78,6 +127,7 @@ class NeuronSummary:
     # case -> quantity -> examples, strongest first; the case's ranked quantities only,
     # empty slots left out.
     top: dict[str, dict[str, list[Example]]] = field(default_factory=dict)
+    distributions: NeuronDistributions | None = None  # None: the atlas has none
 
 
 @dataclass(frozen=True)
@@ -93,12 +143,26 @@ class LayerStats:
     top_value: Tensor  # [d, list, k] float32
     top_text: Tensor  # [d, list, k] int32, -1 in empty slots
     top_position: Tensor  # [d, list, k] int32, -1 in empty slots
+    # The distributions (None: the atlas has none); see the module docstring.
+    histogram: Tensor | None = None  # [d, case, quantity, bin] int32
+    joint: Tensor | None = None  # [d, case, |g| bin, |u| bin] int32
+    typical_text: Tensor | None = None  # [d, case, k] int32
+    typical_position: Tensor | None = None  # [d, case, k] int32
+    typical_value: Tensor | None = None  # [d, case, quantity, k] float32
 
     def strongest(self, quantity: str) -> Tensor:
         """[d] the largest |value| of ``quantity`` over all cases (-inf: never occurs)."""
         q = QUANTITIES.index(quantity)
         extremes = torch.stack([self.max[:, q], -self.min[:, q]])  # [2, case, d]
         return extremes.nan_to_num(-math.inf).amax(dim=(0, 1))
+
+    def quantiles(self) -> Tensor | None:
+        """[d, case, quantity, level, 2] brackets (low, high) of the quantiles
+        :data:`~gatescope.constants.QUANTILES` of |value| (NaN where the case never
+        occurs); None without distributions."""
+        if self.histogram is None:
+            return None
+        return _quantiles(self.histogram, self.max.permute(2, 0, 1), self.min.permute(2, 0, 1))
 
 
 class Atlas:
@@ -114,7 +178,7 @@ class Atlas:
     def __init__(self, meta: AtlasMeta, tensors: Mapping[str, Tensor] | _SafetensorsFile) -> None:
         self.meta = meta
         self._tensors = tensors
-        _check_shapes(meta, {name: self._shape(name) for name in TENSORS})
+        _check_shapes(meta, {name: self._shape(name) for name in self._names})
 
     # --------------------------------------------------------------- building
 
@@ -132,6 +196,7 @@ class Atlas:
             return stack(name).permute(0, 2, 1, 3).to(dtype).contiguous()
 
         tensors = {
+            **_stacked_distributions(states),
             "count": stack("count"),
             "sum": stack("sum"),
             "max": stack("max").to(torch.float32),
@@ -145,18 +210,30 @@ class Atlas:
             raise ValueError(f"the layers counted {sorted(tokens)} tokens, not {meta.tokens}")
         return cls(meta, tensors)
 
+    @property
+    def has_distributions(self) -> bool:
+        """Whether the atlas holds histograms and typical examples (format 3 scans)."""
+        return self.meta.options.distributions
+
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return TENSORS + DISTRIBUTIONS if self.has_distributions else TENSORS
+
     def layer(self, layer: int) -> LayerStats:
         """Every neuron's statistics of one layer; reads only that layer."""
         self.check_neuron(layer)
-        return LayerStats(layer, **{name: self._read(name, layer) for name in TENSORS})
+        return LayerStats(layer, **{name: self._read(name, layer) for name in self._names})
 
     def layer_state(self, layer: int) -> dict[str, Tensor]:
         """One layer as a ``NeuronStats`` state, the inverse of :meth:`from_stats` (lists
         back to [list, neuron, rank]): how atlases of parts of a corpus are merged."""
         stats = self.layer(layer)
-        state = {name: getattr(stats, name) for name in TENSORS}
+        state = {name: getattr(stats, name) for name in self._names}
         for name in RANKED:
             state[name] = state[name].permute(1, 0, 2).contiguous()
+        if self.has_distributions:
+            for name in DISTRIBUTIONS:
+                state[name] = _accumulator_layout(name, state[name])
         if self.tokens is None:
             raise GatescopeError("an atlas without a token count cannot be merged.")
         return {"tokens": torch.tensor(self.tokens, dtype=torch.int64), **state}
@@ -174,7 +251,7 @@ class Atlas:
         path = Path(path)
         claim_output(path, ATLAS, overwrite=overwrite)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: self.tensor(name).contiguous() for name in TENSORS}
+        tensors = {name: self.tensor(name).contiguous() for name in self._names}
         (path / ATLAS_JSON).unlink(missing_ok=True)
         write_atomic(path / STATS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         write_json_atomic(path / ATLAS_JSON, self.meta.to_dict())
@@ -201,7 +278,8 @@ class Atlas:
             meta = AtlasMeta.from_dict(data)
         except GatescopeError as error:
             raise GatescopeError(f"{path / ATLAS_JSON} cannot be read: {error}") from error
-        return cls(meta, _SafetensorsFile(path / STATS_FILE))
+        names = TENSORS + DISTRIBUTIONS if meta.options.distributions else TENSORS
+        return cls(meta, _SafetensorsFile(path / STATS_FILE, names))
 
     # --------------------------------------------------------------- access
 
@@ -296,7 +374,42 @@ class Atlas:
                 if t >= 0
             ]
             summary.top.setdefault(CASES[c], {})[QUANTITIES[q]] = examples
+        if self.has_distributions:
+            summary.distributions = self._distributions(layer, index, extremes)
         return summary
+
+    def _distributions(
+        self, layer: int, index: int, extremes: dict[str, list[list[float]]]
+    ) -> NeuronDistributions:
+        histogram = self._read("histogram", layer, index)  # [case, quantity, bin]
+        brackets = _quantiles(
+            histogram, torch.tensor(extremes["max"]), torch.tensor(extremes["min"])
+        ).tolist()  # [case][quantity][level][low, high]
+        text = self._read("typical_text", layer, index).tolist()  # [case][slot]
+        position = self._read("typical_position", layer, index).tolist()
+        value = self._read("typical_value", layer, index).tolist()  # [case][quantity][slot]
+        return NeuronDistributions(
+            histogram=_by_case(histogram.tolist()),
+            joint=dict(zip(CASES, self._read("joint", layer, index).tolist(), strict=True)),
+            quantiles={
+                case: {
+                    quantity: {
+                        name: None if math.isnan(low) else Bracket(low, high)
+                        for (name, _), (low, high) in zip(QUANTILES, levels, strict=True)
+                    }
+                    for quantity, levels in zip(QUANTITIES, brackets[c], strict=True)
+                }
+                for c, case in enumerate(CASES)
+            },
+            typical={
+                case: [
+                    TypicalExample(t, p, {q: value[c][i][slot] for i, q in enumerate(QUANTITIES)})
+                    for slot, (t, p) in enumerate(zip(text[c], position[c], strict=True))
+                    if t >= 0
+                ]
+                for c, case in enumerate(CASES)
+            },
+        )
 
     def to_hf_dataset(self) -> datasets.Dataset:
         """The atlas in the GLUScope activation-dataset schema (one row per neuron)."""
@@ -311,7 +424,52 @@ class Atlas:
         )
 
 
-def _by_case(values: list[list[float]]) -> dict[str, dict[str, float]]:
+# How each distribution tensor of a layer goes from the accumulator's layout (neuron axis
+# last but for the typical examples' slots) to the atlas's neuron-major one: histogram
+# [case, quantity, bin, d], joint [case, g, u, d], typical text/position [case, d, k],
+# typical value [case, quantity, d, k].
+_NEURON_MAJOR = {
+    "histogram": (3, 0, 1, 2),
+    "joint": (3, 0, 1, 2),
+    "typical_text": (1, 0, 2),
+    "typical_position": (1, 0, 2),
+    "typical_value": (2, 0, 1, 3),
+}
+_STORED_DTYPE = {"typical_value": torch.float32}
+
+
+def _stacked_distributions(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The distributions of the layers' accumulator states, neuron-major (none if the
+    states have none)."""
+    if "histogram" not in states[0]:
+        return {}
+    return {
+        name: torch.stack([state[name].cpu().permute(*order) for state in states])
+        .to(_STORED_DTYPE.get(name, torch.int32))
+        .contiguous()
+        for name, order in _NEURON_MAJOR.items()
+    }
+
+
+def _accumulator_layout(name: str, tensor: Tensor) -> Tensor:
+    """One layer's stored distribution tensor in the accumulator's layout."""
+    inverse = [_NEURON_MAJOR[name].index(axis) for axis in range(tensor.dim())]
+    return tensor.permute(*inverse).contiguous()
+
+
+def _quantiles(histogram: Tensor, maximum: Tensor, minimum: Tensor) -> Tensor:
+    """[..., case, quantity, level, 2] brackets of the QUANTILES of |value| from
+    ``histogram`` [..., case, quantity, bin] and the signed extremes [..., case, quantity]."""
+    from gatescope.stats.distributions import quantile_brackets
+
+    positive = torch.tensor(SIGNS) > 0  # [case, quantity]
+    strongest = torch.where(positive, maximum, -minimum)
+    weakest = torch.where(positive, minimum, -maximum)
+    levels = tuple(level for _, level in QUANTILES)
+    return quantile_brackets(histogram, weakest, strongest, levels)
+
+
+def _by_case(values: list[list]) -> dict[str, dict[str, Any]]:
     """[case][quantity] nested lists as case -> quantity -> value."""
     return {
         case: dict(zip(QUANTITIES, row, strict=True))
@@ -327,6 +485,17 @@ def _check_shapes(meta: AtlasMeta, shapes: Mapping[str, tuple[int, ...]]) -> Non
         **{name: (L, len(CASES), len(QUANTITIES), d) for name in ("sum", "max", "min")},
         **{name: (L, d, len(TOP_LISTS), k) for name in RANKED},
     }
+    if meta.options.distributions:
+        from gatescope.stats.distributions import N_BINS, N_JOINT_BINS
+
+        cases, quantities = len(CASES), len(QUANTITIES)
+        expected |= {
+            "histogram": (L, d, cases, quantities, N_BINS),
+            "joint": (L, d, cases, N_JOINT_BINS, N_JOINT_BINS),
+            "typical_text": (L, d, cases, k),
+            "typical_position": (L, d, cases, k),
+            "typical_value": (L, d, cases, quantities, k),
+        }
     for name, shape in expected.items():
         if tuple(shapes[name]) != shape:
             raise GatescopeError(
@@ -338,13 +507,13 @@ def _check_shapes(meta: AtlasMeta, shapes: Mapping[str, tuple[int, ...]]) -> Non
 class _SafetensorsFile:
     """Lazy, memory-mapped access to the tensors of a ``stats.safetensors`` file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, names: Sequence[str]) -> None:
         from safetensors import safe_open
 
         if not path.exists():
             raise GatescopeError(f"{path} is missing: the atlas folder is incomplete.")
         self._file = safe_open(str(path), framework="pt")
-        missing = set(TENSORS) - set(self._file.keys())
+        missing = set(names) - set(self._file.keys())
         if missing:
             raise GatescopeError(f"{path} lacks the tensors {', '.join(sorted(missing))}.")
 

@@ -75,8 +75,9 @@ def _scan_option(name: str, **kwargs: Any) -> Callable[[F], F]:
     """``--name`` for a field of ScanOptions, with its default and help text."""
     default = ScanOptions.default(name)
     flag = "--" + name.replace("_", "-")
-    if isinstance(default, bool):
-        return click.option(flag, is_flag=True, default=default, help=ScanOptions.help(name))
+    if isinstance(default, bool):  # a flag that is on by default is turned off by --no-NAME
+        flags = f"{flag}/--no-{flag[2:]}" if default else flag
+        return click.option(flags, is_flag=True, default=default, help=ScanOptions.help(name))
     return click.option(
         flag, default=default, show_default=default is not None, help=ScanOptions.help(name),
         **kwargs,
@@ -167,6 +168,8 @@ def corpus(
 @_scan_option("device_map", type=click.Choice(DEVICE_MAPS))
 @_scan_option("include_bos")
 @_scan_option("refactor_glu")
+@_scan_option("distributions")
+@_scan_option("seed", type=click.IntRange(min=0, max=2**32 - 1))
 @click.option("--resume", is_flag=True, help="Continue the unfinished scan in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace the atlas or unfinished scan in --out.")
 @_scan_option("checkpoint_every", type=click.FloatRange(min=0))
@@ -188,6 +191,8 @@ def scan(
     device_map,
     include_bos,
     refactor_glu,
+    distributions,
+    seed,
     resume,
     overwrite,
     checkpoint_every,
@@ -197,7 +202,9 @@ def scan(
     """Scan a corpus with a model and write the atlas of all its gated-MLP neurons.
 
     For every neuron: how often each sign case of (gate, in) occurs, the mean of the four
-    quantities per case, and the top-k texts per case and quantity. Checkpoints go into
+    quantities per case, the top-k texts per case and quantity, and (unless
+    --no-distributions) per case the histograms of the quantities, the joint (gate, in)
+    histogram and k typical examples drawn at random. Checkpoints go into
     --out every few minutes and on Ctrl-C or SIGTERM (a preemption); --resume continues
     from the last one.
 
@@ -214,6 +221,8 @@ def scan(
         device_map=device_map,
         include_bos=include_bos,
         refactor_glu=refactor_glu,
+        distributions=distributions,
+        seed=seed,
         checkpoint_every=checkpoint_every,
     )
     atlas = run_scan(model, corpus_path, options, out=out, resume=resume, overwrite=overwrite,

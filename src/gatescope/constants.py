@@ -33,6 +33,10 @@ TOP_LISTS: tuple[tuple[int, int], ...] = tuple(
 
 DEFAULT_K = 16
 
+#: The quantiles of |value| per case and quantity that atlases with distributions report:
+#: (name, level).
+QUANTILES: tuple[tuple[str, float], ...] = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+
 # Files of an atlas directory.
 ATLAS_JSON = "atlas.json"
 STATS_FILE = "stats.safetensors"

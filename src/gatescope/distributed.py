@@ -210,5 +210,6 @@ def gather_merged(ranks: Ranks, layers: list[NeuronStats]) -> list[NeuronStats]:
             dist.all_gather(gathered, flat)
             for state, received in zip(per_rank, gathered, strict=True):
                 state[name] = received.view(tensor.shape)
-        merged.append(NeuronStats.from_states(per_rank, device=stats.device))
+        merged.append(NeuronStats.from_states(per_rank, device=stats.device, seed=stats.seed,
+                                              layer=stats.layer))  # fmt: skip
     return merged

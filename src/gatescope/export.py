@@ -11,7 +11,11 @@ One row per neuron, layer-major (row ``layer * d_mlp + neuron``), with the colum
   ``gate+`` cases): ``<case>_<quantity>_max_values`` (list of ``k`` float32, strongest first,
   0 in empty slots), ``<case>_<quantity>_max_indices`` (list of ``k`` int32 text indices, -1
   in empty slots) and, beyond GLUScope, ``<case>_<quantity>_max_positions`` (list of ``k``
-  int32 token positions, -1 in empty slots).
+  int32 token positions, -1 in empty slots);
+* beyond GLUScope, for an atlas with distributions: ``<case>_<quantity>_p50``, ``_p90`` and
+  ``_p99`` (float32): quantiles of |value| over the case's tokens, the geometric middle of
+  the histogram bin that holds them (within the extremes; NaN when the case never occurs).
+  ``--format gluscope`` never has them; the histograms themselves stay in the atlas.
 
 The atlas metadata (token count, k, model, corpus, options, ...) travels as JSON in the
 dataset's ``info.description`` (and, in a parquet file, in the schema metadata, since
@@ -40,10 +44,11 @@ import numpy as np
 import torch
 
 from gatescope.atlas import FREQ_SCALE, Atlas
-from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
+from gatescope.constants import CASES, QUANTILES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, DATASET, claim_output, staged
 from gatescope.records import AtlasMeta, AtlasOptions
+from gatescope.stats.distributions import bracket_estimates
 
 if TYPE_CHECKING:
     import datasets
@@ -82,12 +87,13 @@ _LIST_FILL = {
 _EXTREMES = ("max", "min")
 
 
-def schema_columns(*, extras: bool = True) -> list[str]:
+def schema_columns(*, extras: bool = True, quantiles: bool = False) -> list[str]:
     """The column names of the schema, in the order :func:`to_hf_dataset` writes them.
 
     Args:
         extras: Include our columns beyond GLUScope's: ``_max``, ``_min`` and
             ``_max_positions``.
+        quantiles: Include the quantile columns (with ``extras`` only).
     """
     columns = ["layer", "neuron"]
     for c, case in enumerate(CASES):
@@ -95,6 +101,8 @@ def schema_columns(*, extras: bool = True) -> list[str]:
         columns += [f"{case}_{quantity}_mean" for quantity in QUANTITIES]
         if extras:
             columns += [f"{case}_{q}_{extreme}" for q in QUANTITIES for extreme in _EXTREMES]
+        if extras and quantiles:
+            columns += [f"{case}_{q}_{name}" for q in QUANTITIES for name, _ in QUANTILES]
         for lc, q in TOP_LISTS:
             if lc == c:
                 fields = [suffix for suffix, _ in _LIST_FIELDS]
@@ -147,13 +155,34 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
             flat = ranked[name][:, :, lst, :].reshape(rows * k).astype(_LIST_FILL[name][1])
             columns[f"{CASES[c]}_{QUANTITIES[q]}_{suffix}"] = _list_array(flat, rows, k)
 
-    table = pa.table({name: columns[name] for name in schema_columns()})
+    if atlas.has_distributions:
+        columns |= _quantile_columns(atlas)
+    names = schema_columns(quantiles=atlas.has_distributions)
+    table = pa.table({name: columns[name] for name in names})
     from datasets.fingerprint import generate_random_fingerprint
 
     info = datasets.DatasetInfo(description=_describe(atlas.meta))
     # The default fingerprint pickles and hashes the whole table: seconds and gigabytes for
     # a 7B model, for an in-memory dataset that is never cached on disk.
     return datasets.Dataset(table, info=info, fingerprint=generate_random_fingerprint())
+
+
+def _quantile_columns(atlas: Atlas) -> dict[str, pa.Array]:
+    """``<case>_<quantity>_<p50|p90|p99>``: estimates of the quantiles of |value|."""
+    import pyarrow as pa
+
+    per_layer = []
+    for layer in range(atlas.num_layers):
+        brackets = atlas.layer(layer).quantiles()  # [d, case, quantity, level, (low, high)]
+        assert brackets is not None
+        per_layer.append(bracket_estimates(brackets))
+    estimates = np.concatenate(per_layer)  # [rows, case, quantity, level]
+    return {
+        f"{case}_{quantity}_{name}": pa.array(estimates[:, c, q, i].astype(np.float32))
+        for c, case in enumerate(CASES)
+        for q, quantity in enumerate(QUANTITIES)
+        for i, (name, _) in enumerate(QUANTILES)
+    }
 
 
 def export_atlas(
@@ -316,8 +345,9 @@ def from_hf_dataset(
     }
     shape = {"layers": layers, "d_mlp": d_mlp, "k": k, "tokens": tokens,
              "count_scale": None if tokens is not None else FREQ_SCALE}  # fmt: skip
-    if restored is not None:
-        meta = restored.replace(**shape)
+    if restored is not None:  # the histograms stay in the atlas: the import has none
+        options = dataclasses.replace(restored.options, distributions=False, seed=None)
+        meta = restored.replace(**shape, options=options)
     else:  # GLUScope's own: it counts every text's first token
         meta = AtlasMeta(**shape, options=AtlasOptions(include_bos=True))
     return Atlas(meta, tensors)

@@ -29,8 +29,9 @@ def merge_atlases(parts: Sequence[Atlas], names: Sequence[str] | None = None) ->
     if len(parts) < 2:
         raise GatescopeError("give at least two parts to merge.")
     shards = _check_compatible(parts, names)
+    seed = parts[0].meta.options.seed or 0
     layers = [
-        NeuronStats.from_states([part.layer_state(layer) for part in parts])
+        NeuronStats.from_states([part.layer_state(layer) for part in parts], seed=seed, layer=layer)
         for layer in range(parts[0].num_layers)
     ]
     first = parts[0].meta

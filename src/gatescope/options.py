@@ -33,7 +33,8 @@ def _option(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class ScanOptions:
     """The options of a scan. Those that change the result (``k``, ``include_bos``,
-    ``refactor_glu`` and the dtype, as the model's resolved dtype) are recorded in the atlas
+    ``refactor_glu``, ``distributions``, ``seed`` and the dtype, as the model's resolved
+    dtype) are recorded in the atlas
     and are part of the run's identity (:class:`gatescope.records.RunIdentity`): a resume
     or a merge must share them. ``batch_size`` is recorded too; where the scan ran
     (``device``, ``device_map``) and ``checkpoint_every`` are not."""
@@ -53,6 +54,11 @@ class ScanOptions:
         False,
         "Flip neurons with cos(w_gate, w_in) < 0 first (same function; docs/architecture.md).",
     )
+    distributions: bool = _option(
+        True,
+        "Collect per-case histograms, the joint (x_gate, x_in) histogram and typical examples.",
+    )
+    seed: int = _option(0, "Seed of the typical examples' draw.")
     checkpoint_every: float = _option(300.0, "Seconds between checkpoints.")
 
     def __post_init__(self) -> None:
@@ -60,6 +66,8 @@ class ScanOptions:
             raise GatescopeError(f"--batch-size must be at least 1, not {self.batch_size}.")
         if self.k < 1:
             raise GatescopeError(f"--k must be at least 1, not {self.k}.")
+        if not 0 <= self.seed < 2**32:
+            raise GatescopeError(f"--seed must be in 0 to 2**32 - 1, not {self.seed}.")
         if self.checkpoint_every < 0:
             raise GatescopeError("--checkpoint-every must not be negative.")
         if self.dtype not in DTYPES:

@@ -38,7 +38,7 @@ __all__ = [
 
 ATLAS_FORMAT = "gatescope-atlas"
 #: 1: the first release (untyped); 2: these records. Both load.
-ATLAS_FORMAT_VERSION = 2
+ATLAS_FORMAT_VERSION = 3
 CORPUS_FORMAT_VERSION = 1
 
 R = TypeVar("R")
@@ -183,6 +183,10 @@ class AtlasOptions:
     refactor_glu: bool = False  # neurons with cos(w_gate, w_in) < 0 flipped first
     batch_size: int | None = None  # texts per forward (does not change the result)
     refactored_neurons: int | None = None  # how many neurons refactor_glu flipped
+    # Histograms and typical examples stored (atlases before format 3 have none), and the
+    # seed of the typical examples' draw.
+    distributions: bool = False
+    seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,6 +237,8 @@ class RunIdentity:
     k: int
     include_bos: bool
     refactor_glu: bool
+    distributions: bool = False
+    seed: int | None = None  # of the typical examples (None: no distributions)
 
     def first_difference(self, other: RunIdentity) -> tuple[str, str, str] | None:
         """The first field in which ``self`` and ``other`` differ, for a message: its name,
@@ -259,6 +265,8 @@ _IDENTITY_LABELS = {
     "k": "k",
     "include_bos": "include_bos",
     "refactor_glu": "refactor_glu",
+    "distributions": "distributions",
+    "seed": "seed",
 }
 
 
@@ -314,6 +322,8 @@ class AtlasMeta:
             k=self.k,
             include_bos=self.options.include_bos,
             refactor_glu=self.options.refactor_glu,
+            distributions=self.options.distributions,
+            seed=self.options.seed,
         )
 
     def replace(self, **changes: Any) -> AtlasMeta:
@@ -346,7 +356,7 @@ class AtlasMeta:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AtlasMeta:
-        """Reads format versions 1 and 2.
+        """Reads format versions 1 to 3 (distributions arrived in 3).
 
         Raises:
             GatescopeError: not an atlas description, a newer format, or malformed.

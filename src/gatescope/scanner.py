@@ -54,7 +54,7 @@ __all__ = ["CHECKPOINT_FILE", "Checkpoint", "ScanOptions", "scan"]
 logger: logging.Logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.safetensors"
-_CHECKPOINT_FORMAT = "gatescope-checkpoint-2"
+_CHECKPOINT_FORMAT = "gatescope-checkpoint-3"
 
 
 def scan(
@@ -199,6 +199,8 @@ def _identity(spec: ModelSpec, texts: TokenizedCorpus, opts: ScanOptions) -> Run
         k=opts.k,
         include_bos=opts.include_bos,
         refactor_glu=opts.refactor_glu,
+        distributions=opts.distributions,
+        seed=opts.seed if opts.distributions else None,
     )
 
 
@@ -251,10 +253,11 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     dtype = stats_dtype(loaded.dtype)
     workspaces: dict[torch.device, Workspace] = defaultdict(Workspace)  # layers take turns
     layers = []
-    for mlp in mlps:
+    for index, mlp in enumerate(mlps):
         device = _execution_device(mlp)
         layers.append(NeuronStats(mlp.d_mlp, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
-                                  workspace=workspaces[device]))  # fmt: skip
+                                  workspace=workspaces[device], distributions=opts.distributions,
+                                  seed=opts.seed, layer=index))  # fmt: skip
     return _Prepared(loaded, mlps, layers)
 
 
@@ -334,6 +337,8 @@ def _describe(
             refactor_glu=opts.refactor_glu,
             batch_size=opts.batch_size,
             refactored_neurons=flipped,
+            distributions=opts.distributions,
+            seed=identity.seed,
         ),
         shards=shards,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
