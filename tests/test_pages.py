@@ -83,8 +83,12 @@ def test_page_header_summary_and_links(fixture_site):
 def test_a_case_that_never_occurs_is_left_out(stories260k, fixture_site, tmp_path):
     atlas, source, _, _ = fixture_site
     # The atlas with neuron 3.5's gate-_in- case erased, as if it never occurred.
-    tensors = {name: atlas.tensor(name).clone() for name in gatescope.atlas.TENSORS}
+    names = gatescope.atlas.TENSORS + gatescope.atlas.DISTRIBUTIONS
+    tensors = {name: atlas.tensor(name).clone() for name in names}
     case = CASES.index("gate-_in-")
+    tensors["histogram"][3, 5, case] = 0
+    tensors["joint"][3, 5, case] = 0
+    tensors["typical_text"][3, 5, case] = -1
     tensors["count"][3, case, 5] = 0
     tensors["max"][3, case, :, 5] = float("nan")
     tensors["min"][3, case, :, 5] = float("nan")
@@ -97,7 +101,8 @@ def test_a_case_that_never_occurs_is_left_out(stories260k, fixture_site, tmp_pat
     assert "<b>gate-_in-</b>" not in text  # no section
     assert '<tr class="never">' in text  # the summary row says it never occurs
     row = text.split('<tr class="never">')[1].split("</tr>")[0]
-    assert "0.00%" in row and row.count("—") == 12  # dashes, not zeros
+    assert "0.00%" in row and row.count("—") == 24  # dashes, not zeros (quantiles too)
+    assert '<figure class="histogram never">' in text  # an empty histogram, greyed
 
 
 def test_rerun_adds_pages_and_keeps_the_old_ones(fixture_site):

@@ -1,4 +1,5 @@
-"""Neuron pages: an atlas's summary of a neuron plus its top texts, recomputed and rendered.
+"""Neuron pages: an atlas's summary of a neuron plus its top (and typical) texts, recomputed
+and rendered, and its distributions drawn where the atlas has them.
 
 ``write_pages`` loads the atlas's model, corpus and tokenizer once, recomputes each layer's
 requested neurons in one pass (:mod:`gatescope.recompute`), renders one self-contained HTML
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gatescope.atlas import Atlas, Example, NeuronSummary
-from gatescope.constants import CASES, QUANTITIES
+from gatescope.atlas import Atlas, Example, NeuronDistributions, NeuronSummary
+from gatescope.constants import CASES, QUANTILES, QUANTITIES
 from gatescope.errors import GatescopeError
 from gatescope.files import SITE, claim_output, write_json_atomic, write_text_atomic
 from gatescope.progress import progress_bar
@@ -188,7 +189,7 @@ def _write_layer(
     atlas = source.atlas
     model = atlas.meta.model.name or "model"
     summaries = {n: atlas.neuron(layer, n) for n in neurons}
-    texts = sorted({e.text for s in summaries.values() for e in _examples(s)})
+    texts = sorted({text for s in summaries.values() for text in _texts_shown(s)})
     acts = recompute(source.loaded, source.corpus, layer, neurons, texts,
                      refactor_glu=atlas.meta.options.refactor_glu)  # fmt: skip
     tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
@@ -296,6 +297,7 @@ def neuron_page(
         links: "prev_neuron", "next_neuron", "prev_layer", "next_layer" -> file or None.
     """
     meta = atlas.meta
+    shown = summary.distributions
     cases = []
     for case in CASES:
         occurs = summary.freq[case] > 0
@@ -316,7 +318,18 @@ def neuron_page(
                     q: {s: _finite(getattr(summary, s)[case][q]) for s in ("max", "min", "mean")}
                     for q in QUANTITIES
                 },
+                "quantiles": shown and _quantile_cells(shown, case),
                 "sections": sections,
+                "typical": shown
+                and [
+                    {
+                        "text": e.text,
+                        "position": e.position,
+                        "values": e.values,
+                        "source": sources.get(e.text, ""),
+                    }
+                    for e in shown.typical[case]
+                ],
             }
         )
     texts = {
@@ -337,6 +350,8 @@ def neuron_page(
         "include_bos": meta.options.include_bos,
         "links": links,
         "cases": cases,
+        "quantiles": [name for name, _ in QUANTILES],
+        "distributions": shown and _distribution_charts(shown, summary.freq),
         "data": {
             "quantities": list(QUANTITIES),
             "cases": list(CASES),
@@ -344,6 +359,57 @@ def neuron_page(
             "after": CONTEXT_AFTER,
             "texts": texts,
         },
+    }
+
+
+def _quantile_cells(shown: NeuronDistributions, case: str) -> dict[str, list[dict[str, Any]]]:
+    """quantity -> per quantile its estimate and the range it lies in (None: never)."""
+    cells: dict[str, list[dict[str, Any]]] = {}
+    for quantity in QUANTITIES:
+        cells[quantity] = []
+        for name, _ in QUANTILES:
+            bracket = shown.quantiles[case][quantity][name]
+            cells[quantity].append(
+                {"value": None, "range": ""} if bracket is None else
+                {"value": bracket.estimate,
+                 "range": f"{name} of |{quantity}| lies in [{bracket.low:.4g}, {bracket.high:.4g}]"}
+            )  # fmt: skip
+    return cells
+
+
+def _distribution_charts(shown: NeuronDistributions, freq: Mapping[str, float]) -> dict[str, Any]:
+    """The heat map and, per case and quantity, the histogram bars (one count scale per
+    quantity, so that the cases compare), with the tables of their numbers."""
+    from gatescope import charts
+    from gatescope.stats.distributions import bin_edges, joint_edges
+
+    edges, edges_joint = bin_edges().tolist(), joint_edges().tolist()
+    top = {q: max(max(shown.histogram[c][q]) for c in CASES) for q in QUANTITIES}
+    histograms = []
+    for case in CASES:
+        counts = shown.histogram[case]
+        nonzero = [b for b in range(len(edges) - 1) if any(counts[q][b] for q in QUANTITIES)]
+        histograms.append({
+            "case": case,
+            "freq": freq[case],
+            "charts": [
+                {"quantity": q, "index": i, "bars": charts.histogram_bars(counts[q], edges, top[q])}
+                for i, q in enumerate(QUANTITIES)
+            ],
+            "rows": [
+                {"label": charts.bin_label(edges, b), "counts": [counts[q][b] for q in QUANTITIES]}
+                for b in nonzero
+            ],
+        })  # fmt: skip
+    joint_labels = [charts.bin_label(edges_joint, b) for b in range(len(edges_joint) - 1)]
+    return {
+        "histograms": histograms,
+        "ticks": charts.ticks(edges, every=4, first=3),
+        "width": charts.HISTOGRAM_WIDTH,
+        "height": charts.HISTOGRAM_HEIGHT,
+        "heat_map": charts.heat_map(shown.joint, edges_joint, freq),
+        "joint": shown.joint,
+        "joint_labels": joint_labels,
     }
 
 
@@ -366,10 +432,14 @@ def token_strings(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> lis
     return strings
 
 
-def _examples(summary: NeuronSummary) -> Iterator[Example]:
+def _texts_shown(summary: NeuronSummary) -> Iterator[int]:
+    """The texts of a page: of its ranked lists and its typical examples."""
     for lists in summary.top.values():
         for examples in lists.values():
-            yield from examples
+            yield from (e.text for e in examples)
+    if summary.distributions is not None:
+        for examples in summary.distributions.typical.values():
+            yield from (e.text for e in examples)
 
 
 def _links(
