@@ -5,7 +5,9 @@ batch 8, float32 on the CPU. Prints, measured in this one run (medians of --repe
 
 * scan time / bare forward time of the same model on the same batches (``model(...)``,
   logits included, as a user would run it), and against the decoder alone (no lm_head;
-  the scan skips the unembedding because it needs no logits);
+  the scan skips the unembedding because it needs no logits); for the default scan (with
+  the distributions: histograms and typical examples) and with ``--no-distributions``;
+* the CPU's vector extensions (AVX2, AVX-512: the kernel's speed depends on them);
 * scan tokens/s;
 * peak memory (resident set) of a scan over the corpus and over a corpus 4x as long: it
   must not grow with corpus length.
@@ -63,10 +65,24 @@ def time_forward(model, corpus: datasets.Dataset, decoder_only: bool) -> float:
     return time.perf_counter() - start
 
 
-def time_scan(model, corpus: datasets.Dataset) -> float:
+def time_scan(model, corpus: datasets.Dataset, distributions: bool = True) -> float:
     start = time.perf_counter()
-    gatescope.scan(model, corpus, batch_size=BATCH, progress=False)
+    gatescope.scan(model, corpus, batch_size=BATCH, distributions=distributions, progress=False)
     return time.perf_counter() - start
+
+
+def vector_extensions() -> str:
+    """The CPU's widest vector extensions, from /proc/cpuinfo (Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return "unknown"
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    found = [name for name in ("avx2", "avx512f", "avx512bw", "avx512vl") if name in flags]
+    return ", ".join(found) or "none of AVX2, AVX-512"
 
 
 def peak_rss_mib_during(fn) -> float:
@@ -94,14 +110,18 @@ def main() -> None:
     time_forward(model, corpus.select(range(BATCH)), decoder_only=False)  # warm-up
     gatescope.scan(model, corpus.select(range(BATCH)), batch_size=BATCH, progress=False)
 
-    forward, decoder, scan = [], [], []
-    for _ in range(args.repeats):  # interleaved, so machine noise hits all three alike
+    forward, decoder, scan, bare_scan = [], [], [], []
+    for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
         forward.append(time_forward(model, corpus, decoder_only=False))
         decoder.append(time_forward(model, corpus, decoder_only=True))
         scan.append(time_scan(model, corpus))
-    forward_s, decoder_s, scan_s = map(statistics.median, (forward, decoder, scan))
+        bare_scan.append(time_scan(model, corpus, distributions=False))
+    forward_s, decoder_s, scan_s, bare_s = map(
+        statistics.median, (forward, decoder, scan, bare_scan)
+    )
     if args.verbose:
-        for name, times in ("forward", forward), ("decoder", decoder), ("scan", scan):
+        for name, times in (("forward", forward), ("decoder", decoder), ("scan", scan),
+                            ("no-dist", bare_scan)):  # fmt: skip
             print(f"{name:8s}", " ".join(f"{t:.3f}" for t in times))
 
     print(f"model: Llama hidden {HIDDEN}, d_mlp {D_MLP}, {LAYERS} layers, vocab {VOCAB}, float32")
@@ -111,11 +131,15 @@ def main() -> None:
     )
     print(f"bare forward (logits):    {forward_s:7.3f} s  {tokens / forward_s:9,.0f} tok/s")
     print(f"bare forward (no lm_head):{decoder_s:7.3f} s  {tokens / decoder_s:9,.0f} tok/s")
+    print(f"CPU vector extensions: {vector_extensions()}")
     print(f"scan:                     {scan_s:7.3f} s  {tokens / scan_s:9,.0f} tok/s")
+    print(f"scan --no-distributions:  {bare_s:7.3f} s  {tokens / bare_s:9,.0f} tok/s")
     print(
         f"ratio scan / bare forward:            {scan_s / forward_s:.3f}  (target <= 1.3, goal 1.1)"
     )
     print(f"ratio scan / bare forward no lm_head: {scan_s / decoder_s:.3f}")
+    print(f"ratio scan --no-distributions / bare forward: {bare_s / forward_s:.3f}")
+    print(f"distributions' share of the scan: {1 - bare_s / scan_s:.1%}")
 
     long_corpus = make_corpus(4 * args.texts, seed=1)
     short_peak = peak_rss_mib_during(lambda: time_scan(model, corpus))
