@@ -189,3 +189,23 @@ def test_without_distributions(tmp_path):
     # Saved and loaded, the atlas without them stays without them.
     without.save(tmp_path / "atlas")
     assert not gatescope.Atlas.load(tmp_path / "atlas").has_distributions
+
+
+def test_a_corpus_beyond_the_int32_counts_is_refused_before_any_work(monkeypatch):
+    from gatescope.errors import GatescopeError
+    from gatescope.loading import ModelSpec
+    from gatescope.stats import accumulator
+
+    monkeypatch.setattr(accumulator, "MAX_HISTOGRAM_TOKENS", 10)
+    monkeypatch.setattr(ModelSpec, "load", lambda self: pytest.fail("loaded"))
+    with pytest.raises(GatescopeError, match="--no-distributions"):
+        gatescope.scan(tiny_model("llama"), random_corpus(), progress=False)
+
+
+def test_statistics_of_another_seed_or_layer_do_not_merge():
+    def stats(seed: int, layer: int) -> NeuronStats:
+        return NeuronStats(8, torch.nn.functional.silu, k=2, seed=seed, layer=layer)
+
+    for other in (stats(1, 0), stats(0, 1)):
+        with pytest.raises(ValueError, match="seed or layer"):
+            stats(0, 0).merge(other)

@@ -59,7 +59,7 @@ from gatescope.constants import (
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, claim_output, write_atomic, write_json_atomic
 from gatescope.records import AtlasMeta
-from gatescope.stats.distributions import Bracket
+from gatescope.stats.distributions import N_BINS, N_JOINT_BINS, Bracket, quantile_brackets
 
 if TYPE_CHECKING:
     import datasets
@@ -411,6 +411,16 @@ class Atlas:
             },
         )
 
+    def quantiles(self, layer: int) -> Tensor | None:
+        """Like :meth:`LayerStats.quantiles`, reading only the histograms and extremes."""
+        self.check_neuron(layer)
+        if not self.has_distributions:
+            return None
+        maximum, minimum = self._read("max", layer), self._read("min", layer)
+        return _quantiles(
+            self._read("histogram", layer), maximum.permute(2, 0, 1), minimum.permute(2, 0, 1)
+        )
+
     def to_hf_dataset(self) -> datasets.Dataset:
         """The atlas in the GLUScope activation-dataset schema (one row per neuron)."""
         from gatescope.export import to_hf_dataset
@@ -460,8 +470,6 @@ def _accumulator_layout(name: str, tensor: Tensor) -> Tensor:
 def _quantiles(histogram: Tensor, maximum: Tensor, minimum: Tensor) -> Tensor:
     """[..., case, quantity, level, 2] brackets of the QUANTILES of |value| from
     ``histogram`` [..., case, quantity, bin] and the signed extremes [..., case, quantity]."""
-    from gatescope.stats.distributions import quantile_brackets
-
     positive = torch.tensor(SIGNS) > 0  # [case, quantity]
     strongest = torch.where(positive, maximum, -minimum)
     weakest = torch.where(positive, minimum, -maximum)
@@ -486,8 +494,6 @@ def _check_shapes(meta: AtlasMeta, shapes: Mapping[str, tuple[int, ...]]) -> Non
         **{name: (L, d, len(TOP_LISTS), k) for name in RANKED},
     }
     if meta.options.distributions:
-        from gatescope.stats.distributions import N_BINS, N_JOINT_BINS
-
         cases, quantities = len(CASES), len(QUANTITIES)
         expected |= {
             "histogram": (L, d, cases, quantities, N_BINS),

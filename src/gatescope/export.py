@@ -14,7 +14,8 @@ One row per neuron, layer-major (row ``layer * d_mlp + neuron``), with the colum
   int32 token positions, -1 in empty slots);
 * beyond GLUScope, for an atlas with distributions: ``<case>_<quantity>_p50``, ``_p90`` and
   ``_p99`` (float32): quantiles of |value| over the case's tokens, the geometric middle of
-  the histogram bin that holds them (within the extremes; NaN when the case never occurs).
+  the histogram bin that holds them clipped to the case's extremes (its upper end when the
+  lower is 0; NaN when the case never occurs).
   ``--format gluscope`` never has them; the histograms themselves stay in the atlas.
 
 The atlas metadata (token count, k, model, corpus, options, ...) travels as JSON in the
@@ -173,7 +174,7 @@ def _quantile_columns(atlas: Atlas) -> dict[str, pa.Array]:
 
     per_layer = []
     for layer in range(atlas.num_layers):
-        brackets = atlas.layer(layer).quantiles()  # [d, case, quantity, level, (low, high)]
+        brackets = atlas.quantiles(layer)  # [d, case, quantity, level, (low, high)]
         assert brackets is not None
         per_layer.append(bracket_estimates(brackets))
     estimates = np.concatenate(per_layer)  # [rows, case, quantity, level]

@@ -115,6 +115,7 @@ def _scan(
 
     shard = _own_shard(shard, ranks, opts)
     texts = TokenizedCorpus.open(corpus)
+    _check_distributions_fit(texts, opts)
     own_texts = _shard_texts(texts, shard)
     spec = resolve_model(model, dtype=opts.dtype, device=_device(opts, ranks),
                          device_map=opts.device_map)  # fmt: skip
@@ -162,6 +163,18 @@ def _own_shard(
         raise GatescopeError("--device-map and torchrun do not mix: under torchrun each "
                              "rank holds a whole model on its own GPU.")  # fmt: skip
     return Shard(ranks.rank, ranks.world)
+
+
+def _check_distributions_fit(texts: TokenizedCorpus, opts: ScanOptions) -> None:
+    """Refuses, before any work, a corpus of more tokens than the int32 histograms count."""
+    from gatescope.stats.accumulator import MAX_HISTOGRAM_TOKENS
+
+    counted = int(texts.lengths.sum()) - (0 if opts.include_bos else len(texts.lengths))
+    if opts.distributions and counted > MAX_HISTOGRAM_TOKENS:
+        raise GatescopeError(
+            f"the corpus has {counted:,} tokens to count, and the distributions count at most "
+            f"{MAX_HISTOGRAM_TOKENS:,}: scan with --no-distributions (or a smaller corpus)."
+        )
 
 
 def _shard_texts(texts: TokenizedCorpus, shard: Shard | None) -> np.ndarray | None:

@@ -40,9 +40,6 @@ KERNELS = ("auto", "cpu", "torch")
 #: The histograms count in int32.
 MAX_HISTOGRAM_TOKENS = 2**31 - 1
 
-#: The state of the distributions (present when they are collected).
-DISTRIBUTION_STATE = ("histogram", "joint", "typical_text", "typical_position", "typical_value")
-
 
 class NeuronStats:
     """Accumulates the statistics of the ``d_mlp`` neurons of one gated MLP layer.
@@ -211,7 +208,7 @@ class NeuronStats:
         examples (-1 for the others: their priority is above the k-th kept one)."""
         if priority is None:
             return None
-        kth = (self._typical_key[..., -1] >> distributions.TEXT_BITS).unsqueeze(1)
+        kth = (self._typical_key[..., -1] >> distributions.KEY_LOW_BITS).unsqueeze(1)
         return torch.where(priority <= kth, distributions.token_salt(priority), -1)
 
     def _add_typical_candidates(
@@ -220,9 +217,10 @@ class NeuronStats:
         """Merges each text's drawn token ([case, text, neuron]) into the typical examples."""
         assert per_text.typical_position is not None and per_text.typical_value is not None
         drawn = per_text.typical_position >= 0
-        key = torch.where(drawn, (priority << distributions.TEXT_BITS) | text_index.view(1, -1, 1),
-                          distributions.NO_KEY)  # fmt: skip
-        text = torch.where(drawn, text_index.view(1, -1, 1).to(torch.int32), -1)
+        texts = text_index.view(1, -1, 1)
+        key = (priority << distributions.KEY_LOW_BITS) | texts
+        key = torch.where(drawn, key, distributions.NO_KEY)
+        text = torch.where(drawn, texts.to(torch.int32), -1)
         self._merge_typical(
             key.transpose(1, 2),
             text.transpose(1, 2),
@@ -251,7 +249,7 @@ class NeuronStats:
         priority = distributions.text_priority(
             self.seed, self.layer, self._cases.view(-1, 1, 1), self._neurons.view(1, -1, 1), index
         )
-        key = (priority << distributions.TEXT_BITS) | index
+        key = (priority << distributions.KEY_LOW_BITS) | index
         return torch.where(text >= 0, key, distributions.NO_KEY)
 
     # ------------------------------------------------------------------ top-k
@@ -364,8 +362,11 @@ class NeuronStats:
 
     def merge(self, other: NeuronStats) -> None:
         """Adds the statistics of ``other`` (disjoint texts of the same layer) to these."""
-        if (other.d_mlp, other.k, other.distributions) != (self.d_mlp, self.k, self.distributions):
-            raise ValueError("cannot merge statistics of different shapes, k or distributions")
+        mine = (self.d_mlp, self.k, self.distributions, self.seed, self.layer)
+        if (other.d_mlp, other.k, other.distributions, other.seed, other.layer) != mine:
+            raise ValueError(
+                "cannot merge statistics of different shapes, k, distributions, seed or layer"
+            )
         self.tokens += other.tokens.to(self.device)
         self.count += other.count.to(self.device)
         self.sum += other.sum.to(self.device)
@@ -391,10 +392,12 @@ class NeuronStats:
             )
 
     def _check_histogram_capacity(self) -> None:
+        """Refuses more tokens than int32 histograms count (scans check their corpus first:
+        this catches merges of parts that together exceed it)."""
         if int(self.tokens) > MAX_HISTOGRAM_TOKENS:
             raise GatescopeError(
-                f"the distributions count at most {MAX_HISTOGRAM_TOKENS:,} tokens, and this "
-                f"scan has {int(self.tokens):,}: scan with --no-distributions."
+                f"the distributions count at most {MAX_HISTOGRAM_TOKENS:,} tokens, and these "
+                f"statistics have {int(self.tokens):,}: scan with --no-distributions."
             )
 
     @classmethod
@@ -403,8 +406,8 @@ class NeuronStats:
         states: Sequence[dict[str, Tensor]],
         *,
         device: torch.device | str = "cpu",
-        seed: int = 0,
-        layer: int = 0,
+        seed: int,
+        layer: int,
     ) -> NeuronStats:
         """The statistics of disjoint sets of texts, merged in the order given: how scans
         run apart (shards, ranks) are combined. Ranked lists, extremes, histograms and
@@ -445,7 +448,6 @@ class NeuronStats:
             "top_position": self.top_position,
         }
         if self.distributions:
-            self._check_histogram_capacity()
             assert self.histogram is not None and self.joint is not None
             state |= {
                 "histogram": self.histogram,

@@ -262,7 +262,8 @@ _LOWEST, _JOINT_LOWEST = distributions.LOWEST, distributions.JOINT_LOWEST
 _N_BINS, _N_JOINT_BINS = distributions.N_BINS, distributions.N_JOINT_BINS
 _HALF_OCTAVE = distributions.HALF_OCTAVE
 _NO_KEY = distributions.NO_KEY
-_POSITION_MASK = 2**distributions.TEXT_BITS - 1
+_MIX_MULTIPLIER, _MASK32 = distributions.MIX_MULTIPLIER, distributions.MASK32
+_POSITION_MASK = 2**distributions.KEY_LOW_BITS - 1
 # A block's histogram counts (int32, rows of BLOCK): the magnitude bins of each (case,
 # quantity), the joint cells of each case, and a spare row for tokens in no case.
 HISTOGRAM_ROWS = 16 * _N_BINS
@@ -278,7 +279,9 @@ def _histograms(g, u, a, valid, text, first, width, counts, at):  # pragma: no c
     Two loops: the first finds each token's five counters (its four quantities' bins and
     its joint bin) and vectorizes; the second adds to them one by one, since counters at
     data-dependent addresses do not vectorize. ``at`` ([5 * BLOCK] int32) holds the
-    counters' offsets in between; a token in no case adds to the spare row.
+    counters' offsets in between; a token in no case adds to the spare row. (The
+    magnitude bins are distributions.magnitude_bins; a joint bin is found from the
+    magnitude bin, whose edges include the joint's.)
     """
     for t in range(g.shape[1]):
         if not valid[text, t]:
@@ -303,12 +306,6 @@ def _histograms(g, u, a, valid, text, first, width, counts, at):  # pragma: no c
         for j in range(width):
             for k in range(5):
                 counts[at[k * BLOCK + j]] += 1
-
-
-@numba.njit(inline="always")
-def _row(in_case, row):  # pragma: no cover - compiled
-    """The offset of a counter row, or of the spare row for a token in no case."""
-    return (row if in_case else SPARE_ROW) * BLOCK
 
 
 @numba.njit(boundscheck=False)
@@ -372,8 +369,8 @@ def _joint_bin(magnitude_bin):  # pragma: no cover - compiled
 
 @numba.njit(inline="always")
 def _mix32(x):  # pragma: no cover - compiled
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
-    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * _MIX_MULTIPLIER) & _MASK32
+    x = (((x >> 16) ^ x) * _MIX_MULTIPLIER) & _MASK32
     return (x >> 16) ^ x
 
 

@@ -7,7 +7,8 @@ fixed and data-independent, so histograms of disjoint texts add up exactly:
 
 * ``N_BINS`` magnitude bins: ``[0, 2**LOWEST)`` (underflow, zero included), then
   ``BINS_PER_OCTAVE`` log-spaced bins per octave up to ``2**HIGHEST``, then
-  ``[2**HIGHEST, inf]`` (overflow; a NaN counts there too). The edge inside an octave is
+  ``[2**HIGHEST, inf]`` (overflow; a NaN ``act(g)`` or product counts there too: a NaN
+  ``g`` or ``u`` puts the token in no case). The edge inside an octave is
   ``2**e * float32(sqrt(2))``: every edge is a float32 number, so a float32 value and the
   same value in float64 fall in the same bin.
 * ``N_JOINT_BINS`` bins per axis of the joint histogram: ``[0, 2**JOINT_LOWEST)``, bins of
@@ -17,13 +18,15 @@ fixed and data-independent, so histograms of disjoint texts add up exactly:
 A bin is read off the float's exponent and mantissa bits: exact, branch-free, and the same
 on every device and in every pass (the numba kernel does it on the same bits).
 
-How the counts were chosen: OLMo-7B has 352,256 neurons, and the atlas must stay within
-about 1.5 GB. ``16 * 38 + 4 * 10 * 10 = 1,008`` int32 counts per neuron are 1.42 GB. Half
+How the counts were chosen: OLMo-7B has 352,256 neurons, and its histograms must stay
+within about 1.5 GB. ``16 * 38 + 4 * 10 * 10 = 1,008`` int32 counts per neuron are 1.42 GB
+(the typical examples add 0.54 GB at k = 16, the rest of the atlas is 1.05 GB). Half
 octaves over 2**-11..2**7 cover the |values| of trained models (the fixture's 0.1%
 quantile of |hook_post| is near 2**-15, its largest |g| below 2**3; 7B models reach the
-hundreds in rare outliers, whose exact extremes ``max``/``min`` keep), and bracket every
-quantile within a factor sqrt(2). The heat map needs a coarser grid: 10 x 10 per quadrant
-is 20 x 20 over the plane.
+hundreds in rare outliers, whose exact extremes ``max``/``min`` keep), and bracket a
+quantile in a regular bin within a factor sqrt(2) (in the underflow or overflow bin, within
+that bin and the case's extremes). The heat map needs a coarser grid: 10 x 10 per
+quadrant is 20 x 20 over the plane.
 
 **Typical examples.** Per neuron and case, ``k`` texts drawn uniformly among those where
 the case occurs, and in each a token drawn uniformly among the case's tokens. A draw is a
@@ -74,39 +77,41 @@ HALF_OCTAVE = int(np.array(np.sqrt(2.0), dtype=np.float32).view(np.int32)) & 0x7
 _MANTISSA_MASK = 0x7FFFFF
 _FLOAT64_BIAS, _FLOAT64_MANTISSA = 1023, 52
 
-#: Priorities are below this; a missing candidate's key is at least ``NO_PRIORITY << 31``.
-NO_PRIORITY = 2**32
-#: A kept typical example's ranking key is ``priority << 31 | text``: unique, smallest first.
-TEXT_BITS = 31
-NO_KEY = torch.iinfo(torch.int64).max
+#: Ranking keys of the draw are ``priority << KEY_LOW_BITS | index``, unique and smallest
+#: first: the index is the text's (texts) or the position's (tokens), below 2**31.
+KEY_LOW_BITS = 31
+NO_KEY = torch.iinfo(torch.int64).max  # no candidate
 
-_MASK32 = 0xFFFFFFFF
-_MULTIPLIER = 0x45D9F3B  # below 2**27: a product of it and a 32-bit value fits in int63
-_TOKEN_SALT = 0x2545F491
+MASK32 = 0xFFFFFFFF
+MIX_MULTIPLIER = 0x45D9F3B  # below 2**27: a product of it and a 32-bit value fits in int63
+TOKEN_SALT = 0x2545F491
 
 
 # ------------------------------------------------------------------------------ bins
 
 
 def _exponent_and_mantissa(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The unbiased exponent and the top 23 mantissa bits of ``|x|`` (int64), via float64:
-    float32 values convert to it exactly."""
-    bits = x.to(torch.float64).abs().view(torch.int64)
+    """The unbiased exponent and the top 23 mantissa bits of ``|x|``: from the float32 bits
+    (int32 work, no copy wider than ``x``), else from the float64 bits."""
+    if x.dtype == torch.float32:
+        bits = x.view(torch.int32) & 0x7FFFFFFF
+        return (bits >> 23) - 127, bits & _MANTISSA_MASK
+    bits = x.to(torch.float64).view(torch.int64) & 0x7FFFFFFFFFFFFFFF
     exponent = (bits >> _FLOAT64_MANTISSA) - _FLOAT64_BIAS
-    mantissa = (bits >> (_FLOAT64_MANTISSA - 23)) & _MANTISSA_MASK
-    return exponent, mantissa
+    return exponent, (bits >> (_FLOAT64_MANTISSA - 23)) & _MANTISSA_MASK
 
 
 def magnitude_bins(x: Tensor) -> Tensor:
-    """The magnitude bin of each ``|x|`` (int64, 0 to ``N_BINS - 1``), any float dtype."""
+    """The magnitude bin of each ``|x|`` (0 to ``N_BINS - 1``; int32 for float32 ``x``,
+    int64 otherwise)."""
     exponent, mantissa = _exponent_and_mantissa(x)
     regular = 1 + BINS_PER_OCTAVE * (exponent - LOWEST) + (mantissa >= HALF_OCTAVE)
     return regular.clamp_(0, N_BINS - 1)
 
 
 def joint_bins(x: Tensor) -> Tensor:
-    """The joint histogram's bin of each ``|x|`` along its axis (int64, 0 to
-    ``N_JOINT_BINS - 1``)."""
+    """The joint histogram's bin of each ``|x|`` along its axis (0 to ``N_JOINT_BINS - 1``,
+    the integer type of :func:`magnitude_bins`)."""
     exponent, _ = _exponent_and_mantissa(x)
     regular = 1 + ((exponent - JOINT_LOWEST) >> 1)  # floor division by JOINT_OCTAVES (2)
     return regular.clamp_(0, N_JOINT_BINS - 1)
@@ -133,15 +138,16 @@ def joint_edges() -> np.ndarray:
 
 @dataclass(frozen=True)
 class Bracket:
-    """Where a quantile of |value| lies: in ``[low, high]``; ``estimate`` is the geometric
-    middle (``high`` where ``low`` is 0)."""
+    """Where a quantile of |value| lies: in ``[low, high]``, its histogram bin clipped to
+    the observed extremes; ``estimate`` is the geometric middle (``high`` where ``low`` is
+    0)."""
 
     low: float
     high: float
 
     @property
     def estimate(self) -> float:
-        return float(bracket_estimates(torch.tensor([self.low, self.high])))
+        return float(bracket_estimates(torch.tensor([self.low, self.high], dtype=torch.float64)))
 
 
 def bracket_estimates(brackets: Tensor) -> np.ndarray:
@@ -189,15 +195,15 @@ def quantile_brackets(
 
 def mix32(x: Tensor) -> Tensor:
     """A 32-bit integer hash (int64 tensors holding values below 2**32)."""
-    x = (((x >> 16) ^ x) * _MULTIPLIER) & _MASK32
-    x = (((x >> 16) ^ x) * _MULTIPLIER) & _MASK32
+    x = (((x >> 16) ^ x) * MIX_MULTIPLIER) & MASK32
+    x = (((x >> 16) ^ x) * MIX_MULTIPLIER) & MASK32
     return (x >> 16) ^ x
 
 
 def text_priority(seed: int, layer: int, case: Tensor, neuron: Tensor, text: Tensor) -> Tensor:
     """Priorities below 2**32 (int64) of texts (corpus indices) for the typical examples of
     (case, neuron) of a layer; ``case``, ``neuron`` and ``text`` (int64) broadcast."""
-    base = mix32(mix32(torch.tensor(seed & _MASK32, device=text.device)) ^ (layer & _MASK32))
+    base = mix32(mix32(torch.tensor(seed & MASK32, device=text.device)) ^ (layer & MASK32))
     per_neuron = mix32(base ^ (neuron * len(CASES) + case))
     return mix32(per_neuron ^ text)
 
@@ -205,7 +211,7 @@ def text_priority(seed: int, layer: int, case: Tensor, neuron: Tensor, text: Ten
 def token_salt(priority: Tensor) -> Tensor:
     """The salt of a text's token draw: a second hash of its priority, so that the token
     drawn does not depend on how the text ranks."""
-    return mix32(priority ^ _TOKEN_SALT)
+    return mix32(priority ^ TOKEN_SALT)
 
 
 def token_priority(salt: Tensor, position: Tensor) -> Tensor:

@@ -261,16 +261,16 @@ def _add_histograms(q: Tensor, cases: Tensor, histogram: Tensor, joint: Tensor) 
     """
     neurons = q.shape[-1]
     case, in_case = _case_index(cases)  # [text, pos, neuron]
-    ones = in_case.to(torch.int32)  # tokens in no case add 0 (at a valid index)
+    ones = in_case.to(torch.int32).flatten()  # tokens in no case add 0 (at a valid index)
     neuron = torch.arange(neurons, device=q.device)
-    quantity = torch.arange(N_QUANTITIES, device=q.device).view(-1, 1, 1, 1)
-    bins = distributions.magnitude_bins(q)  # [quantity, text, pos, neuron]
-    flat = ((case * N_QUANTITIES + quantity) * distributions.N_BINS + bins) * neurons + neuron
-    histogram.view(-1).scatter_add_(0, flat.flatten(), ones.expand_as(flat).flatten())
+    for quantity in range(N_QUANTITIES):  # one at a time: a few chunk-sized temporaries
+        bins = distributions.magnitude_bins(q[quantity])  # [text, pos, neuron]
+        row = (case * N_QUANTITIES + quantity) * distributions.N_BINS + bins
+        histogram.view(-1).scatter_add_(0, (row * neurons + neuron).flatten(), ones)
     g_bin, u_bin = distributions.joint_bins(q[0]), distributions.joint_bins(q[1])
     size = distributions.N_JOINT_BINS
     flat = ((case * size + g_bin) * size + u_bin) * neurons + neuron
-    joint.view(-1).scatter_add_(0, flat.flatten(), ones.flatten())
+    joint.view(-1).scatter_add_(0, flat.flatten(), ones)
 
 
 def _draw_typical(q: Tensor, cases: Tensor, salt: Tensor, position: Tensor, value: Tensor) -> None:
@@ -290,11 +290,11 @@ def _draw_typical(q: Tensor, cases: Tensor, salt: Tensor, position: Tensor, valu
         case_salt = salt[c].unsqueeze(1)  # [text, 1, neuron]
         priority = distributions.token_priority(case_salt, at)  # [text, pos, neuron]
         # Unique keys: priority, then position.
-        key = (priority << distributions.TEXT_BITS) | at
+        key = (priority << distributions.KEY_LOW_BITS) | at
         drawn = (cases[c] > 0) & (case_salt >= 0)
         best = torch.where(drawn, key, distributions.NO_KEY).amin(dim=1)  # [text, neuron]
         found = best != distributions.NO_KEY
-        chosen = best & (2**distributions.TEXT_BITS - 1)
+        chosen = best & (2**distributions.KEY_LOW_BITS - 1)
         position[c] = torch.where(found, chosen, -1)
         index = chosen.where(found, 0).unsqueeze(0).unsqueeze(2).expand(N_QUANTITIES, -1, 1, -1)
         picked = q.gather(2, index).squeeze(2)  # [quantity, text, neuron]
