@@ -198,10 +198,13 @@ class NeuronStats:
 
     def _text_priority(self, text_index: Tensor) -> Tensor:
         """[case, text, neuron] the texts' draw priorities for every neuron."""
-        return distributions.text_priority(
-            self.seed, self.layer, self._cases.view(-1, 1, 1), self._neurons.view(1, 1, -1),
-            text_index.view(1, -1, 1),
-        )  # fmt: skip
+        return self._priority(text_index.view(1, -1, 1), self._neurons.view(1, 1, -1))
+
+    def _priority(self, text: Tensor, neuron: Tensor) -> Tensor:
+        """Draw priorities of ``text`` for ``neuron`` in each case (case first; the
+        arguments broadcast with [case, 1, 1])."""
+        case = self._cases.view(-1, 1, 1)
+        return distributions.text_priority(self.seed, self.layer, case, neuron, text)
 
     def _salts(self, priority: Tensor | None) -> Tensor | None:
         """[case, text, neuron] the token-draw salts of the texts that may enter the typical
@@ -218,8 +221,7 @@ class NeuronStats:
         assert per_text.typical_position is not None and per_text.typical_value is not None
         drawn = per_text.typical_position >= 0
         texts = text_index.view(1, -1, 1)
-        key = (priority << distributions.KEY_LOW_BITS) | texts
-        key = torch.where(drawn, key, distributions.NO_KEY)
+        key = distributions.ranking_key(priority, texts, drawn)
         text = torch.where(drawn, texts.to(torch.int32), -1)
         self._merge_typical(
             key.transpose(1, 2),
@@ -244,13 +246,11 @@ class NeuronStats:
         self._typical_value = values.gather(-1, best.unsqueeze(1).expand(-1, N_QUANTITIES, -1, -1))
 
     def _typical_keys_of(self, text: Tensor) -> Tensor:
-        """[case, neuron, slot] the keys of kept examples of texts ``text`` (-1: empty)."""
+        """[case, neuron, slot] the keys of kept examples of texts ``text`` (NO_KEY where
+        the slot is empty, text -1)."""
         index = text.to(torch.int64).clamp(min=0)
-        priority = distributions.text_priority(
-            self.seed, self.layer, self._cases.view(-1, 1, 1), self._neurons.view(1, -1, 1), index
-        )
-        key = (priority << distributions.KEY_LOW_BITS) | index
-        return torch.where(text >= 0, key, distributions.NO_KEY)
+        priority = self._priority(index, self._neurons.view(1, -1, 1))
+        return distributions.ranking_key(priority, index, text >= 0)
 
     # ------------------------------------------------------------------ top-k
 

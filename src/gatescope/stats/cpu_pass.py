@@ -263,7 +263,8 @@ _N_BINS, _N_JOINT_BINS = distributions.N_BINS, distributions.N_JOINT_BINS
 _HALF_OCTAVE = distributions.HALF_OCTAVE
 _NO_KEY = distributions.NO_KEY
 _MIX_MULTIPLIER, _MASK32 = distributions.MIX_MULTIPLIER, distributions.MASK32
-_POSITION_MASK = 2**distributions.KEY_LOW_BITS - 1
+_KEY_LOW_BITS = distributions.KEY_LOW_BITS
+_POSITION_MASK = 2**_KEY_LOW_BITS - 1
 # A block's histogram counts (int32, rows of BLOCK): the magnitude bins of each (case,
 # quantity), the joint cells of each case, and a spare row for tokens in no case.
 HISTOGRAM_ROWS = 16 * _N_BINS
@@ -395,7 +396,7 @@ def _draw(g, u, a, valid, text, first, width, salt, drawn):  # pragma: no cover 
             s0, s1 = drawn[SALT * BLOCK + j], drawn[(SALT + 1) * BLOCK + j]
             s2, s3 = drawn[(SALT + 2) * BLOCK + j], drawn[(SALT + 3) * BLOCK + j]
             s = s0 if pp else (s1 if pn else (s2 if np_ else s3))
-            key = (_mix32(s ^ t) << 31) | t
+            key = (_mix32(s ^ t) << _KEY_LOW_BITS) | t
             _drawn_if(drawn, j, 0, pp & (s0 >= 0), key)
             _drawn_if(drawn, j, 1, pn & (s1 >= 0), key)
             _drawn_if(drawn, j, 2, np_ & (s2 >= 0), key)

@@ -58,6 +58,7 @@ __all__ = [
     "joint_edges",
     "magnitude_bins",
     "quantile_brackets",
+    "ranking_key",
     "text_priority",
     "token_priority",
     "token_salt",
@@ -212,6 +213,12 @@ def token_salt(priority: Tensor) -> Tensor:
     """The salt of a text's token draw: a second hash of its priority, so that the token
     drawn does not depend on how the text ranks."""
     return mix32(priority ^ TOKEN_SALT)
+
+
+def ranking_key(priority: Tensor, index: Tensor, present: Tensor) -> Tensor:
+    """The draw's ranking keys ``priority << KEY_LOW_BITS | index`` (unique, smallest
+    first), ``NO_KEY`` where ``present`` is false; the arguments broadcast."""
+    return torch.where(present, (priority << KEY_LOW_BITS) | index, NO_KEY)
 
 
 def token_priority(salt: Tensor, position: Tensor) -> Tensor:

@@ -289,10 +289,9 @@ def _draw_typical(q: Tensor, cases: Tensor, salt: Tensor, position: Tensor, valu
     for c in range(N_CASES):
         case_salt = salt[c].unsqueeze(1)  # [text, 1, neuron]
         priority = distributions.token_priority(case_salt, at)  # [text, pos, neuron]
-        # Unique keys: priority, then position.
-        key = (priority << distributions.KEY_LOW_BITS) | at
         drawn = (cases[c] > 0) & (case_salt >= 0)
-        best = torch.where(drawn, key, distributions.NO_KEY).amin(dim=1)  # [text, neuron]
+        key = distributions.ranking_key(priority, at, drawn)  # priority, then position
+        best = key.amin(dim=1)  # [text, neuron]
         found = best != distributions.NO_KEY
         chosen = best & (2**distributions.KEY_LOW_BITS - 1)
         position[c] = torch.where(found, chosen, -1)
