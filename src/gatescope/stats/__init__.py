@@ -19,7 +19,7 @@ numba kernel, several times faster on a CPU).
 """
 
 from gatescope.stats.accumulator import NeuronStats
+from gatescope.stats.batch import Workspace
 from gatescope.stats.quantities import gated_quantities, stats_dtype
-from gatescope.stats.torch_pass import Workspace
 
 __all__ = ["NeuronStats", "Workspace", "gated_quantities", "stats_dtype"]

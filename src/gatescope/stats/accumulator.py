@@ -20,8 +20,8 @@ from torch import Tensor
 from gatescope.constants import CASES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.stats import distributions
-from gatescope.stats.batch import PerText, StatisticsPass, Totals
-from gatescope.stats.torch_pass import TorchPass, Workspace
+from gatescope.stats.batch import PerText, StatisticsPass, Totals, Workspace
+from gatescope.stats.torch_pass import TorchPass
 
 N_CASES = len(CASES)
 N_QUANTITIES = len(QUANTITIES)
@@ -55,7 +55,7 @@ class NeuronStats:
         kernel: ``"cpu"`` (the fused CPU pass), ``"torch"`` (torch operations, any device)
             or ``"auto"``: the fused pass on a CPU, torch elsewhere.
         chunk_elements: Workspace size of the torch pass; ``None`` picks one per device.
-        workspace: The torch pass's scratch buffers, to share with the other layers.
+        workspace: The pass's scratch buffers, to share with the other layers.
         distributions: Whether to collect the histograms and typical examples
             (:mod:`~gatescope.stats.distributions`).
         seed: The typical examples' draw.
@@ -145,7 +145,8 @@ class NeuronStats:
                 raise ValueError(f"the cpu kernel cannot run on {self.device}")
             from gatescope.stats.cpu_pass import cpu_pass
 
-            return functools.partial(cpu_pass, act=act)
+            scratch = workspace if workspace is not None else Workspace()
+            return functools.partial(cpu_pass, act=act, workspace=scratch)
         return TorchPass(
             act,
             device=self.device,
@@ -338,11 +339,12 @@ class NeuronStats:
         key = torch.where(text >= 0, value.abs(), float("-inf"))
 
         if self.dtype == torch.float32:
-            # One sort of unique int64 keys: the bits of a non-negative float32 order like
-            # the float, and the text index (descending) breaks ties towards lower indices.
+            # The k largest of unique int64 keys: the bits of a non-negative float32 order
+            # like the float, and the text index (descending) breaks ties towards lower
+            # indices. (Empty slots all have key -1; they are emptied below, whichever.)
             packed = (key.view(torch.int32).to(torch.int64) << 31) | (MAX_TEXTS - text)
             packed = packed.masked_fill_(text < 0, -1)
-            best = packed.sort(dim=-1, descending=True).indices[..., : self.k]
+            best = packed.topk(self.k, dim=-1, sorted=True).indices
         else:  # float64 keys do not fit beside an index: two stable sorts
             by_text = torch.sort(text, dim=-1, stable=True).indices
             by_key = torch.sort(key.gather(-1, by_text), dim=-1, descending=True, stable=True)

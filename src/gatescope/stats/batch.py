@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
+
+from gatescope.constants import CASES, QUANTITIES
 
 
 @dataclass(frozen=True)
@@ -56,3 +59,43 @@ class StatisticsPass(Protocol):
                 cannot enter the typical examples; None: no typical examples.
         """
         ...
+
+
+class Workspace:
+    """Scratch buffers of the statistics passes, shared by the layers of a model.
+
+    A fresh multi-megabyte allocation costs more than the arithmetic done in it on a CPU
+    (the kernel zeroes every new page on first touch), and one set of buffers for all
+    layers stays in cache while the layers take turns (hooks run one layer at a time).
+    Not for concurrent updates from several threads.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+        self._key: tuple = ()
+        self._flat: dict[str, Tensor] = {}
+
+    def flat(self, name: str, elements: int, dtype: torch.dtype) -> Tensor:
+        """A flat CPU buffer ``name`` of ``elements``, contents undefined: the same memory
+        from call to call, grown when a call needs more."""
+        buffer = self._flat.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < elements:
+            buffer = self._flat[name] = torch.empty(elements, dtype=dtype)
+        return buffer[:elements]
+
+    def get(
+        self, texts: int, padded: int, d_mlp: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Tensor]:
+        """The torch pass's buffers q, cases, masked: [quantity or case, at least ``texts``,
+        ``padded``, ``d_mlp``]; a smaller chunk uses views."""
+        capacity = self._key[0] if self._key else 0
+        if self._key[1:] != (padded, d_mlp, dtype, device) or capacity < texts:
+            shape = (max(texts, capacity), padded, d_mlp)
+            new = lambda *lead: torch.empty(*lead, *shape, dtype=dtype, device=device)  # noqa: E731
+            self._key = (shape[0], padded, d_mlp, dtype, device)
+            self._buffers = {
+                "q": new(len(QUANTITIES)),
+                "cases": new(len(CASES)),
+                "masked": new(len(QUANTITIES)),
+            }
+        return self._buffers

@@ -26,20 +26,21 @@ from torch import Tensor
 
 from gatescope.constants import SIGNS
 from gatescope.stats import distributions
-from gatescope.stats.batch import PerText, Totals
+from gatescope.stats.batch import PerText, Totals, Workspace
 
 #: Neurons per block; 64 was fastest on the benchmark model (AVX-512 and AVX2 alike).
 BLOCK = 64
 
-# A block's accumulators are rows of BLOCK neurons in two flat arrays; `pair` is
+# A block's accumulators are rows of BLOCK neurons in flat arrays; `pair` is
 # 4 * case + quantity. `totals` (float64, the whole batch): the counts per case (exact in
-# float64), the sums per pair, the weakest |value| per pair (+inf before any token of the
-# case). `best` (the input dtype, reset for every text): the strongest |value| per pair
-# (-inf before any token of the case), then its position (exact below 2**24).
+# float64), then the sums per pair. `weakest` (the input dtype, the whole batch): the
+# weakest |value| per pair (+inf before any token of the case). `best` (the input dtype,
+# reset for every text): the strongest |value| per pair (-inf before any token of the
+# case), then its position (exact below 2**24). Comparisons stay in the input dtype, so
+# that they vectorize as wide as it allows.
 COUNT = 0  # totals[COUNT + case]
 SUM = COUNT + 4  # totals[SUM + pair]
-WEAKEST = SUM + 16  # totals[WEAKEST + pair]
-TOTAL_ROWS = WEAKEST + 16
+TOTAL_ROWS = SUM + 16
 STRENGTH = 0  # best[STRENGTH + pair]
 POSITION = STRENGTH + 16  # best[POSITION + pair]
 BEST_ROWS = POSITION + 16
@@ -48,6 +49,9 @@ BEST_ROWS = POSITION + 16
 SALT = 0  # drawn[SALT + case]
 KEY = SALT + 4  # drawn[KEY + case]
 DRAW_ROWS = KEY + 4
+
+# -inf in float32: it leaves float32 comparisons in float32 and widens to float64 ones.
+_MINUS_INF = np.float32(-np.inf)
 
 # The kernel spells out each case's quantity signs; this is the table it implements.
 _KERNEL_SIGNS = ((1, 1, 1, 1), (1, -1, 1, -1), (-1, 1, -1, -1), (-1, -1, -1, 1))
@@ -62,11 +66,12 @@ def cpu_pass(
     salt: Tensor | None,
     *,
     act: Callable[[Tensor], Tensor],
+    workspace: Workspace,
 ) -> PerText:
     """The :class:`~gatescope.stats.batch.StatisticsPass` contract, on the CPU.
 
     ``act(g)`` is computed by torch, exactly as the model does; ``totals.weakest`` is in the
-    input dtype.
+    input dtype. Each thread's tile and histogram counts live in ``workspace``.
     """
     gate, up = gate.contiguous(), up.contiguous()
     swish = act(gate).contiguous()
@@ -85,8 +90,14 @@ def cpu_pass(
     # numba keeps its own thread pool: use as many threads as torch is allowed to.
     # (numba sets its config attributes from the environment at import: unseen by pyright.)
     n_threads = numba_config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), n_threads)))
+    threads = max(1, min(torch.get_num_threads(), n_threads))
+    numba.set_num_threads(threads)
+    length = gate.shape[1]
+    tiles = workspace.flat("cpu tiles", threads * length * 3 * BLOCK, gate.dtype)
+    counts = workspace.flat("cpu counts", threads * COUNT_ROWS * BLOCK if histograms else 0,
+                            torch.int32)  # fmt: skip
     _batch(
+        tiles.view(threads, -1).numpy(), counts.view(threads, -1).numpy(),
         gate.numpy(), up.numpy(), swish.numpy(), valid.contiguous().numpy(),
         totals.count.numpy(), totals.sums.numpy(), totals.weakest.numpy(),
         strength.numpy(), position.numpy(),
@@ -103,31 +114,36 @@ _NO_COUNTS = torch.empty(0, dtype=torch.int32)
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
 def _batch(
-    g, u, a, valid, count, sums, weakest, strength, position,
+    tiles, all_counts, g, u, a, valid, count, sums, weakest, strength, position,
     histograms, histogram, joint, draw, salt, typical_position, typical_value,
 ):  # pragma: no cover  # fmt: skip
-    texts, _, neurons = g.shape
+    texts, length, neurons = g.shape
     for block in numba.prange((neurons + BLOCK - 1) // BLOCK):
         first = block * BLOCK
         width = min(BLOCK, neurons - first)
+        # This thread's scratch: a text's tile of the block, the block's histogram counts.
+        thread = numba.get_thread_id()  # pyright: ignore[reportPrivateImportUsage]
+        tile, counts = tiles[thread], all_counts[thread]
+        counts[:] = 0
         totals = np.zeros(TOTAL_ROWS * BLOCK)
-        totals[WEAKEST * BLOCK :] = np.inf
+        weakest_of_block = np.full(16 * BLOCK, np.inf, dtype=g.dtype)
         best = np.empty(BEST_ROWS * BLOCK, dtype=g.dtype)
         drawn = np.empty(DRAW_ROWS * BLOCK, dtype=np.int64)
-        counts = np.zeros(COUNT_ROWS * BLOCK if histograms else 0, dtype=np.int32)
-        at = np.empty(5 * BLOCK, dtype=np.int32)
+        at = np.empty(5 * BLOCK, dtype=np.uint32)
         for text in range(texts):
+            _load_tile(g, u, a, text, first, width, tile)
+            counted = valid[text]
             best[: POSITION * BLOCK] = -np.inf
             best[POSITION * BLOCK :] = -1
-            _text(g, u, a, valid, text, first, width, totals, best)
-            _weakest(g, u, a, valid, text, first, width, totals)
+            _text(tile, length, counted, totals, best)
+            _weakest(tile, length, counted, weakest_of_block)
             _store_text(best, text, first, width, strength, position)
             if histograms:
-                _histograms(g, u, a, valid, text, first, width, counts, at)
+                _histograms(tile, length, counted, counts, at)
             if draw:
-                _draw(g, u, a, valid, text, first, width, salt, drawn)
-                _store_draw(g, u, a, drawn, text, first, width, typical_position, typical_value)
-        _store_block(totals, first, width, count, sums, weakest)
+                _draw(tile, length, counted, salt, text, first, width, drawn)
+                _store_draw(tile, drawn, text, first, width, typical_position, typical_value)
+        _store_block(totals, weakest_of_block, first, width, count, sums, weakest)
         if histograms:
             _store_histograms(counts, first, width, histogram, joint)
 
@@ -146,7 +162,7 @@ def _store_text(best, text, first, width, strength, position):  # pragma: no cov
 
 
 @numba.njit(boundscheck=False)
-def _store_block(totals, first, width, count, sums, weakest):  # pragma: no cover - compiled
+def _store_block(totals, weakest_of_block, first, width, count, sums, weakest):  # pragma: no cover
     """Adds a block's totals to the layer's."""
     for case in range(4):
         for j in range(width):
@@ -155,19 +171,40 @@ def _store_block(totals, first, width, count, sums, weakest):  # pragma: no cove
             for quantity in range(4):
                 pair = 4 * case + quantity
                 sums[case, quantity, n] += totals[(SUM + pair) * BLOCK + j]
-                low = totals[(WEAKEST + pair) * BLOCK + j]
+                low = weakest_of_block[pair * BLOCK + j]
                 if low < weakest[case, quantity, n]:
                     weakest[case, quantity, n] = low
 
 
-@numba.njit(boundscheck=False, error_model="numpy")
-def _text(g, u, a, valid, text, first, width, totals, best):  # pragma: no cover - compiled
-    """Counts, sums and the strongest tokens of one text, for a block's neurons."""
+@numba.njit(boundscheck=False)
+def _load_tile(g, u, a, text, first, width, tile):  # pragma: no cover - compiled
+    """Copies one text's g, u and act(g) of a block's neurons into ``tile`` (flat [pos,
+    3, BLOCK], see _token), zeros beyond ``width`` (a zero g is in no case).
+
+    The passes below read the tile, not the batch: a block's row of the batch is 256
+    bytes every d_mlp values, a stride the hardware prefetcher does not follow across
+    pages, and this tight loop keeps many of its cache misses in flight at once.
+    """
     for t in range(g.shape[1]):
-        if not valid[text, t]:
-            continue
+        row = 3 * t * BLOCK
         for j in range(width):
-            gv, uv, av, pv, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
+            tile[row + j] = g[text, t, first + j]
+            tile[row + BLOCK + j] = u[text, t, first + j]
+            tile[row + 2 * BLOCK + j] = a[text, t, first + j]
+        for j in range(width, BLOCK):
+            tile[row + j] = 0
+            tile[row + BLOCK + j] = 0
+            tile[row + 2 * BLOCK + j] = 0
+
+
+@numba.njit(boundscheck=False, error_model="numpy")
+def _text(tile, length, counted, totals, best):  # pragma: no cover - compiled
+    """Counts, sums and the strongest tokens of one text, for a block's neurons."""
+    for t in range(length):
+        if not counted[t]:
+            continue
+        for j in range(BLOCK):
+            gv, uv, av, pv, pp, pn, np_, nn = _token(tile, t, j)
             _sums(totals, j, 0, pp, gv, uv, av, pv)
             _sums(totals, j, 1, pn, gv, uv, av, pv)
             _sums(totals, j, 2, np_, gv, uv, av, pv)
@@ -179,18 +216,18 @@ def _text(g, u, a, valid, text, first, width, totals, best):  # pragma: no cover
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _weakest(g, u, a, valid, text, first, width, totals):  # pragma: no cover - compiled
+def _weakest(tile, length, counted, weakest):  # pragma: no cover - compiled
     """The weakest tokens of one text, for a block's neurons. A loop of its own: folded
     into ``_text``, the many accumulators stopped LLVM from vectorizing."""
-    for t in range(g.shape[1]):
-        if not valid[text, t]:
+    for t in range(length):
+        if not counted[t]:
             continue
-        for j in range(width):
-            gv, uv, av, pv, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
-            _weaker(totals, j, 0, pp, gv, uv, av, pv, 1, 1, 1, 1)
-            _weaker(totals, j, 1, pn, gv, uv, av, pv, 1, -1, 1, -1)
-            _weaker(totals, j, 2, np_, gv, uv, av, pv, -1, 1, -1, -1)
-            _weaker(totals, j, 3, nn, gv, uv, av, pv, -1, -1, -1, 1)
+        for j in range(BLOCK):
+            gv, uv, av, pv, pp, pn, np_, nn = _token(tile, t, j)
+            _weaker(weakest, j, 0, pp, gv, uv, av, pv, 1, 1, 1, 1)
+            _weaker(weakest, j, 1, pn, gv, uv, av, pv, 1, -1, 1, -1)
+            _weaker(weakest, j, 2, np_, gv, uv, av, pv, -1, 1, -1, -1)
+            _weaker(weakest, j, 3, nn, gv, uv, av, pv, -1, -1, -1, 1)
 
 
 # Per-token updates, one case at a time. They are selects rather than branches or
@@ -198,14 +235,17 @@ def _weakest(g, u, a, valid, text, first, width, totals):  # pragma: no cover - 
 
 
 @numba.njit(inline="always")
-def _token(g, u, a, text, t, n):  # pragma: no cover - compiled
-    """A token's four values for neuron ``n`` and whether it is in each sign case.
+def _token(tile, t, j):  # pragma: no cover - compiled
+    """A token's four values for a block's neuron ``j`` and whether it is in each sign case.
+
+    The tile is flat [pos, 3, BLOCK]: per token, the block's g, then u, then act(g).
 
     hook_post is rounded in the input dtype, as torch's ``a * u`` is. A zero g or u is in
     no case. The signs of the cases are constants.SIGNS: within a case every quantity has a
     fixed sign, and value * sign is its strength |value|.
     """
-    gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
+    row = 3 * t * BLOCK + j
+    gv, uv, av = tile[row], tile[row + BLOCK], tile[row + 2 * BLOCK]
     pv = av * uv
     pp, pn = (gv > 0) & (uv > 0), (gv > 0) & (uv < 0)
     np_, nn = (gv < 0) & (uv > 0), (gv < 0) & (uv < 0)
@@ -234,25 +274,24 @@ def _strongest(best, j, t, case, in_case, g, u, a, p, sg, su, sa, sp):  # pragma
 @numba.njit(inline="always")
 def _stronger(best, j, t, pair, in_case, strength):  # pragma: no cover - compiled
     """Strictly stronger only: the first strongest token wins."""
-    s = strength if in_case else -np.inf
+    s = strength if in_case else _MINUS_INF
     stronger = s > best[(STRENGTH + pair) * BLOCK + j]
     best[(POSITION + pair) * BLOCK + j] = t if stronger else best[(POSITION + pair) * BLOCK + j]
     best[(STRENGTH + pair) * BLOCK + j] = s if stronger else best[(STRENGTH + pair) * BLOCK + j]
 
 
 @numba.njit(inline="always")
-def _weaker(totals, j, case, in_case, g, u, a, p, sg, su, sa, sp):  # pragma: no cover
+def _weaker(weakest, j, case, in_case, g, u, a, p, sg, su, sa, sp):  # pragma: no cover
     """Lowers the weakest |value| of a case's quantities to the token's, if in ``case``."""
-    _lower(totals, (WEAKEST + 4 * case) * BLOCK + j, in_case, g if sg > 0 else -g)
-    _lower(totals, (WEAKEST + 4 * case + 1) * BLOCK + j, in_case, u if su > 0 else -u)
-    _lower(totals, (WEAKEST + 4 * case + 2) * BLOCK + j, in_case, a if sa > 0 else -a)
-    _lower(totals, (WEAKEST + 4 * case + 3) * BLOCK + j, in_case, p if sp > 0 else -p)
+    _lower(weakest, 4 * case * BLOCK + j, in_case, g if sg > 0 else -g)
+    _lower(weakest, (4 * case + 1) * BLOCK + j, in_case, u if su > 0 else -u)
+    _lower(weakest, (4 * case + 2) * BLOCK + j, in_case, a if sa > 0 else -a)
+    _lower(weakest, (4 * case + 3) * BLOCK + j, in_case, p if sp > 0 else -p)
 
 
 @numba.njit(inline="always")
-def _lower(totals, at, in_case, strength):  # pragma: no cover - compiled
-    s = np.float64(strength)
-    totals[at] = s if in_case & (s < totals[at]) else totals[at]
+def _lower(weakest, at, in_case, strength):  # pragma: no cover - compiled
+    weakest[at] = strength if in_case & (strength < weakest[at]) else weakest[at]
 
 
 # The distributions (gatescope.stats.distributions implements the same in torch; tests
@@ -274,21 +313,22 @@ assert distributions.BINS_PER_OCTAVE == 2 and distributions.JOINT_OCTAVES == 2, 
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _histograms(g, u, a, valid, text, first, width, counts, at):  # pragma: no cover
+def _histograms(tile, length, counted, counts, at):  # pragma: no cover
     """Adds one text's tokens to a block's histogram counts (rows of BLOCK, see COUNT_ROWS).
 
     Two loops: the first finds each token's five counters (its four quantities' bins and
     its joint bin) and vectorizes; the second adds to them one by one, since counters at
-    data-dependent addresses do not vectorize. ``at`` ([5 * BLOCK] int32) holds the
-    counters' offsets in between; a token in no case adds to the spare row. (The
-    magnitude bins are distributions.magnitude_bins; a joint bin is found from the
-    magnitude bin, whose edges include the joint's.)
+    data-dependent addresses do not vectorize. ``at`` ([5 * BLOCK] uint32: unsigned
+    spares each increment numba's check for a negative index) holds the counters'
+    offsets in between; a token in no case adds to the spare row. (The magnitude bins
+    are distributions.magnitude_bins; a joint bin is found from the magnitude bin,
+    whose edges include the joint's.)
     """
-    for t in range(g.shape[1]):
-        if not valid[text, t]:
+    for t in range(length):
+        if not counted[t]:
             continue
-        for j in range(width):
-            gv, uv, av, pv, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
+        for j in range(BLOCK):
+            gv, uv, av, pv, pp, pn, np_, nn = _token(tile, t, j)
             in_case = pp | pn | np_ | nn
             case = (2 if gv < 0 else 0) + (1 if uv < 0 else 0)
             row = 4 * case * _N_BINS
@@ -304,9 +344,8 @@ def _histograms(g, u, a, valid, text, first, width, counts, at):  # pragma: no c
             )
             cell = (case * _N_JOINT_BINS + _joint_bin(g_bin)) * _N_JOINT_BINS + _joint_bin(u_bin)
             at[4 * BLOCK + j] = (HISTOGRAM_ROWS + cell) * BLOCK + j if in_case else spare
-        for j in range(width):
-            for k in range(5):
-                counts[at[k * BLOCK + j]] += 1
+        for k in range(5 * BLOCK):
+            counts[at[k]] += 1
 
 
 @numba.njit(boundscheck=False)
@@ -376,23 +415,23 @@ def _mix32(x):  # pragma: no cover - compiled
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _draw(g, u, a, valid, text, first, width, salt, drawn):  # pragma: no cover - compiled
+def _draw(tile, length, counted, salt, text, first, width, drawn):  # pragma: no cover
     """One text's token draw for the typical examples, for a block's neurons: per case the
     token of smallest priority key. Skipped when no neuron of the block asks for the text."""
     wanted = False
     for case in range(4):
-        for j in range(width):
-            s = salt[case, text, first + j]
+        for j in range(BLOCK):
+            s = salt[case, text, first + j] if j < width else -1
             drawn[(SALT + case) * BLOCK + j] = s
             drawn[(KEY + case) * BLOCK + j] = _NO_KEY
             wanted |= s >= 0
     if not wanted:
         return
-    for t in range(g.shape[1]):
-        if not valid[text, t]:
+    for t in range(length):
+        if not counted[t]:
             continue
-        for j in range(width):
-            _, _, _, _, pp, pn, np_, nn = _token(g, u, a, text, t, first + j)
+        for j in range(BLOCK):
+            _, _, _, _, pp, pn, np_, nn = _token(tile, t, j)
             s0, s1 = drawn[SALT * BLOCK + j], drawn[(SALT + 1) * BLOCK + j]
             s2, s3 = drawn[(SALT + 2) * BLOCK + j], drawn[(SALT + 3) * BLOCK + j]
             s = s0 if pp else (s1 if pn else (s2 if np_ else s3))
@@ -410,7 +449,7 @@ def _drawn_if(drawn, j, case, eligible, key):  # pragma: no cover - compiled
 
 
 @numba.njit(boundscheck=False)
-def _store_draw(g, u, a, drawn, text, first, width, position, value):  # pragma: no cover
+def _store_draw(tile, drawn, text, first, width, position, value):  # pragma: no cover
     """Writes a text's drawn positions and their four values for a block's neurons."""
     for case in range(4):
         for j in range(width):
@@ -423,8 +462,8 @@ def _store_draw(g, u, a, drawn, text, first, width, position, value):  # pragma:
                 continue
             t = key & _POSITION_MASK
             position[case, text, n] = t
-            gv, uv, av = g[text, t, n], u[text, t, n], a[text, t, n]
+            gv, uv, av, pv, _, _, _, _ = _token(tile, t, j)
             value[case, 0, text, n] = gv
             value[case, 1, text, n] = uv
             value[case, 2, text, n] = av
-            value[case, 3, text, n] = av * uv
+            value[case, 3, text, n] = pv

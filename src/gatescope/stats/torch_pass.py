@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gatescope.constants import CASES, QUANTITIES, SIGNS
 from gatescope.stats import distributions
-from gatescope.stats.batch import PerText, Totals
+from gatescope.stats.batch import PerText, Totals, Workspace
 from gatescope.stats.quantities import fill_quantities
 
 N_CASES = len(CASES)
@@ -194,35 +194,6 @@ class TorchPass:
         padded = -(-length // BLOCK) * BLOCK
         ws = self.workspace.get(texts, padded, neurons, self.dtype, self.device)
         return ws["q"][:, :texts], ws["cases"][:, :texts], ws["masked"][:, :texts]
-
-
-class Workspace:
-    """Scratch buffers for :class:`TorchPass`, shared by the layers of a model.
-
-    A fresh multi-megabyte allocation costs more than the arithmetic done in it on a CPU,
-    and one set of buffers for all layers stays in cache while the layers take turns (hooks
-    run one layer at a time). Not for concurrent updates from several threads.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
-        self._key: tuple = ()
-
-    def get(
-        self, texts: int, padded: int, d_mlp: int, dtype: torch.dtype, device: torch.device
-    ) -> dict[str, Tensor]:
-        """Buffers [..., at least ``texts``, ``padded``, ``d_mlp``]; a smaller chunk uses views."""
-        capacity = self._key[0] if self._key else 0
-        if self._key[1:] != (padded, d_mlp, dtype, device) or capacity < texts:
-            shape = (max(texts, capacity), padded, d_mlp)
-            new = lambda *lead: torch.empty(*lead, *shape, dtype=dtype, device=device)  # noqa: E731
-            self._key = (shape[0], padded, d_mlp, dtype, device)
-            self._buffers = {
-                "q": new(N_QUANTITIES),
-                "cases": new(N_CASES),
-                "masked": new(N_QUANTITIES),
-            }
-        return self._buffers
 
 
 def _first_max(x: Tensor, dim: int) -> Tensor:
