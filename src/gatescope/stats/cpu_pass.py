@@ -92,8 +92,8 @@ def cpu_pass(
     n_threads = numba_config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]
     threads = max(1, min(torch.get_num_threads(), n_threads))
     numba.set_num_threads(threads)
-    length = gate.shape[1]
-    tiles = workspace.flat("cpu tiles", threads * length * 3 * BLOCK, gate.dtype)
+    rows = gate.shape[1] + gate.shape[1] % 2  # a tile pads texts to an even length
+    tiles = workspace.flat("cpu tiles", threads * rows * 3 * BLOCK, gate.dtype)
     counts = workspace.flat("cpu counts", threads * COUNT_ROWS * BLOCK if histograms else 0,
                             torch.int32)  # fmt: skip
     _batch(
@@ -117,7 +117,8 @@ def _batch(
     tiles, all_counts, g, u, a, valid, count, sums, weakest, strength, position,
     histograms, histogram, joint, draw, salt, typical_position, typical_value,
 ):  # pragma: no cover  # fmt: skip
-    texts, length, neurons = g.shape
+    texts, _, neurons = g.shape
+    rows = tiles.shape[1] // (3 * BLOCK)  # length, even
     for block in numba.prange((neurons + BLOCK - 1) // BLOCK):
         first = block * BLOCK
         width = min(BLOCK, neurons - first)
@@ -131,17 +132,16 @@ def _batch(
         drawn = np.empty(DRAW_ROWS * BLOCK, dtype=np.int64)
         at = np.empty(5 * BLOCK, dtype=np.uint32)
         for text in range(texts):
-            _load_tile(g, u, a, text, first, width, tile)
-            counted = valid[text]
+            _load_tile(g, u, a, valid[text], text, first, width, tile)
             best[: POSITION * BLOCK] = -np.inf
             best[POSITION * BLOCK :] = -1
-            _text(tile, length, counted, totals, best)
-            _weakest(tile, length, counted, weakest_of_block)
+            _sums_of_text(tile, rows, totals)
+            _extremes_of_text(tile, rows, best, weakest_of_block)
             _store_text(best, text, first, width, strength, position)
             if histograms:
-                _histograms(tile, length, counted, counts, at)
+                _histograms(tile, rows, counts, at)
             if draw:
-                _draw(tile, length, counted, salt, text, first, width, drawn)
+                _draw(tile, rows, salt, text, first, width, drawn)
                 _store_draw(tile, drawn, text, first, width, typical_position, typical_value)
         _store_block(totals, weakest_of_block, first, width, count, sums, weakest)
         if histograms:
@@ -177,16 +177,22 @@ def _store_block(totals, weakest_of_block, first, width, count, sums, weakest): 
 
 
 @numba.njit(boundscheck=False)
-def _load_tile(g, u, a, text, first, width, tile):  # pragma: no cover - compiled
-    """Copies one text's g, u and act(g) of a block's neurons into ``tile`` (flat [pos,
-    3, BLOCK], see _token), zeros beyond ``width`` (a zero g is in no case).
+def _load_tile(g, u, a, counted, text, first, width, tile):  # pragma: no cover - compiled
+    """Copies one text's g, u and act(g) of a block's neurons into ``tile`` (flat [row,
+    3, BLOCK], see _token). Zeros stand for everything not to count: tokens not counted,
+    neurons beyond ``width``, the row that pads the text to an even length. A zero g is
+    in no case, so the passes need no other mask.
 
     The passes below read the tile, not the batch: a block's row of the batch is 256
     bytes every d_mlp values, a stride the hardware prefetcher does not follow across
     pages, and this tight loop keeps many of its cache misses in flight at once.
     """
-    for t in range(g.shape[1]):
+    length = g.shape[1]
+    for t in range(len(tile) // (3 * BLOCK)):
         row = 3 * t * BLOCK
+        if t >= length or not counted[t]:
+            tile[row : row + 3 * BLOCK] = 0
+            continue
         for j in range(width):
             tile[row + j] = g[text, t, first + j]
             tile[row + BLOCK + j] = u[text, t, first + j]
@@ -198,32 +204,31 @@ def _load_tile(g, u, a, text, first, width, tile):  # pragma: no cover - compile
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _text(tile, length, counted, totals, best):  # pragma: no cover - compiled
-    """Counts, sums and the strongest tokens of one text, for a block's neurons."""
-    for t in range(length):
-        if not counted[t]:
-            continue
+def _sums_of_text(tile, rows, totals):  # pragma: no cover - compiled
+    """Adds one text's counts and sums per case, for a block's neurons. Tokens go in
+    pairs: a pair's float64 sum, then one addition to the accumulator, halves the
+    accumulators' loads and stores (float64 sums in another order, as any pass may)."""
+    for t in range(0, rows, 2):
+        for j in range(BLOCK):
+            g0, u0, a0, p0, pp0, pn0, np0, nn0 = _token(tile, t, j)
+            g1, u1, a1, p1, pp1, pn1, np1, nn1 = _token(tile, t + 1, j)
+            _sums(totals, j, 0, pp0, g0, u0, a0, p0, pp1, g1, u1, a1, p1)
+            _sums(totals, j, 1, pn0, g0, u0, a0, p0, pn1, g1, u1, a1, p1)
+            _sums(totals, j, 2, np0, g0, u0, a0, p0, np1, g1, u1, a1, p1)
+            _sums(totals, j, 3, nn0, g0, u0, a0, p0, nn1, g1, u1, a1, p1)
+
+
+@numba.njit(boundscheck=False, error_model="numpy")
+def _extremes_of_text(tile, rows, best, weakest):  # pragma: no cover - compiled
+    """One text's strongest tokens and the weakest values so far, for a block's neurons
+    (comparisons and selects in the input dtype)."""
+    for t in range(rows):
         for j in range(BLOCK):
             gv, uv, av, pv, pp, pn, np_, nn = _token(tile, t, j)
-            _sums(totals, j, 0, pp, gv, uv, av, pv)
-            _sums(totals, j, 1, pn, gv, uv, av, pv)
-            _sums(totals, j, 2, np_, gv, uv, av, pv)
-            _sums(totals, j, 3, nn, gv, uv, av, pv)
             _strongest(best, j, t, 0, pp, gv, uv, av, pv, 1, 1, 1, 1)
             _strongest(best, j, t, 1, pn, gv, uv, av, pv, 1, -1, 1, -1)
             _strongest(best, j, t, 2, np_, gv, uv, av, pv, -1, 1, -1, -1)
             _strongest(best, j, t, 3, nn, gv, uv, av, pv, -1, -1, -1, 1)
-
-
-@numba.njit(boundscheck=False, error_model="numpy")
-def _weakest(tile, length, counted, weakest):  # pragma: no cover - compiled
-    """The weakest tokens of one text, for a block's neurons. A loop of its own: folded
-    into ``_text``, the many accumulators stopped LLVM from vectorizing."""
-    for t in range(length):
-        if not counted[t]:
-            continue
-        for j in range(BLOCK):
-            gv, uv, av, pv, pp, pn, np_, nn = _token(tile, t, j)
             _weaker(weakest, j, 0, pp, gv, uv, av, pv, 1, 1, 1, 1)
             _weaker(weakest, j, 1, pn, gv, uv, av, pv, 1, -1, 1, -1)
             _weaker(weakest, j, 2, np_, gv, uv, av, pv, -1, 1, -1, -1)
@@ -253,13 +258,18 @@ def _token(tile, t, j):  # pragma: no cover - compiled
 
 
 @numba.njit(inline="always")
-def _sums(totals, j, case, in_case, g, u, a, p):  # pragma: no cover - compiled
-    """Counts the token and adds its quantities (in float64), if it is in ``case``."""
-    totals[(COUNT + case) * BLOCK + j] += 1.0 if in_case else 0.0
-    totals[(SUM + 4 * case) * BLOCK + j] += np.float64(g) if in_case else 0.0
-    totals[(SUM + 4 * case + 1) * BLOCK + j] += np.float64(u) if in_case else 0.0
-    totals[(SUM + 4 * case + 2) * BLOCK + j] += np.float64(a) if in_case else 0.0
-    totals[(SUM + 4 * case + 3) * BLOCK + j] += np.float64(p) if in_case else 0.0
+def _sums(totals, j, case, in0, g0, u0, a0, p0, in1, g1, u1, a1, p1):  # pragma: no cover
+    """Counts two tokens and adds their quantities (in float64), those in ``case``."""
+    totals[(COUNT + case) * BLOCK + j] += _if(in0, 1.0) + _if(in1, 1.0)
+    totals[(SUM + 4 * case) * BLOCK + j] += _if(in0, g0) + _if(in1, g1)
+    totals[(SUM + 4 * case + 1) * BLOCK + j] += _if(in0, u0) + _if(in1, u1)
+    totals[(SUM + 4 * case + 2) * BLOCK + j] += _if(in0, a0) + _if(in1, a1)
+    totals[(SUM + 4 * case + 3) * BLOCK + j] += _if(in0, p0) + _if(in1, p1)
+
+
+@numba.njit(inline="always")
+def _if(condition, x):  # pragma: no cover - compiled
+    return np.float64(x) if condition else 0.0
 
 
 @numba.njit(inline="always")
@@ -313,7 +323,7 @@ assert distributions.BINS_PER_OCTAVE == 2 and distributions.JOINT_OCTAVES == 2, 
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _histograms(tile, length, counted, counts, at):  # pragma: no cover
+def _histograms(tile, rows, counts, at):  # pragma: no cover
     """Adds one text's tokens to a block's histogram counts (rows of BLOCK, see COUNT_ROWS).
 
     Two loops: the first finds each token's five counters (its four quantities' bins and
@@ -324,9 +334,7 @@ def _histograms(tile, length, counted, counts, at):  # pragma: no cover
     are distributions.magnitude_bins; a joint bin is found from the magnitude bin,
     whose edges include the joint's.)
     """
-    for t in range(length):
-        if not counted[t]:
-            continue
+    for t in range(rows):
         for j in range(BLOCK):
             gv, uv, av, pv, pp, pn, np_, nn = _token(tile, t, j)
             in_case = pp | pn | np_ | nn
@@ -415,7 +423,7 @@ def _mix32(x):  # pragma: no cover - compiled
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _draw(tile, length, counted, salt, text, first, width, drawn):  # pragma: no cover
+def _draw(tile, rows, salt, text, first, width, drawn):  # pragma: no cover
     """One text's token draw for the typical examples, for a block's neurons: per case the
     token of smallest priority key. Skipped when no neuron of the block asks for the text."""
     wanted = False
@@ -427,9 +435,7 @@ def _draw(tile, length, counted, salt, text, first, width, drawn):  # pragma: no
             wanted |= s >= 0
     if not wanted:
         return
-    for t in range(length):
-        if not counted[t]:
-            continue
+    for t in range(rows):
         for j in range(BLOCK):
             _, _, _, _, pp, pn, np_, nn = _token(tile, t, j)
             s0, s1 = drawn[SALT * BLOCK + j], drawn[(SALT + 1) * BLOCK + j]
