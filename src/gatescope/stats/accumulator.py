@@ -131,9 +131,6 @@ class NeuronStats:
         self._typical_value = torch.zeros(
             N_CASES, N_QUANTITIES, self.d_mlp, self.k, dtype=self.dtype, device=self.device
         )
-        # Candidates drawn since the last merge, merged in groups as the ranked lists' are:
-        # key, text, position [case, neuron, n] and value [case, quantity, neuron, n].
-        self._typical_pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
     def _choose_pass(
         self, kernel: str, chunk_elements: int | None, workspace: Workspace | None
@@ -227,23 +224,12 @@ class NeuronStats:
         texts = text_index.view(1, -1, 1)
         key = distributions.ranking_key(priority, texts, drawn)
         text = torch.where(drawn, texts.to(torch.int32), -1)
-        candidates = (
+        self._merge_typical(
             key.transpose(1, 2),
             text.transpose(1, 2),
             per_text.typical_position.to(torch.int32).transpose(1, 2),
             per_text.typical_value.transpose(2, 3),
         )
-        self._typical_pending.append(candidates)
-        if sum(pending[0].shape[-1] for pending in self._typical_pending) >= self._pending_texts:
-            self._merge_typical_pending()
-
-    def _merge_typical_pending(self) -> None:
-        """Merges the pending candidates into the typical examples. (Until then ``_salts``
-        compares with a k-th key that is too large, which only draws more texts.)"""
-        if self._typical_pending:
-            pending = [torch.cat(part, dim=-1) for part in zip(*self._typical_pending, strict=True)]
-            self._typical_pending = []
-            self._merge_typical(*pending)
 
     def _merge_typical(self, key: Tensor, text: Tensor, position: Tensor, value: Tensor) -> None:
         """Keeps the k smallest keys among the kept examples and the candidates.
@@ -400,7 +386,6 @@ class NeuronStats:
             assert other.histogram is not None and other.joint is not None
             self.histogram += other.histogram.to(self.device)
             self.joint += other.joint.to(self.device)
-            other._merge_typical_pending()
             self._merge_typical(
                 other._typical_key.to(self.device),
                 other._typical_text.to(self.device),
@@ -466,7 +451,6 @@ class NeuronStats:
         }
         if self.distributions:
             assert self.histogram is not None and self.joint is not None
-            self._merge_typical_pending()
             state |= {
                 "histogram": self.histogram,
                 "joint": self.joint,
@@ -498,7 +482,6 @@ class NeuronStats:
             int32 = functools.partial(torch.Tensor.to, device=self.device, dtype=torch.int32)
             self.histogram = int32(state["histogram"]).clone()
             self.joint = int32(state["joint"]).clone()
-            self._typical_pending = []
             self._typical_text = int32(state["typical_text"]).clone()
             self._typical_position = int32(state["typical_position"]).clone()
             self._typical_value = state["typical_value"].to(self.device, self.dtype).clone()
