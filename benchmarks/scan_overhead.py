@@ -12,7 +12,11 @@ batch 8, float32 on the CPU. Prints, measured in this one run (medians of --repe
 * peak memory (resident set) of a scan over the corpus and over a corpus 4x as long: it
   must not grow with corpus length.
 
-    python benchmarks/scan_overhead.py [--repeats 3] [--texts 24]
+The targets are for the default model. ``--hidden``, ``--d-mlp`` and ``--layers`` measure
+another shape: the statistics cost the same per MLP activation whatever the model, while
+the forward costs more per activation as the model widens, so wider models pay less.
+
+    python benchmarks/scan_overhead.py [--repeats 3] [--texts 24] [--hidden 512 --d-mlp 1408]
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ HIDDEN, D_MLP, LAYERS, VOCAB, HEADS = 512, 1408, 8, 8192, 8
 LENGTH, BATCH = 256, 8
 
 
-def make_model() -> LlamaForCausalLM:
+def make_model(hidden: int = HIDDEN, d_mlp: int = D_MLP, layers: int = LAYERS) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=D_MLP,
-        num_hidden_layers=LAYERS,
+        hidden_size=hidden,
+        intermediate_size=d_mlp,
+        num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=HEADS,
         vocab_size=VOCAB,
@@ -102,10 +106,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--texts", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--d-mlp", type=int, default=D_MLP)
+    parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--verbose", action="store_true", help="print every repeat")
     args = parser.parse_args()
 
-    model, corpus = make_model(), make_corpus(args.texts)
+    model, corpus = make_model(args.hidden, args.d_mlp, args.layers), make_corpus(args.texts)
+    default_shape = (args.hidden, args.d_mlp, args.layers) == (HIDDEN, D_MLP, LAYERS)
     tokens = args.texts * LENGTH
     time_forward(model, corpus.select(range(BATCH)), decoder_only=False)  # warm-up
     gatescope.scan(model, corpus.select(range(BATCH)), batch_size=BATCH, progress=False)
@@ -124,7 +132,10 @@ def main() -> None:
                             ("no-dist", bare_scan)):  # fmt: skip
             print(f"{name:8s}", " ".join(f"{t:.3f}" for t in times))
 
-    print(f"model: Llama hidden {HIDDEN}, d_mlp {D_MLP}, {LAYERS} layers, vocab {VOCAB}, float32")
+    print(
+        f"model: Llama hidden {args.hidden}, d_mlp {args.d_mlp}, {args.layers} layers, "
+        f"vocab {VOCAB}, float32"
+    )
     print(
         f"corpus: {args.texts} texts x {LENGTH} tokens, batch {BATCH}, "
         f"{torch.get_num_threads()} threads, median of {args.repeats}"
@@ -134,9 +145,8 @@ def main() -> None:
     print(f"CPU vector extensions: {vector_extensions()}")
     print(f"scan:                     {scan_s:7.3f} s  {tokens / scan_s:9,.0f} tok/s")
     print(f"scan --no-distributions:  {bare_s:7.3f} s  {tokens / bare_s:9,.0f} tok/s")
-    print(
-        f"ratio scan / bare forward:            {scan_s / forward_s:.3f}  (target <= 1.3, goal 1.1)"
-    )
+    target = "  (target <= 1.3, goal 1.1)" if default_shape else ""
+    print(f"ratio scan / bare forward:            {scan_s / forward_s:.3f}{target}")
     print(f"ratio scan / bare forward no lm_head: {scan_s / decoder_s:.3f}")
     print(f"ratio scan --no-distributions / bare forward: {bare_s / forward_s:.3f}")
     print(f"distributions' share of the scan: {1 - bare_s / scan_s:.1%}")
