@@ -4,13 +4,15 @@ A pass of torch operations reads and writes the batch's [texts, positions, d_mlp
 activations about a hundred times (masks, masked quantities, block maxima...). On a GPU that
 is cheap; on a CPU it takes a third of the layer's own forward time and evicts the model's
 weights from the cache. This kernel (numba, compiled on first use and cached on disk) reads
-each activation once and keeps every accumulator of a block of neurons in the L1 cache.
+each activation from memory once and keeps the accumulators of a block of neurons in the
+L1 cache.
 
-Layout: neurons are split into blocks of ``BLOCK`` (the threads take blocks). Within a
-block, the inner loop runs over the block's neurons, which are contiguous in memory, so
-LLVM vectorizes it; every branch is written as a select for the same reason. All
-accumulators of a block live in one flat float64 array at constant offsets (rows of
-``BLOCK``), which lets the compiler prove that they do not overlap one another.
+Layout: neurons are split into blocks of ``BLOCK`` (the threads take blocks). For each
+text, a block's values are first copied into a contiguous tile; the loops that follow read
+the tile from the cache. Their inner loops run over the block's neurons, contiguous in the
+tile, so LLVM vectorizes them; every branch is written as a select for the same reason.
+The accumulators of a block live in flat arrays at constant offsets (rows of ``BLOCK``),
+which lets the compiler prove that they do not overlap one another.
 """
 
 from __future__ import annotations
