@@ -5,8 +5,9 @@ vocab 50304, 32 heads) in bfloat16, batches of 16 texts of 1024 tokens. Prints, 
 in this one run:
 
 * the bare forward's tokens/s (the decoder, as the scan runs it: no logits) and with logits;
-* the scan's tokens/s over the same batches, statistics included (float32, float64 sums);
-* scan time / bare forward time;
+* the scan's tokens/s over the same batches, statistics included (float32, float64 sums),
+  with the distributions (the default) and with ``--no-distributions``;
+* scan time / bare forward time, for both;
 * the projected hours for 20M tokens (GLUScope: five days on one A100).
 
     python benchmarks/gpu_scan.py                     # needs about 20 GB of GPU memory
@@ -17,6 +18,7 @@ in this one run:
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import datasets
@@ -90,12 +92,15 @@ def time_forward(model, corpus, args, *, logits: bool) -> float:
     return time.perf_counter() - start
 
 
-def time_scan(model, corpus, args) -> float:
-    warm = corpus.select(range(args.batch_size))
-    gatescope.scan(model, warm, batch_size=args.batch_size, progress=False)  # compile, allocate
+def time_scan(model, corpus, args, *, distributions: bool = True) -> float:
+    run = functools.partial(
+        gatescope.scan, model, batch_size=args.batch_size, distributions=distributions,
+        progress=False,
+    )  # fmt: skip
+    run(corpus.select(range(args.batch_size)))  # compile, allocate
     synchronize(args.device)
     start = time.perf_counter()
-    gatescope.scan(model, corpus, batch_size=args.batch_size, progress=False)
+    run(corpus)
     synchronize(args.device)
     return time.perf_counter() - start
 
@@ -111,6 +116,7 @@ def main() -> None:
     forward = time_forward(model, corpus, args, logits=False)
     with_logits = time_forward(model, corpus, args, logits=True)
     scan = time_scan(model, corpus, args)
+    bare_scan = time_scan(model, corpus, args, distributions=False)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
         f"device: {device}; model: {args.layers} layers x d_mlp {args.d_mlp}, "
@@ -123,10 +129,12 @@ def main() -> None:
     print(f"bare forward (decoder): {tokens / forward:,.0f} tokens/s")
     print(f"bare forward (with logits): {tokens / with_logits:,.0f} tokens/s")
     print(f"scan: {tokens / scan:,.0f} tokens/s ({counted:,} tokens counted)")
-    print(
-        f"scan / bare forward: {scan / forward:.2f} (decoder), {scan / with_logits:.2f} "
-        "(with logits)"
-    )
+    print(f"scan --no-distributions: {tokens / bare_scan:,.0f} tokens/s")
+    for name, seconds in (("scan", scan), ("scan --no-distributions", bare_scan)):
+        print(
+            f"{name} / bare forward: {seconds / forward:.2f} (decoder), "
+            f"{seconds / with_logits:.2f} (with logits)"
+        )
     hours = TOKENS_TO_PROJECT / (tokens / scan) / 3600
     print(
         f"projected for 20M tokens: {hours:.2f} hours on this device (GLUScope: 120 hours "
