@@ -257,12 +257,15 @@ def _draw_typical(q: Tensor, cases: Tensor, salt: Tensor, position: Tensor, valu
     """
     length = q.shape[2]
     at = torch.arange(length, device=q.device).view(1, -1, 1)  # [1, pos, 1]
+    # A token is in one case at most, so one hash per token serves all four: with the salt
+    # of its own case. [text, pos, neuron]
+    case, in_case = _case_index(cases)
+    token_salt = salt.unsqueeze(2).expand(-1, -1, length, -1).gather(0, case.unsqueeze(0))[0]
+    priority = distributions.token_priority(token_salt, at)
+    key = distributions.ranking_key(priority, at, in_case & (token_salt >= 0))
     for c in range(N_CASES):
-        case_salt = salt[c].unsqueeze(1)  # [text, 1, neuron]
-        priority = distributions.token_priority(case_salt, at)  # [text, pos, neuron]
-        drawn = (cases[c] > 0) & (case_salt >= 0)
-        key = distributions.ranking_key(priority, at, drawn)  # priority, then position
-        best = key.amin(dim=1)  # [text, neuron]
+        # [text, neuron] the smallest key (priority, then position) among the case's tokens
+        best = key.where(case == c, distributions.NO_KEY).amin(dim=1)
         found = best != distributions.NO_KEY
         chosen = best & (2**distributions.KEY_LOW_BITS - 1)
         position[c] = torch.where(found, chosen, -1)
