@@ -134,7 +134,7 @@ def _batch(
         drawn = np.empty(DRAW_ROWS * BLOCK, dtype=np.int64)
         at = np.empty(5 * BLOCK, dtype=np.uint32)
         for text in range(texts):
-            _load_tile(g, u, a, valid[text], text, first, width, tile)
+            _load_tile(g, u, a, valid[text], text, first, width, tile, rows)
             best[: POSITION * BLOCK] = -np.inf
             best[POSITION * BLOCK :] = -1
             _sums_of_text(tile, rows, totals)
@@ -179,7 +179,7 @@ def _store_block(totals, weakest_of_block, first, width, count, sums, weakest): 
 
 
 @numba.njit(boundscheck=False)
-def _load_tile(g, u, a, counted, text, first, width, tile):  # pragma: no cover - compiled
+def _load_tile(g, u, a, counted, text, first, width, tile, rows):  # pragma: no cover
     """Copies one text's g, u and act(g) of a block's neurons into ``tile`` (flat [row,
     3, BLOCK], see _token). Zeros stand for everything not to count: tokens not counted,
     neurons beyond ``width``, the row that pads the text to an even length. A zero g is
@@ -190,7 +190,7 @@ def _load_tile(g, u, a, counted, text, first, width, tile):  # pragma: no cover 
     pages, and this tight loop keeps many of its cache misses in flight at once.
     """
     length = g.shape[1]
-    for t in range(len(tile) // (3 * BLOCK)):
+    for t in range(rows):
         row = 3 * t * BLOCK
         if t >= length or not counted[t]:
             tile[row : row + 3 * BLOCK] = 0

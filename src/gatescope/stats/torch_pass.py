@@ -88,10 +88,13 @@ class TorchPass:
                 gate[texts], up[texts], valid[texts], totals,
                 strength[:, texts], position[:, texts],
             )  # fmt: skip
+            if totals.histogram is None and typical is None:
+                continue
+            case, in_case = _case_index(cases)  # [text, pos, neuron]
             if totals.histogram is not None and totals.joint is not None:
-                _add_histograms(q, cases, totals.histogram, totals.joint)
+                _add_histograms(q, case, in_case, totals.histogram, totals.joint)
             if salt is not None and typical is not None:
-                _draw_typical(q, cases, salt[:, texts], typical[0][:, texts],
+                _draw_typical(q, case, in_case, salt[:, texts], typical[0][:, texts],
                               typical[1][:, :, texts])  # fmt: skip
         return PerText(strength, position, *(typical or (None, None)))
 
@@ -221,17 +224,19 @@ def _case_index(cases: Tensor) -> tuple[Tensor, Tensor]:
     return index, cases.sum(dim=0) > 0
 
 
-def _add_histograms(q: Tensor, cases: Tensor, histogram: Tensor, joint: Tensor) -> None:
+def _add_histograms(
+    q: Tensor, case: Tensor, in_case: Tensor, histogram: Tensor, joint: Tensor
+) -> None:
     """Adds a chunk's tokens to the magnitude and joint histograms (int32, in place).
 
     Args:
         q: [quantity, text, pos, neuron] the quantities (padding in no case).
-        cases: [case, text, pos, neuron] one-hot case membership.
+        case, in_case: [text, pos, neuron] each token's case and whether it is in one
+            (``_case_index``).
         histogram: [case, quantity, bin, neuron].
         joint: [case, |g| bin, |u| bin, neuron].
     """
     neurons = q.shape[-1]
-    case, in_case = _case_index(cases)  # [text, pos, neuron]
     ones = in_case.to(torch.int32).flatten()  # tokens in no case add 0 (at a valid index)
     neuron = torch.arange(neurons, device=q.device)
     for quantity in range(N_QUANTITIES):  # one at a time: a few chunk-sized temporaries
@@ -244,13 +249,16 @@ def _add_histograms(q: Tensor, cases: Tensor, histogram: Tensor, joint: Tensor) 
     joint.view(-1).scatter_add_(0, flat.flatten(), ones)
 
 
-def _draw_typical(q: Tensor, cases: Tensor, salt: Tensor, position: Tensor, value: Tensor) -> None:
+def _draw_typical(
+    q: Tensor, case: Tensor, in_case: Tensor, salt: Tensor, position: Tensor, value: Tensor
+) -> None:
     """Each text's token for the typical examples: the smallest token priority among the
     case's tokens, the first position on a tie.
 
     Args:
         q: [quantity, text, pos, neuron] the quantities.
-        cases: [case, text, pos, neuron] one-hot case membership.
+        case, in_case: [text, pos, neuron] each token's case and whether it is in one
+            (``_case_index``).
         salt: [case, text, neuron] int64 token-draw salts (-1: not drawn).
         position: [case, text, neuron] int64, written: the drawn position or -1.
         value: [case, quantity, text, neuron], written: its quantities (0: none).
@@ -259,7 +267,6 @@ def _draw_typical(q: Tensor, cases: Tensor, salt: Tensor, position: Tensor, valu
     at = torch.arange(length, device=q.device).view(1, -1, 1)  # [1, pos, 1]
     # A token is in one case at most, so one hash per token serves all four: with the salt
     # of its own case. [text, pos, neuron]
-    case, in_case = _case_index(cases)
     token_salt = salt.unsqueeze(2).expand(-1, -1, length, -1).gather(0, case.unsqueeze(0))[0]
     priority = distributions.token_priority(token_salt, at)
     key = distributions.ranking_key(priority, at, in_case & (token_salt >= 0))
