@@ -243,8 +243,8 @@ def test_float32_ranking_equals_float64_ranking(act, kernel, length):
     torch.testing.assert_close(single.top_value.double(), double.top_value, rtol=1e-6, atol=0)
 
 
-def test_batch_larger_than_the_pending_room(kernel):
-    """A batch of more texts than the candidates kept between merges grows the room."""
+def test_a_batch_of_many_more_texts_than_k(kernel):
+    """A batch of ten times k texts, then a small one: the merges keep the k strongest."""
     d = 6
     layout = [[5, 3, 4] * 14, [6, 2]]  # 42 texts, then 2
     batches = batches_of(6, layout, d)
@@ -275,6 +275,38 @@ def test_cpu_and_torch_passes_agree_in_float32(act):
             getattr(fused, name), getattr(plain, name), rtol=0, atol=0, equal_nan=True, msg=name
         )
     torch.testing.assert_close(fused.sum, plain.sum, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_merges_equal_the_torch_merges(dtype):
+    """Candidates with many ties (values from a small set) and gaps (text -1, NO_KEY),
+    merged batch after batch: the CPU's insertions keep the very lists torch's topk does."""
+    from gatescope.stats import distributions
+
+    d, n, gen = 37, 5, torch.Generator().manual_seed(11)
+    silu = torch.nn.functional.silu
+    cpu, plain = (
+        NeuronStats(d, silu, k=K, dtype=dtype, kernel=kernel) for kernel in ("cpu", "torch")
+    )
+    texts = torch.randperm(1000, generator=gen)
+    for batch in range(6):
+        lists = (len(TOP_LISTS), n, d)
+        value = torch.randint(-3, 4, lists, generator=gen).to(dtype) / 2
+        text = texts[batch * n : (batch + 1) * n].view(1, n, 1).expand(lists).clone()
+        text[torch.rand(lists, generator=gen) < 0.2] = -1
+        position = torch.randint(0, 50, lists, generator=gen)
+        cases = (len(CASES), n, d)
+        key = (torch.randint(0, 64, cases, generator=gen) << 31) | text[: len(CASES)]
+        key[text[: len(CASES)] < 0] = distributions.NO_KEY
+        typical_value = torch.randn(len(CASES), len(QUANTITIES), n, d, generator=gen, dtype=dtype)
+        for stats in (cpu, plain):
+            stats._add_candidates(value, text, position)
+            stats._merge_typical(key, text[: len(CASES)].to(torch.int32), position[: len(CASES)],
+                                 typical_value)  # fmt: skip
+    for name in ("top_value", "top_text", "top_position", "_typical_key", "_typical_text",
+                 "_typical_position", "_typical_value"):  # fmt: skip
+        torch.testing.assert_close(getattr(cpu, name), getattr(plain, name), rtol=0, atol=0,
+                                   check_dtype=False, msg=name)  # fmt: skip
 
 
 def test_unknown_kernel_is_refused():

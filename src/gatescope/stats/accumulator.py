@@ -4,8 +4,9 @@ distributions (histograms and typical examples).
 A pass (:mod:`~gatescope.stats.cpu_pass` on a CPU, :mod:`~gatescope.stats.torch_pass`
 elsewhere) adds a batch to the counts, sums and histograms and finds each text's strongest
 token per list and its drawn typical token; this module keeps the state and merges those
-per-text candidates: into the ranked lists with one sort of packed (|value|, text index)
-keys, into the typical examples by their smallest (priority, text index) keys.
+per-text candidates: into the ranked lists by (|value| descending, text index), into the
+typical examples by their smallest (priority, text index) keys. On a CPU the merges insert
+candidates one by one (:mod:`~gatescope.stats.cpu_merge`); elsewhere ``topk`` selects them.
 """
 
 from __future__ import annotations
@@ -29,11 +30,6 @@ N_LISTS = len(TOP_LISTS)
 
 #: Text indices are packed into 31 bits of the ranking key.
 MAX_TEXTS = 2**31 - 1
-
-#: Candidates (texts) kept per list and neuron before they are merged into the ranked
-#: lists, on a CPU: a merge sorts every list, so it runs once per few batches. On a GPU the
-#: merge is cheap and memory is not, so candidates are merged after every batch.
-CPU_PENDING_TEXTS = 32
 
 KERNELS = ("auto", "cpu", "torch")
 
@@ -82,7 +78,8 @@ class NeuronStats:
         self.k = k
         self.device: torch.device = torch.device(device)
         self.dtype = dtype
-        self._pass = self._choose_pass(kernel, chunk_elements, workspace)
+        self.kernel = self._resolve_kernel(kernel)
+        self._pass = self._choose_pass(chunk_elements, workspace)
 
         self.tokens: Tensor = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count: Tensor = torch.zeros(N_CASES, d_mlp, dtype=torch.int64, device=self.device)
@@ -95,12 +92,9 @@ class NeuronStats:
             (N_CASES, N_QUANTITIES, d_mlp), float("-inf"), dtype=dtype, device=self.device
         )
         self._weakest = torch.full_like(self._strongest, float("inf"))
-        # The ranked lists and the candidates waiting to enter them, [list, neuron, slot]:
-        # slots [0, k) hold the lists in rank order, slots [k, used) the pending candidates.
-        # Empty slots hold text -1, position -1, value 0.
-        self._pending_texts = CPU_PENDING_TEXTS if self.device.type == "cpu" else 0
-        self._value, self._text, self._position = self._empty_slots(k + self._pending_texts)
-        self._used = k
+        # The ranked lists [list, neuron, rank], in rank order; empty slots hold text -1,
+        # position -1, value 0.
+        self._value, self._text, self._position = self._empty_lists()
         # A value is its strength (|value|) times its (case, quantity)'s sign.
         self._signs = torch.tensor(SIGNS, dtype=dtype, device=self.device).unsqueeze(-1)
         self._list_pairs = torch.tensor(
@@ -132,17 +126,21 @@ class NeuronStats:
             N_CASES, N_QUANTITIES, self.d_mlp, self.k, dtype=self.dtype, device=self.device
         )
 
-    def _choose_pass(
-        self, kernel: str, chunk_elements: int | None, workspace: Workspace | None
-    ) -> StatisticsPass:
+    def _resolve_kernel(self, kernel: str) -> str:
+        """``"cpu"`` (numba's pass and merges) or ``"torch"``, for the one asked."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if kernel == "auto":
-            kernel = "cpu" if self.device.type == "cpu" and _numba_works() else "torch"
+            return "cpu" if self.device.type == "cpu" and _numba_works() else "torch"
+        if kernel == "cpu" and self.device.type != "cpu":
+            raise ValueError(f"the cpu kernel cannot run on {self.device}")
+        return kernel
+
+    def _choose_pass(
+        self, chunk_elements: int | None, workspace: Workspace | None
+    ) -> StatisticsPass:
         act = self.act if self.act is not None else _no_activation
-        if kernel == "cpu":
-            if self.device.type != "cpu":
-                raise ValueError(f"the cpu kernel cannot run on {self.device}")
+        if self.kernel == "cpu":
             from gatescope.stats.cpu_pass import cpu_pass
 
             scratch = workspace if workspace is not None else Workspace()
@@ -193,7 +191,7 @@ class NeuronStats:
         present = strength != float("-inf")
         value = torch.where(present, strength * self._list_signs, 0)
         text = torch.where(present, text_index.view(1, batch, 1), -1)
-        self._add_candidates(value.transpose(1, 2), text.transpose(1, 2), position.transpose(1, 2))
+        self._add_candidates(value, text, position)
 
     # ------------------------------------------------------------------ typical examples
 
@@ -224,20 +222,23 @@ class NeuronStats:
         texts = text_index.view(1, -1, 1)
         key = distributions.ranking_key(priority, texts, drawn)
         text = torch.where(drawn, texts.to(torch.int32), -1)
-        self._merge_typical(
-            key.transpose(1, 2),
-            text.transpose(1, 2),
-            per_text.typical_position.to(torch.int32).transpose(1, 2),
-            per_text.typical_value.transpose(2, 3),
-        )
+        self._merge_typical(key, text, per_text.typical_position, per_text.typical_value)
 
     def _merge_typical(self, key: Tensor, text: Tensor, position: Tensor, value: Tensor) -> None:
         """Keeps the k smallest keys among the kept examples and the candidates.
 
         Args:
-            key, text, position: [case, neuron, n] candidates (key NO_KEY: none).
-            value: [case, quantity, neuron, n] their four values.
+            key, text, position: [case, n, neuron] candidates (key NO_KEY: none).
+            value: [case, quantity, n, neuron] their four values.
         """
+        if self.kernel == "cpu":
+            from gatescope.stats.cpu_merge import merge_smallest
+
+            merge_smallest(self._typical_key, self._typical_text, self._typical_position,
+                           self._typical_value, key, text, position, value)  # fmt: skip
+            return
+        key, text, position = key.transpose(1, 2), text.transpose(1, 2), position.transpose(1, 2)
+        value = value.transpose(2, 3)  # candidates last, as the kept examples' slots
         keys = torch.cat([self._typical_key, key], dim=-1)
         best = keys.topk(self.k, dim=-1, largest=False, sorted=True).indices  # [case, neuron, k]
         self._typical_key = keys.gather(-1, best)
@@ -258,20 +259,17 @@ class NeuronStats:
     @property
     def top_value(self) -> Tensor:
         """[list, neuron, rank] signed values of the ranked lists, strongest first."""
-        self._merge_pending()
-        return self._value[..., : self.k]
+        return self._value
 
     @property
     def top_text(self) -> Tensor:
         """[list, neuron, rank] int32 text indices of the ranked lists (-1: empty)."""
-        self._merge_pending()
-        return self._text[..., : self.k]
+        return self._text
 
     @property
     def top_position(self) -> Tensor:
         """[list, neuron, rank] int32 token positions of the ranked lists (-1: empty)."""
-        self._merge_pending()
-        return self._position[..., : self.k]
+        return self._position
 
     @property
     def maximum(self) -> Tensor:
@@ -297,45 +295,28 @@ class NeuronStats:
         self._strongest = strongest.masked_fill_(never, float("-inf")).to(self.dtype)
         self._weakest = weakest.masked_fill_(never, float("inf")).to(self.dtype)
 
-    def _empty_slots(self, slots: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Value, text and position tensors [list, neuron, slots], all empty."""
-        shape = (N_LISTS, self.d_mlp, slots)
+    def _empty_lists(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Value, text and position tensors [list, neuron, rank], all empty."""
+        shape = (N_LISTS, self.d_mlp, self.k)
         text = torch.full(shape, -1, dtype=torch.int32, device=self.device)
         return torch.zeros(shape, dtype=self.dtype, device=self.device), text, text.clone()
 
-    def _grow_slots(self, slots: int) -> None:
-        """Room for more pending candidates, keeping the ranked lists."""
-        self._merge_pending()
-        grown = self._empty_slots(slots)
-        for new, old in zip(grown, (self._value, self._text, self._position), strict=True):
-            new[..., : self.k] = old[..., : self.k]
-        self._value, self._text, self._position = grown
-
     def _add_candidates(self, value: Tensor, text: Tensor, position: Tensor) -> None:
-        """Queues candidates [list, neuron, n] (text -1: none) for the ranked lists."""
-        n = value.shape[-1]
-        if self.k + n > self._value.shape[-1]:
-            self._grow_slots(self.k + max(n, self._pending_texts))
-        if self._used + n > self._value.shape[-1]:
-            self._merge_pending()
-        slots = slice(self._used, self._used + n)
-        self._value[..., slots] = value
-        self._text[..., slots] = text
-        self._position[..., slots] = position
-        self._used += n
-        if not self._pending_texts:
-            self._merge_pending()
+        """Merges candidates [list, n, neuron] (text -1: none) into the ranked lists.
 
-    def _merge_pending(self) -> None:
-        """Merges the pending candidates into the ranked lists.
-
-        Order: |value| descending, then text index ascending. Slots left without a
-        candidate are emptied.
+        Order: |value| descending, then text index ascending; slots left without a
+        candidate stay empty.
         """
-        if self._used == self.k:
+        if self.kernel == "cpu":
+            from gatescope.stats.cpu_merge import merge_strongest
+
+            merge_strongest(self._value, self._text, self._position, value, text, position)
             return
-        value = self._value[..., : self._used]
-        text = self._text[..., : self._used]
+        # [list, neuron, n], as the kept lists' slots
+        value, text, position = (x.transpose(1, 2) for x in (value, text, position))
+        value = torch.cat([self._value, value.to(self.dtype)], dim=-1)
+        text = torch.cat([self._text, text.to(torch.int32)], dim=-1)
+        position = torch.cat([self._position, position.to(torch.int32)], dim=-1)
         key = torch.where(text >= 0, value.abs(), float("-inf"))
 
         if self.dtype == torch.float32:
@@ -351,14 +332,9 @@ class NeuronStats:
             best = by_text.gather(-1, by_key.indices[..., : self.k])
 
         empty = text.gather(-1, best) < 0
-        ranked = (
-            value.gather(-1, best).masked_fill_(empty, 0),
-            text.gather(-1, best).masked_fill_(empty, -1),
-            self._position[..., : self._used].gather(-1, best).masked_fill_(empty, -1),
-        )
-        for slots, new in zip((self._value, self._text, self._position), ranked, strict=True):
-            slots[..., : self.k] = new
-        self._used = self.k
+        self._value = value.gather(-1, best).masked_fill_(empty, 0)
+        self._text = text.gather(-1, best).masked_fill_(empty, -1)
+        self._position = position.gather(-1, best).masked_fill_(empty, -1)
 
     # ------------------------------------------------------------------ merge, state
 
@@ -374,23 +350,22 @@ class NeuronStats:
         self.sum += other.sum.to(self.device)
         torch.maximum(self._strongest, other._strongest.to(self._strongest), out=self._strongest)
         torch.minimum(self._weakest, other._weakest.to(self._weakest), out=self._weakest)
-        self._add_candidates(
-            other.top_value.to(self.device, self.dtype),
-            other.top_text.to(self.device),
-            other.top_position.to(self.device),
+        self._add_candidates(  # [list, rank, neuron]: the ranks as candidates
+            other.top_value.to(self.device, self.dtype).transpose(1, 2),
+            other.top_text.to(self.device).transpose(1, 2),
+            other.top_position.to(self.device).transpose(1, 2),
         )
-        self._merge_pending()
         if self.distributions:
             self._check_histogram_capacity()
             assert self.histogram is not None and self.joint is not None
             assert other.histogram is not None and other.joint is not None
             self.histogram += other.histogram.to(self.device)
             self.joint += other.joint.to(self.device)
-            self._merge_typical(
-                other._typical_key.to(self.device),
-                other._typical_text.to(self.device),
-                other._typical_position.to(self.device),
-                other._typical_value.to(self.device),
+            self._merge_typical(  # [case, slot, neuron]: the slots as candidates
+                other._typical_key.to(self.device).transpose(1, 2),
+                other._typical_text.to(self.device).transpose(1, 2),
+                other._typical_position.to(self.device).transpose(1, 2),
+                other._typical_value.to(self.device, self.dtype).transpose(2, 3),
             )
 
     def _check_histogram_capacity(self) -> None:
@@ -474,10 +449,9 @@ class NeuronStats:
         self.count = state["count"].to(self.device, torch.int64).clone()
         self.sum = state["sum"].to(self.device, torch.float64).clone()
         self._set_extremes(state["max"].to(self.device), state["min"].to(self.device))
-        self._merge_pending()
-        self._value[..., : self.k] = state["top_value"]
-        self._text[..., : self.k] = state["top_text"]
-        self._position[..., : self.k] = state["top_position"]
+        self._value = state["top_value"].to(self.device, self.dtype).clone()
+        self._text = state["top_text"].to(self.device, torch.int32).clone()
+        self._position = state["top_position"].to(self.device, torch.int32).clone()
         if self.distributions:
             int32 = functools.partial(torch.Tensor.to, device=self.device, dtype=torch.int32)
             self.histogram = int32(state["histogram"]).clone()

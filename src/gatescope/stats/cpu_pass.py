@@ -195,10 +195,12 @@ def _load_tile(g, u, a, counted, text, first, width, tile, rows):  # pragma: no 
         if t >= length or not counted[t]:
             tile[row : row + 3 * BLOCK] = 0
             continue
+        this_text, this_token = _unsigned(text), _unsigned(t)
         for j in range(width):
-            tile[row + j] = g[text, t, first + j]
-            tile[row + BLOCK + j] = u[text, t, first + j]
-            tile[row + 2 * BLOCK + j] = a[text, t, first + j]
+            at, neuron = _unsigned(row + j), _unsigned(first + j)
+            tile[at] = g[this_text, this_token, neuron]
+            tile[at + _U_BLOCK] = u[this_text, this_token, neuron]
+            tile[at + _U_2_BLOCK] = a[this_text, this_token, neuron]
         for j in range(width, BLOCK):
             tile[row + j] = 0
             tile[row + BLOCK + j] = 0
@@ -241,6 +243,16 @@ def _extremes_of_text(tile, rows, best, weakest):  # pragma: no cover - compiled
 # min/max, so that the loops over neurons vectorize.
 
 
+# Offsets into flat buffers are made unsigned: numba then skips its wraparound of negative
+# indices, whose selects turn contiguous loads into gathers and stop the vectorizer.
+_U_BLOCK, _U_2_BLOCK = np.uint64(BLOCK), np.uint64(2 * BLOCK)
+
+
+@numba.njit(inline="always")
+def _unsigned(offset):  # pragma: no cover - compiled
+    return np.uint64(offset)
+
+
 @numba.njit(inline="always")
 def _token(tile, t, j):  # pragma: no cover - compiled
     """A token's four values for a block's neuron ``j`` and whether it is in each sign case.
@@ -251,8 +263,8 @@ def _token(tile, t, j):  # pragma: no cover - compiled
     no case. The signs of the cases are constants.SIGNS: within a case every quantity has a
     fixed sign, and value * sign is its strength |value|.
     """
-    row = 3 * t * BLOCK + j
-    gv, uv, av = tile[row], tile[row + BLOCK], tile[row + 2 * BLOCK]
+    row = _unsigned(3 * t * BLOCK + j)
+    gv, uv, av = tile[row], tile[row + _U_BLOCK], tile[row + _U_2_BLOCK]
     pv = av * uv
     pp, pn = (gv > 0) & (uv > 0), (gv > 0) & (uv < 0)
     np_, nn = (gv < 0) & (uv > 0), (gv < 0) & (uv < 0)
@@ -440,8 +452,8 @@ def _draw(tile, rows, salt, text, first, width, drawn):  # pragma: no cover
     for t in range(rows):
         for j in range(BLOCK):
             _, _, _, _, pp, pn, np_, nn = _token(tile, t, j)
-            s0, s1 = drawn[SALT * BLOCK + j], drawn[(SALT + 1) * BLOCK + j]
-            s2, s3 = drawn[(SALT + 2) * BLOCK + j], drawn[(SALT + 3) * BLOCK + j]
+            s0, s1 = _salt_of(drawn, 0, j), _salt_of(drawn, 1, j)
+            s2, s3 = _salt_of(drawn, 2, j), _salt_of(drawn, 3, j)
             s = s0 if pp else (s1 if pn else (s2 if np_ else s3))
             key = (_mix32(s ^ t) << _KEY_LOW_BITS) | t
             _drawn_if(drawn, j, 0, pp & (s0 >= 0), key)
@@ -451,8 +463,13 @@ def _draw(tile, rows, salt, text, first, width, drawn):  # pragma: no cover
 
 
 @numba.njit(inline="always")
+def _salt_of(drawn, case, j):  # pragma: no cover - compiled
+    return drawn[_unsigned((SALT + case) * BLOCK + j)]
+
+
+@numba.njit(inline="always")
 def _drawn_if(drawn, j, case, eligible, key):  # pragma: no cover - compiled
-    at = (KEY + case) * BLOCK + j
+    at = _unsigned((KEY + case) * BLOCK + j)
     drawn[at] = key if eligible & (key < drawn[at]) else drawn[at]
 
 
