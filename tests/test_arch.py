@@ -185,6 +185,57 @@ def test_capture_recovers_after_a_failed_forward() -> None:
     torch.testing.assert_close(calls[0][1], mlp_module.up_proj(x))
 
 
+@pytest.mark.parametrize("family", ALL)
+def test_capture_with_act_passes_the_models_own_activation(family: str) -> None:
+    model = tiny_model(family)
+    mlps = find_gated_mlps(model)
+    calls: dict[int, list] = {m.layer: [] for m in mlps}
+    computed: dict[int, list] = {m.layer: [] for m in mlps}
+    handles = []
+    for m in mlps:
+        assert isinstance(m.act_fn, nn.Module)  # every family's activation is a module
+        handles.append(m.act_fn.register_forward_hook(
+            lambda _, __, out, i=m.layer: computed[i].append(out)))  # fmt: skip
+        handles.append(m.capture_with_act(lambda g, u, a, i=m.layer: calls[i].append((g, u, a))))
+    with torch.no_grad():
+        model(_ids())
+    for handle in handles:
+        handle.remove()
+    for m in mlps:
+        ((gate, _up, act),) = calls[m.layer]
+        assert act is computed[m.layer][-1]  # the model's tensor itself
+        assert torch.equal(act, m.act_fn(gate))
+
+
+class _ActOutOfSight(_UpFirstMLP):
+    """Activates the gate where no hook on act_fn sees it: functionally, or on a copy."""
+
+    def __init__(self, on_copy: bool) -> None:
+        super().__init__()
+        self.on_copy = on_copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        act = self.act_fn(gate.clone()) if self.on_copy else nn.functional.silu(gate)
+        return self.down_proj(act * self.up_proj(x))
+
+
+@pytest.mark.parametrize("on_copy", [False, True])
+def test_capture_with_act_without_the_activation_still_calls(on_copy: bool) -> None:
+    block = _ActOutOfSight(on_copy)
+    mlp = find_gated_mlps(nn.ModuleList([block]))[0]
+    calls = []
+    with mlp.capture_with_act(lambda g, u, a: calls.append((g, u, a))):
+        x = torch.randn(3, 4)
+        block(x)
+        block(x)
+    assert len(calls) == 2
+    gate, up, act = calls[0]
+    assert act is None
+    torch.testing.assert_close(gate, block.gate_proj(x))
+    torch.testing.assert_close(up, block.up_proj(x))
+
+
 def test_activation_found_as_child() -> None:
     class Mlp(nn.Module):
         def __init__(self) -> None:

@@ -309,6 +309,29 @@ def test_cpu_merges_equal_the_torch_merges(dtype):
                                    check_dtype=False, msg=name)  # fmt: skip
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "torch"])
+def test_the_models_own_activation_is_used_as_computed(kernel):
+    """update(..., swish=act(g)) equals update(...); a swish in another dtype than the
+    statistics' is not used (act is applied to g in the statistics' dtype). Exactly on the
+    CPU pass, which applies act to g as given; the torch pass applies it to a padded copy,
+    where torch's vectorized and scalar SiLU may round differently in the last place."""
+    d, act = 70, torch.nn.functional.silu
+    given, applied = (NeuronStats(d, act, k=K, kernel=kernel) for _ in range(2))
+    for text_index, (gate, up, valid) in batches_of(5, [[9, 14, 3], [12, 12]], d):
+        gate, up = gate.float(), up.float()
+        given.update(gate, up, text_index, valid, swish=act(gate))
+        applied.update(gate, up, text_index, valid)
+    exact = kernel == "cpu"
+    for name, tensor in applied.state_dict().items():
+        torch.testing.assert_close(given.state_dict()[name], tensor, equal_nan=True, msg=name,
+                                   **({"rtol": 0, "atol": 0} if exact else {}))  # fmt: skip
+    ignored = NeuronStats(d, act, k=K, kernel=kernel)
+    for text_index, (gate, up, valid) in batches_of(5, [[9, 14, 3], [12, 12]], d):
+        gate, up = gate.float(), up.float()
+        ignored.update(gate, up, text_index, valid, swish=torch.zeros_like(gate).double())
+    assert torch.equal(ignored.top_value, applied.top_value)
+
+
 def test_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="kernel"):
         NeuronStats(4, torch.nn.functional.silu, kernel="fast")

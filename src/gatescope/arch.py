@@ -38,6 +38,9 @@ logger: logging.Logger = logging.getLogger(__name__)
 
 #: Called once per forward of a gated MLP with ``gate: [..., d_mlp]`` and ``up: [..., d_mlp]``.
 CaptureCallback = Callable[[Tensor, Tensor], None]
+#: The same, with the model's own ``act(gate)`` ([..., d_mlp]) as a third argument, or None
+#: for a forward in which the activation was not seen applied to the gate.
+CaptureActCallback = Callable[[Tensor, Tensor, Tensor | None], None]
 
 _NEEDS = "gatescope needs gate_proj/up_proj/down_proj or gate_up_proj/down_proj"
 
@@ -109,6 +112,11 @@ class GatedMLP:
         return self.down_proj.out_features
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the gate projection's weight, and so of ``g`` and ``act(g)``."""
+        return self.w_gate().dtype
+
+    @property
     def fused(self) -> bool:
         """Whether gate and up come from one fused ``gate_up_proj``."""
         return self.gate_up_proj is not None
@@ -167,42 +175,89 @@ class GatedMLP:
         Returns:
             A handle whose ``remove()`` removes every hook registered here.
         """
+        return self.capture_with_act(lambda gate, up, _act: callback(gate, up), watch_act=False)
+
+    def capture_with_act(
+        self, callback: CaptureActCallback, *, watch_act: bool = True
+    ) -> CaptureHandle:
+        """Call ``callback(gate, up, act)`` once for every forward of this MLP, where
+        ``act`` is the model's own ``act_fn(gate)`` output, or None.
+
+        The activation is watched when it is a module (a forward hook): its output counts
+        only if its input is the captured gate itself (same memory, shape and strides), so
+        a model that activates something else, or a copy, gets None and the callback
+        still runs, when the MLP's forward returns. A functional activation is never
+        seen: ``act`` is always None. ``watch_act=False`` never watches (``capture``).
+
+        Returns:
+            A handle whose ``remove()`` removes every hook registered here.
+        """
+        watch_act = watch_act and isinstance(self.act_fn, nn.Module)
+        pending: dict[str, Tensor] = {}
+        needed = {"gate", "up", "act"} if watch_act else {"gate", "up"}
+
+        def call_if_complete() -> None:
+            if needed <= pending.keys():
+                gate, up, act = pending["gate"], pending["up"], pending.get("act")
+                pending.clear()
+                callback(gate, up, act)
+
+        def reset(_module: nn.Module, _inputs: object) -> None:
+            # A forward that raised half-way must not leak into the next.
+            pending.clear()
+
+        def store(outputs: dict[str, Tensor]) -> None:
+            pending.update(outputs)
+            call_if_complete()
+
+        hooks = [self.module.register_forward_pre_hook(reset)]
         if self.gate_up_proj is not None:
 
             def fused_hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
                 gate, up = output.chunk(2, dim=-1)
-                callback(gate, up)
+                store({"gate": gate, "up": up})
 
-            return CaptureHandle([self.gate_up_proj.register_forward_hook(fused_hook)])
+            hooks.append(self.gate_up_proj.register_forward_hook(fused_hook))
+        else:
+            gate_proj, up_proj = self._separate()
 
-        # Separate projections: each hook stores its output, and whichever fires second calls
-        # the callback, since families differ in whether gate_proj or up_proj runs first.
-        gate_proj, up_proj = self._separate()
-        pending: dict[str, Tensor] = {}
+            def storing(key: str) -> Callable[[nn.Module, object, Tensor], None]:
+                return lambda _module, _inputs, output: store({key: output})
 
-        def reset(_module: nn.Module, _inputs: object) -> None:
-            # A forward that raised between the two projections must not leak into the next.
-            pending.clear()
-
-        def make_hook(key: str, other: str) -> Callable[[nn.Module, object, Tensor], None]:
-            def hook(_module: nn.Module, _inputs: object, output: Tensor) -> None:
-                if other in pending:
-                    partner = pending.pop(other)
-                    pending.clear()
-                    gate, up = (output, partner) if key == "gate" else (partner, output)
-                    callback(gate, up)
-                else:
-                    pending[key] = output
-
-            return hook
-
-        return CaptureHandle(
-            [
-                self.module.register_forward_pre_hook(reset),
-                gate_proj.register_forward_hook(make_hook("gate", "up")),
-                up_proj.register_forward_hook(make_hook("up", "gate")),
+            hooks += [
+                gate_proj.register_forward_hook(storing("gate")),
+                up_proj.register_forward_hook(storing("up")),
             ]
-        )
+        if watch_act:
+            assert isinstance(self.act_fn, nn.Module)
+
+            def act_hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                gate = pending.get("gate")
+                if gate is not None and inputs and _same_view(inputs[0], gate):
+                    store({"act": output})
+
+            def without_act(_module: nn.Module, _inputs: object, _output: object) -> None:
+                if {"gate", "up"} <= pending.keys():  # the activation was not seen
+                    gate, up = pending.pop("gate"), pending.pop("up")
+                    pending.clear()
+                    callback(gate, up, None)
+
+            hooks += [
+                self.act_fn.register_forward_hook(act_hook),
+                self.module.register_forward_hook(without_act),
+            ]
+        return CaptureHandle(hooks)
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are the same values in memory (a view of one and the same)."""
+    return (
+        isinstance(a, Tensor)
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
 
 
 def find_gated_mlps(model: nn.Module) -> list[GatedMLP]:

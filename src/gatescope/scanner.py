@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel
 
-    from gatescope.arch import GatedMLP
+    from gatescope.arch import CaptureActCallback, GatedMLP
     from gatescope.loading import LoadedModel, ModelSpec
     from gatescope.stats import NeuronStats
 
@@ -416,16 +416,21 @@ def _capture(mlps: Sequence[GatedMLP], layers: Sequence[NeuronStats]) -> Iterato
     """Hooks every gated MLP so that each forward updates its layer's statistics."""
     feed = _Feed()
 
-    def updater(stats: NeuronStats) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        def update(gate: torch.Tensor, up: torch.Tensor) -> None:
+    def updater(stats: NeuronStats) -> CaptureActCallback:
+        def update(gate: torch.Tensor, up: torch.Tensor, swish: torch.Tensor | None) -> None:
             text_index, counted = feed.on(stats.device)
             # A no-op, except for layers accelerate offloads (they run elsewhere).
             gate, up = gate.to(stats.device), up.to(stats.device)
-            stats.update(gate, up, text_index, counted)
+            swish = swish.to(stats.device) if swish is not None else None
+            stats.update(gate, up, text_index, counted, swish)
 
         return update
 
-    handles = [mlp.capture(updater(stats)) for mlp, stats in zip(mlps, layers, strict=True)]
+    # The model's own act(g) is taken only where the statistics use it (same dtype).
+    handles = [
+        mlp.capture_with_act(updater(stats), watch_act=mlp.dtype == stats.dtype)
+        for mlp, stats in zip(mlps, layers, strict=True)
+    ]
     try:
         with torch.inference_mode():
             yield feed

@@ -103,6 +103,7 @@ class NeuronStats:
         self._list_signs = self._signs.flatten()[self._list_pairs].view(N_LISTS, 1, 1)
         self.distributions = distributions
         self.seed, self.layer = seed, layer
+        self._neuron_salt: Tensor | None = None
         self._cases = torch.arange(N_CASES, device=self.device)
         self._neurons = torch.arange(d_mlp, device=self.device)
         self.histogram: Tensor | None = None
@@ -156,7 +157,14 @@ class NeuronStats:
     # ------------------------------------------------------------------ update
 
     @torch.no_grad()
-    def update(self, gate: Tensor, up: Tensor, text_index: Tensor, valid: Tensor) -> None:
+    def update(
+        self,
+        gate: Tensor,
+        up: Tensor,
+        text_index: Tensor,
+        valid: Tensor,
+        swish: Tensor | None = None,
+    ) -> None:
         """Adds one batch of texts.
 
         Args:
@@ -165,6 +173,10 @@ class NeuronStats:
             text_index: [batch] int64, the corpus index of each text (global, unique,
                 below 2**31).
             valid: [batch, pos] bool, the counted tokens (not padding, BOS per option).
+            swish: [batch, pos, d_mlp] the model's own ``act(g)``, or None. It saves
+                applying the activation again when it is in the statistics' dtype (as
+                ``g`` is then, it is the very value); otherwise ``act`` is applied to ``g``
+                in that dtype.
         """
         batch, _, d_mlp = gate.shape
         if d_mlp != self.d_mlp:
@@ -174,10 +186,12 @@ class NeuronStats:
         valid = valid.to(self.device)
         text_index = text_index.to(self.device, torch.int64)
         self.tokens += valid.sum()
+        if swish is not None and swish.dtype != self.dtype:
+            swish = None
         gate, up = gate.to(self.dtype), up.to(self.dtype)
         totals = Totals(self.count, self.sum, self._weakest, self.histogram, self.joint)
         priority = self._text_priority(text_index) if self.distributions else None
-        per_text = self._pass(gate, up, valid, totals, self._salts(priority))
+        per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish)
         if priority is not None:
             self._add_typical_candidates(per_text, priority, text_index)
         # [case * 4 + quantity, text, neuron]: each text's strongest token (-inf: the case
@@ -197,7 +211,11 @@ class NeuronStats:
 
     def _text_priority(self, text_index: Tensor) -> Tensor:
         """[case, text, neuron] the texts' draw priorities for every neuron."""
-        return self._priority(text_index.view(1, -1, 1), self._neurons.view(1, 1, -1))
+        if self._neuron_salt is None:  # [case, 1, neuron], hashed once
+            neurons = self._neurons.view(1, 1, -1)
+            case = self._cases.view(-1, 1, 1)
+            self._neuron_salt = distributions.neuron_salt(self.seed, self.layer, case, neurons)
+        return distributions.mix32(self._neuron_salt ^ text_index.view(1, -1, 1))
 
     def _priority(self, text: Tensor, neuron: Tensor) -> Tensor:
         """Draw priorities of ``text`` for ``neuron`` in each case (case first; the

@@ -46,7 +46,13 @@ class PerText:
 
 class StatisticsPass(Protocol):
     def __call__(
-        self, gate: Tensor, up: Tensor, valid: Tensor, totals: Totals, salt: Tensor | None
+        self,
+        gate: Tensor,
+        up: Tensor,
+        valid: Tensor,
+        totals: Totals,
+        salt: Tensor | None,
+        swish: Tensor | None = None,
     ) -> PerText:
         """Adds a batch to ``totals``.
 
@@ -57,6 +63,8 @@ class StatisticsPass(Protocol):
             salt: [case, text, neuron] int64, each text's token-draw salt
                 (:func:`~gatescope.stats.distributions.token_salt`), or -1 where the text
                 cannot enter the typical examples; None: no typical examples.
+            swish: [text, pos, neuron] ``act(g)`` as the model computed it, in the same
+                dtype; None: the pass applies the activation to ``gate``.
         """
         ...
 

@@ -66,17 +66,19 @@ def cpu_pass(
     valid: Tensor,
     totals: Totals,
     salt: Tensor | None,
+    swish: Tensor | None = None,
     *,
     act: Callable[[Tensor], Tensor],
     workspace: Workspace,
 ) -> PerText:
     """The :class:`~gatescope.stats.batch.StatisticsPass` contract, on the CPU.
 
-    ``act(g)`` is computed by torch, exactly as the model does; ``totals.weakest`` is in the
-    input dtype. Each thread's tile and histogram counts live in ``workspace``.
+    ``act(g)``, unless given, is computed by torch, exactly as the model does;
+    ``totals.weakest`` is in the input dtype. Each thread's tile and histogram counts live
+    in ``workspace``.
     """
     gate, up = gate.contiguous(), up.contiguous()
-    swish = act(gate).contiguous()
+    swish = (act(gate) if swish is None else swish).contiguous()
     texts, _, neurons = gate.shape
     strength = torch.empty(16, texts, neurons, dtype=gate.dtype)
     position = torch.empty(16, texts, neurons, dtype=torch.int64)

@@ -57,6 +57,8 @@ __all__ = [
     "joint_bins",
     "joint_edges",
     "magnitude_bins",
+    "mix32",
+    "neuron_salt",
     "quantile_brackets",
     "ranking_key",
     "text_priority",
@@ -204,9 +206,14 @@ def mix32(x: Tensor) -> Tensor:
 def text_priority(seed: int, layer: int, case: Tensor, neuron: Tensor, text: Tensor) -> Tensor:
     """Priorities below 2**32 (int64) of texts (corpus indices) for the typical examples of
     (case, neuron) of a layer; ``case``, ``neuron`` and ``text`` (int64) broadcast."""
-    base = mix32(mix32(torch.tensor(seed & MASK32, device=text.device)) ^ (layer & MASK32))
-    per_neuron = mix32(base ^ (neuron * len(CASES) + case))
-    return mix32(per_neuron ^ text)
+    return mix32(neuron_salt(seed, layer, case, neuron) ^ text)
+
+
+def neuron_salt(seed: int, layer: int, case: Tensor, neuron: Tensor) -> Tensor:
+    """The part of :func:`text_priority` that depends on no text: ``text_priority`` is
+    ``mix32(neuron_salt(...) ^ text)``, so a scan hashes it once per layer."""
+    base = mix32(mix32(torch.tensor(seed & MASK32, device=neuron.device)) ^ (layer & MASK32))
+    return mix32(base ^ (neuron * len(CASES) + case))
 
 
 def token_salt(priority: Tensor) -> Tensor:

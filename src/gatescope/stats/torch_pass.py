@@ -67,7 +67,13 @@ class TorchPass:
         )
 
     def __call__(
-        self, gate: Tensor, up: Tensor, valid: Tensor, totals: Totals, salt: Tensor | None
+        self,
+        gate: Tensor,
+        up: Tensor,
+        valid: Tensor,
+        totals: Totals,
+        salt: Tensor | None,
+        swish: Tensor | None = None,
     ) -> PerText:
         """The :class:`~gatescope.stats.batch.StatisticsPass` contract."""
         batch, length, neurons = gate.shape
@@ -85,8 +91,8 @@ class TorchPass:
         for start in range(0, batch, chunk):
             texts = slice(start, min(start + chunk, batch))
             q, cases = self._chunk(
-                gate[texts], up[texts], valid[texts], totals,
-                strength[:, texts], position[:, texts],
+                gate[texts], up[texts], None if swish is None else swish[texts], valid[texts],
+                totals, strength[:, texts], position[:, texts],
             )  # fmt: skip
             if totals.histogram is None and typical is None:
                 continue
@@ -102,6 +108,7 @@ class TorchPass:
         self,
         gate: Tensor,
         up: Tensor,
+        swish: Tensor | None,
         valid: Tensor,
         totals: Totals,
         strength: Tensor,
@@ -120,7 +127,12 @@ class TorchPass:
         torch.mul(gate, valid.unsqueeze(-1), out=q[0, :, :length])
         q[1, :, :length].copy_(up)
         q[:2, :, length:].zero_()
-        fill_quantities(q, self.act)
+        if swish is None:
+            fill_quantities(q, self.act)
+        else:  # the model's act(g), zero where g is
+            torch.mul(swish, valid.unsqueeze(-1), out=q[2, :, :length])
+            q[2, :, length:].zero_()
+            torch.mul(q[2], q[1], out=q[3])
 
         # signs: [pos/neg, g/u, text, pos, neuron] as 0/1 floats. A zero g or u is neither
         # positive nor negative, so it is in no case (docs/architecture.md). They live in
