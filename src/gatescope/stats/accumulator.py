@@ -467,16 +467,18 @@ class NeuronStats:
         self.count = state["count"].to(self.device, torch.int64).clone()
         self.sum = state["sum"].to(self.device, torch.float64).clone()
         self._set_extremes(state["max"].to(self.device), state["min"].to(self.device))
-        self._value = state["top_value"].to(self.device, self.dtype).clone()
-        self._text = state["top_text"].to(self.device, torch.int32).clone()
-        self._position = state["top_position"].to(self.device, torch.int32).clone()
+        # Fresh contiguous copies: the CPU merges write into them, flat.
+        own = functools.partial(torch.Tensor.clone, memory_format=torch.contiguous_format)
+        self._value = own(state["top_value"].to(self.device, self.dtype))
+        self._text = own(state["top_text"].to(self.device, torch.int32))
+        self._position = own(state["top_position"].to(self.device, torch.int32))
         if self.distributions:
             int32 = functools.partial(torch.Tensor.to, device=self.device, dtype=torch.int32)
-            self.histogram = int32(state["histogram"]).clone()
-            self.joint = int32(state["joint"]).clone()
-            self._typical_text = int32(state["typical_text"]).clone()
-            self._typical_position = int32(state["typical_position"]).clone()
-            self._typical_value = state["typical_value"].to(self.device, self.dtype).clone()
+            self.histogram = own(int32(state["histogram"]))
+            self.joint = own(int32(state["joint"]))
+            self._typical_text = own(int32(state["typical_text"]))
+            self._typical_position = own(int32(state["typical_position"]))
+            self._typical_value = own(state["typical_value"].to(self.device, self.dtype))
             self._typical_key = self._typical_keys_of(self._typical_text)
 
 

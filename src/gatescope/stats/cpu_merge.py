@@ -27,13 +27,14 @@ def merge_strongest(
     """Merges candidates into ranked lists in place.
 
     Args:
-        value, text, position: [list, neuron, k] the ranked lists: |value| descending, ties
+        value, text, position: [list, neuron, k] the ranked lists (contiguous, as every
+            tensor here): |value| descending, ties
             by text ascending; empty slots (text -1) last.
         new_value, new_text, new_position: [list, n, neuron] the candidates (text -1: none).
     """
     _merge_strongest(
         value.numpy(), text.numpy(), position.numpy(),
-        new_value.numpy(), new_text.numpy(), new_position.numpy(),
+        *(x.contiguous().numpy() for x in (new_value, new_text, new_position)),
     )  # fmt: skip
 
 
@@ -52,14 +53,15 @@ def merge_smallest(
     """
     _merge_smallest(
         key.numpy(), text.numpy(), position.numpy(), value.numpy(),
-        new_key.numpy(), new_text.numpy(), new_position.numpy(), new_value.numpy(),
+        *(x.contiguous().numpy() for x in (new_key, new_text, new_position, new_value)),
     )  # fmt: skip
 
 
 # The candidates come neuron last, as the passes give them. A thread takes a block of
 # neurons and, for each candidate, goes along the block: the candidates are read in
-# whole cache lines, and the block's kept lists stay in the L1 cache. Indices are made
-# unsigned: numba then skips its wraparound of negative indices.
+# whole cache lines, and the block's kept lists stay in the L1 cache. The arrays are
+# indexed flat (all are contiguous) at unsigned offsets: numba then skips its wraparound
+# of negative indices, which costs more than the comparisons here.
 NEURONS_PER_BLOCK = 16
 
 
@@ -68,37 +70,35 @@ def _merge_strongest(
     value, text, position, new_value, new_text, new_position
 ):  # pragma: no cover - compiled
     lists, neurons, k = value.shape
-    last = np.uint64(k - 1)
+    n = new_value.shape[1]
+    # Flat views, indexed by unsigned offsets.
+    value, text, position = value.reshape(-1), text.reshape(-1), position.reshape(-1)
+    new_value, new_text = new_value.reshape(-1), new_text.reshape(-1)
+    new_position = new_position.reshape(-1)
     for block in numba.prange((neurons + NEURONS_PER_BLOCK - 1) // NEURONS_PER_BLOCK):
         first = block * NEURONS_PER_BLOCK
-        for list_ in range(lists):
-            lst = np.uint64(list_)
-            for i in range(new_value.shape[1]):
-                at = np.uint64(i)
-                for n in range(first, min(first + NEURONS_PER_BLOCK, neurons)):
-                    neuron = np.uint64(n)
-                    candidate = new_text[lst, at, neuron]
-                    strength = np.abs(new_value[lst, at, neuron])
-                    if candidate < 0 or not _outranks(strength, candidate,
-                                                      value[lst, neuron, last],
-                                                      text[lst, neuron, last]):  # fmt: skip
+        for lst in range(lists):
+            for i in range(n):
+                for neuron in range(first, min(first + NEURONS_PER_BLOCK, neurons)):
+                    at = np.uint64((lst * n + i) * neurons + neuron)
+                    candidate = new_text[at]
+                    strength = np.abs(new_value[at])
+                    top = np.uint64((lst * neurons + neuron) * k)  # the list's first entry
+                    free = top + np.uint64(k - 1)
+                    if candidate < 0 or not _outranks(strength, candidate, value[free],
+                                                      text[free]):  # fmt: skip
                         continue
-                    # The entries that stay above the candidate: a prefix of the list.
-                    slot = 0
-                    for j in range(k - 1):
-                        kept = np.uint64(j)
-                        above = _outranks(strength, candidate, value[lst, neuron, kept],
-                                          text[lst, neuron, kept])  # fmt: skip
-                        slot += 0 if above else 1
-                    for j in range(k - 1, slot, -1):
-                        to, source = np.uint64(j), np.uint64(j - 1)
-                        value[lst, neuron, to] = value[lst, neuron, source]
-                        text[lst, neuron, to] = text[lst, neuron, source]
-                        position[lst, neuron, to] = position[lst, neuron, source]
-                    free = np.uint64(slot)
-                    value[lst, neuron, free] = new_value[lst, at, neuron]
-                    text[lst, neuron, free] = candidate
-                    position[lst, neuron, free] = new_position[lst, at, neuron]
+                    # Insertion: the entries it outranks move down one place (the last
+                    # one, outranked above, drops out).
+                    while free > top:
+                        above = free - np.uint64(1)
+                        if not _outranks(strength, candidate, value[above], text[above]):
+                            break
+                        value[free], text[free] = value[above], text[above]
+                        position[free] = position[above]
+                        free = above
+                    value[free], text[free] = new_value[at], candidate
+                    position[free] = new_position[at]
 
 
 @numba.njit(inline="always")
@@ -113,33 +113,32 @@ def _merge_smallest(
     key, text, position, value, new_key, new_text, new_position, new_value
 ):  # pragma: no cover - compiled
     cases, neurons, k = key.shape
-    last = np.uint64(k - 1)
+    quantities, n = value.shape[1], new_key.shape[1]
+    key, text, position = key.reshape(-1), text.reshape(-1), position.reshape(-1)
+    new_key, new_text = new_key.reshape(-1), new_text.reshape(-1)
+    new_position = new_position.reshape(-1)
     for block in numba.prange((neurons + NEURONS_PER_BLOCK - 1) // NEURONS_PER_BLOCK):
         first = block * NEURONS_PER_BLOCK
-        for case_ in range(cases):
-            case = np.uint64(case_)
-            for i in range(new_key.shape[1]):
-                at = np.uint64(i)
-                for n in range(first, min(first + NEURONS_PER_BLOCK, neurons)):
-                    neuron = np.uint64(n)
-                    candidate = new_key[case, at, neuron]
-                    if not candidate < key[case, neuron, last]:
+        for case in range(cases):
+            for i in range(n):
+                for neuron in range(first, min(first + NEURONS_PER_BLOCK, neurons)):
+                    at = np.uint64((case * n + i) * neurons + neuron)
+                    candidate = new_key[at]
+                    top = np.uint64((case * neurons + neuron) * k)
+                    free = top + np.uint64(k - 1)
+                    if not candidate < key[free]:
                         continue
-                    slot = 0
-                    for j in range(k - 1):
-                        slot += 1 if key[case, neuron, np.uint64(j)] < candidate else 0
-                    for j in range(k - 1, slot, -1):
-                        to, source = np.uint64(j), np.uint64(j - 1)
-                        key[case, neuron, to] = key[case, neuron, source]
-                        text[case, neuron, to] = text[case, neuron, source]
-                        position[case, neuron, to] = position[case, neuron, source]
-                        for quantity in range(value.shape[1]):
-                            q = np.uint64(quantity)
-                            value[case, q, neuron, to] = value[case, q, neuron, source]
-                    free = np.uint64(slot)
-                    key[case, neuron, free] = candidate
-                    text[case, neuron, free] = new_text[case, at, neuron]
-                    position[case, neuron, free] = new_position[case, at, neuron]
-                    for quantity in range(value.shape[1]):
-                        q = np.uint64(quantity)
-                        value[case, q, neuron, free] = new_value[case, q, at, neuron]
+                    while free > top and candidate < key[free - np.uint64(1)]:
+                        above = free - np.uint64(1)
+                        key[free], text[free] = key[above], text[above]
+                        position[free] = position[above]
+                        free = above
+                    key[free], text[free] = candidate, new_text[at]
+                    position[free] = new_position[at]
+                    # The values, [case, quantity, neuron, slot]: the same moves.
+                    slot = free - top
+                    for quantity in range(quantities):
+                        kept = value[case, quantity, neuron]
+                        for j in range(k - 1, int(slot), -1):
+                            kept[np.uint64(j)] = kept[np.uint64(j - 1)]
+                        kept[slot] = new_value[case, quantity, i, neuron]
