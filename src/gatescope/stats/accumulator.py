@@ -427,7 +427,8 @@ class NeuronStats:
         return merged
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The accumulated state; ``load_state_dict`` restores it exactly. With the
+        """The accumulated state, as views of the live tensors (copy them to keep them past
+        the next ``update``); ``load_state_dict`` restores it exactly. With the
         distributions: ``histogram`` [case, quantity, bin, neuron] and ``joint`` [case,
         |g| bin, |u| bin, neuron] int32, and the typical examples ``typical_text``,
         ``typical_position`` [case, neuron, slot] int32 and ``typical_value`` [case,
