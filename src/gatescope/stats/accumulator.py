@@ -48,8 +48,9 @@ class NeuronStats:
         device: Where the state lives; ``update`` expects its tensors there.
         dtype: Floating type of the computation and of the stored top-k values: float32 for
             float32/bfloat16/float16 models, float64 for float64 models. Sums are float64.
-        kernel: ``"cpu"`` (the fused CPU pass), ``"torch"`` (torch operations, any device)
-            or ``"auto"``: the fused pass on a CPU, torch elsewhere.
+        kernel: ``"cpu"`` (the fused CPU pass and numba's merges), ``"torch"`` (torch
+            operations, any device) or ``"auto"``: the CPU kernel on a CPU, torch elsewhere.
+            The attribute ``kernel`` holds the one chosen, ``"cpu"`` or ``"torch"``.
         chunk_elements: Workspace size of the torch pass; ``None`` picks one per device.
         workspace: The pass's scratch buffers, to share with the other layers.
         distributions: Whether to collect the histograms and typical examples
