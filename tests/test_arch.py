@@ -236,6 +236,28 @@ def test_capture_with_act_without_the_activation_still_calls(on_copy: bool) -> N
     torch.testing.assert_close(up, block.up_proj(x))
 
 
+class _TwoPairsOutOfSight(_UpFirstMLP):
+    """Projects two halves of its input one after the other, activating them functionally."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves = [nn.functional.silu(self.gate_proj(h)) * self.up_proj(h) for h in x.chunk(2)]
+        return self.down_proj(torch.cat(halves))
+
+
+def test_capture_with_act_calls_back_once_per_pair_it_never_saw_activated() -> None:
+    block = _TwoPairsOutOfSight()
+    mlp = find_gated_mlps(nn.ModuleList([block]))[0]
+    calls = []
+    x = torch.randn(4, 4)
+    with mlp.capture_with_act(lambda g, u, a: calls.append((g, u, a))):
+        block(x)
+    assert len(calls) == 2
+    for (gate, up, act), half in zip(calls, x.chunk(2), strict=True):
+        assert act is None
+        torch.testing.assert_close(gate, block.gate_proj(half))
+        torch.testing.assert_close(up, block.up_proj(half))
+
+
 def test_activation_found_as_child() -> None:
     class Mlp(nn.Module):
         def __init__(self) -> None:

@@ -184,10 +184,11 @@ class GatedMLP:
         ``act`` is the model's own ``act_fn(gate)`` output, or None.
 
         The activation is watched when it is a module (a forward hook): its output counts
-        only if its input is the captured gate itself (same memory, shape and strides), so
-        a model that activates something else, or a copy, gets None and the callback
-        still runs, when the MLP's forward returns. A functional activation is never
-        seen: ``act`` is always None. ``watch_act=False`` never watches (``capture``).
+        only if its input is the captured gate itself (same memory, shape and strides). A
+        pair whose activation is not seen (the model activates something else, or a copy)
+        is called back with None when the next pair starts or the MLP's forward returns,
+        whichever comes first. A functional activation is never seen: ``act`` is always
+        None. ``watch_act=False`` never watches (``capture``).
 
         Returns:
             A handle whose ``remove()`` removes every hook registered here.
@@ -196,19 +197,23 @@ class GatedMLP:
         pending: dict[str, Tensor] = {}
         needed = {"gate", "up", "act"} if watch_act else {"gate", "up"}
 
-        def call_if_complete() -> None:
-            if needed <= pending.keys():
-                gate, up, act = pending["gate"], pending["up"], pending.get("act")
-                pending.clear()
-                callback(gate, up, act)
+        def flush() -> None:
+            """Calls back with the pending pair, if whole, and starts afresh."""
+            pair = pending.copy()
+            pending.clear()
+            if {"gate", "up"} <= pair.keys():
+                callback(pair["gate"], pair["up"], pair.get("act"))
 
         def reset(_module: nn.Module, _inputs: object) -> None:
             # A forward that raised half-way must not leak into the next.
             pending.clear()
 
         def store(outputs: dict[str, Tensor]) -> None:
+            if outputs.keys() & pending.keys():  # a new pair before the last was whole
+                flush()
             pending.update(outputs)
-            call_if_complete()
+            if needed <= pending.keys():
+                flush()
 
         hooks = [self.module.register_forward_pre_hook(reset)]
         if self.gate_up_proj is not None:
@@ -237,10 +242,7 @@ class GatedMLP:
                     store({"act": output})
 
             def without_act(_module: nn.Module, _inputs: object, _output: object) -> None:
-                if {"gate", "up"} <= pending.keys():  # the activation was not seen
-                    gate, up = pending.pop("gate"), pending.pop("up")
-                    pending.clear()
-                    callback(gate, up, None)
+                flush()  # a pair whose activation was not seen
 
             hooks += [
                 self.act_fn.register_forward_hook(act_hook),
