@@ -159,6 +159,25 @@ def test_scan_matches_brute_force(family):
     assert_atlas_matches(atlas, per_text_activations(model, corpus), K)
 
 
+def test_the_scan_hands_the_models_own_activation_to_the_statistics(monkeypatch):
+    """A float32 model's act(g), as its activation module computed it, reaches update."""
+    from gatescope.stats import NeuronStats
+
+    model = tiny_model("llama", dtype=torch.float32)
+    computed, given = [], []
+    for mlp in find_gated_mlps(model):
+        mlp.act_fn.register_forward_hook(lambda _module, _inputs, out: computed.append(out))
+    update = NeuronStats.update
+
+    def spy(self, gate, up, text_index, valid, swish=None):
+        given.append(swish)
+        return update(self, gate, up, text_index, valid, swish)
+
+    monkeypatch.setattr(NeuronStats, "update", spy)
+    gatescope.scan(model, random_corpus(), batch_size=4, k=K, progress=False)
+    assert given and all(any(swish is act for act in computed) for swish in given)
+
+
 def test_batch_size_and_padding_do_not_change_the_result():
     model = tiny_model("llama", dtype=torch.float64)
     corpus = random_corpus(seed=1, n_texts=11)

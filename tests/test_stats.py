@@ -306,7 +306,7 @@ def test_cpu_merges_equal_the_torch_merges(dtype):
     for name in ("top_value", "top_text", "top_position", "_typical_key", "_typical_text",
                  "_typical_position", "_typical_value"):  # fmt: skip
         torch.testing.assert_close(getattr(cpu, name), getattr(plain, name), rtol=0, atol=0,
-                                   check_dtype=False, msg=name)  # fmt: skip
+                                   msg=name)  # fmt: skip
 
 
 @pytest.mark.parametrize("kernel", ["cpu", "torch"])
@@ -325,11 +325,23 @@ def test_the_models_own_activation_is_used_as_computed(kernel):
     for name, tensor in applied.state_dict().items():
         torch.testing.assert_close(given.state_dict()[name], tensor, equal_nan=True, msg=name,
                                    **({"rtol": 0, "atol": 0} if exact else {}))  # fmt: skip
-    ignored = NeuronStats(d, act, k=K, kernel=kernel)
+    ignored, used = (NeuronStats(d, act, k=K, kernel=kernel) for _ in range(2))
     for text_index, (gate, up, valid) in batches_of(5, [[9, 14, 3], [12, 12]], d):
         gate, up = gate.float(), up.float()
-        ignored.update(gate, up, text_index, valid, swish=torch.zeros_like(gate).double())
+        ignored.update(gate, up, text_index, valid, swish=act(gate).double())
+        used.update(gate, up, text_index, valid, swish=2 * act(gate))
     assert torch.equal(ignored.top_value, applied.top_value)
+    # A swish in the statistics' dtype is taken as act(g), not recomputed.
+    swish, post = QUANTITIES.index("swish"), QUANTITIES.index("hook_post")
+    for quantity in (swish, post):
+        torch.testing.assert_close(used.sum[:, quantity], 2 * applied.sum[:, quantity])
+    with pytest.raises(ValueError, match="swish has shape"):
+        used.update(gate, up, text_index, valid, swish=act(gate)[:, :-1])
+
+
+def test_lists_of_no_entries_are_refused():
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        NeuronStats(4, torch.nn.functional.silu, k=0)
 
 
 def test_unknown_kernel_is_refused():

@@ -74,6 +74,8 @@ class NeuronStats:
         seed: int = 0,
         layer: int = 0,
     ) -> None:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
         self.d_mlp = d_mlp
         self.act = act
         self.k = k
@@ -187,6 +189,10 @@ class NeuronStats:
         valid = valid.to(self.device)
         text_index = text_index.to(self.device, torch.int64)
         self.tokens += valid.sum()
+        if swish is not None and swish.shape != gate.shape:
+            raise ValueError(
+                f"swish has shape {tuple(swish.shape)}, gate {tuple(gate.shape)}: they must match"
+            )
         if swish is not None and swish.dtype != self.dtype:
             swish = None
         gate, up = gate.to(self.dtype), up.to(self.dtype)
@@ -256,14 +262,16 @@ class NeuronStats:
             merge_smallest(self._typical_key, self._typical_text, self._typical_position,
                            self._typical_value, key, text, position, value)  # fmt: skip
             return
-        key, text, position = key.transpose(1, 2), text.transpose(1, 2), position.transpose(1, 2)
-        value = value.transpose(2, 3)  # candidates last, as the kept examples' slots
+        # [case, neuron, n] and [case, quantity, neuron, n], as the kept examples' slots
+        key, text, position = (x.transpose(1, 2) for x in (key, text, position))
         keys = torch.cat([self._typical_key, key], dim=-1)
+        text = torch.cat([self._typical_text, text.to(torch.int32)], dim=-1)
+        position = torch.cat([self._typical_position, position.to(torch.int32)], dim=-1)
+        values = torch.cat([self._typical_value, value.transpose(2, 3).to(self.dtype)], dim=-1)
         best = keys.topk(self.k, dim=-1, largest=False, sorted=True).indices  # [case, neuron, k]
         self._typical_key = keys.gather(-1, best)
-        self._typical_text = torch.cat([self._typical_text, text], dim=-1).gather(-1, best)
-        self._typical_position = torch.cat([self._typical_position, position], -1).gather(-1, best)
-        values = torch.cat([self._typical_value, value.to(self.dtype)], dim=-1)
+        self._typical_text = text.gather(-1, best)
+        self._typical_position = position.gather(-1, best)
         self._typical_value = values.gather(-1, best.unsqueeze(1).expand(-1, N_QUANTITIES, -1, -1))
 
     def _typical_keys_of(self, text: Tensor) -> Tensor:
