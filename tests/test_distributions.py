@@ -7,14 +7,14 @@ and test_scan (every family, the fixture model).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 import gatescope
 from gatescope.constants import CASES, QUANTILES, QUANTITIES
-from gatescope.stats import NeuronStats, distributions
-from gatescope.stats.cpu_pass import _joint_bin, _magnitude_bin
+from gatescope.stats import NeuronStats, cpu_int32, distributions
 from tests.reference import BIN_EDGES, JOINT_EDGES, bin_of, case_mask, text_priority
 from tests.test_scan import per_text_activations, random_corpus
 from tests.test_stats import batches_of, make_batch
@@ -43,11 +43,72 @@ def test_bins_are_those_of_the_edges(dtype):
     expected, expected_joint = bin_of(BIN_EDGES, magnitude), bin_of(JOINT_EDGES, magnitude)
     assert distributions.magnitude_bins(values).tolist() == expected.tolist()
     assert distributions.joint_bins(values).tolist() == expected_joint.tolist()
-    # The numba kernel's own bin functions, on the same values.
-    assert [_magnitude_bin(v) for v in values.numpy()] == expected.tolist()
-    assert [_joint_bin(_magnitude_bin(v)) for v in values.numpy()] == expected_joint.tolist()
+    # The numba kernel's own bins and counters, on the same values.
+    magnitude_bins, joint_bins, counters = kernel_bins(values.numpy())
+    assert magnitude_bins.tolist() == expected.tolist()
+    assert joint_bins.tolist() == expected_joint.tolist()
+    np.testing.assert_array_equal(counters, expected_counters(expected, expected_joint))
     np.testing.assert_array_equal(distributions.bin_edges(), BIN_EDGES)
     np.testing.assert_array_equal(distributions.joint_edges(), JOINT_EDGES)
+
+
+@numba.njit
+def kernel_bins(values):
+    """cpu_int32's bins of ``values``, and their counters for every case and two neurons of a
+    block, in a case and not: [value, case, counter, neuron, in case (0) or not (1)], the
+    counters of the four quantities, then the joint cells of (value, 1.0) and (1.0, value)."""
+    n, one = len(values), values.dtype.type(1.0)
+    magnitude, joint = np.empty(n, np.int64), np.empty(n, np.int64)
+    counters = np.empty((n, 4, 6, 2, 2), np.int64)
+    for i in range(n):
+        v = values[i]
+        magnitude[i], joint[i] = cpu_int32.magnitude_bin(v), cpu_int32.joint_bin(v)
+        for case in range(4):
+            for j, neuron in enumerate((0, cpu_int32.BLOCK - 1)):
+                for not_in_case, in_case in enumerate((True, False)):
+                    at = counters[i, case, :, j, not_in_case]
+                    at[0] = cpu_int32.magnitude_counter(v, case, 0, neuron, in_case)
+                    at[1] = cpu_int32.magnitude_counter(v, case, 1, neuron, in_case)
+                    at[2] = cpu_int32.magnitude_counter(v, case, 2, neuron, in_case)
+                    at[3] = cpu_int32.magnitude_counter(v, case, 3, neuron, in_case)
+                    at[4] = cpu_int32.joint_counter(v, one, case, neuron, in_case)
+                    at[5] = cpu_int32.joint_counter(one, v, case, neuron, in_case)
+    return magnitude, joint, counters
+
+
+def expected_counters(magnitude: np.ndarray, joint: np.ndarray) -> np.ndarray:
+    """kernel_bins' counters from the bins, by the layout of a block's counts that cpu_int32
+    states: rows of BLOCK neurons; the spare row for a token in no case."""
+    block, n_bins, n_joint = cpu_int32.BLOCK, distributions.N_BINS, distributions.N_JOINT_BINS
+    case = np.arange(4).reshape(1, 4, 1)
+    m, jb = magnitude.reshape(-1, 1, 1), joint.reshape(-1, 1, 1)
+    one = bin_of(JOINT_EDGES, np.array([1.0]))[0]
+    rows = [(4 * case + quantity) * n_bins + m for quantity in range(4)]
+    rows += [cpu_int32.HISTOGRAM_ROWS + (case * n_joint + g) * n_joint + u
+             for g, u in ((jb, one), (one, jb))]  # fmt: skip
+    rows = np.concatenate(np.broadcast_arrays(*rows), axis=2)  # [value, case, counter]
+    neuron = np.array([0, block - 1])
+    in_case = rows[..., None] * block + neuron
+    spare = np.broadcast_to(cpu_int32.SPARE_ROW * block + neuron, in_case.shape)
+    return np.stack([in_case, spare], axis=-1)
+
+
+@numba.njit
+def kernel_token_priorities(salts, positions):
+    out = np.empty(len(salts), np.int64)
+    for i in range(len(salts)):
+        out[i] = cpu_int32.token_priority(salts[i], positions[i])
+    return out
+
+
+def test_the_kernels_token_priority_is_distributions():
+    generator = torch.Generator().manual_seed(0)
+    salts = torch.cat([torch.tensor([0, 1, 2**31, 2**32 - 1]),
+                       torch.randint(0, 2**32, (2000,), generator=generator)])  # fmt: skip
+    positions = torch.cat([torch.tensor([0, 2**31 - 1, 1, 12345]),
+                           torch.randint(0, 2**31, (2000,), generator=generator)])  # fmt: skip
+    expected = distributions.token_priority(salts, positions)
+    assert kernel_token_priorities(salts.numpy(), positions.numpy()).tolist() == expected.tolist()
 
 
 def test_the_passes_agree_in_float32():

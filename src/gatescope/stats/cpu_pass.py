@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numba
-import numba.extending
 import numpy as np
 import torch
 from numba.core import config as numba_config
@@ -29,9 +28,14 @@ from torch import Tensor
 from gatescope.constants import SIGNS
 from gatescope.stats import distributions
 from gatescope.stats.batch import PerText, Totals, Workspace
-
-#: Neurons per block; 64 was fastest on the benchmark model (AVX-512 and AVX2 alike).
-BLOCK = 64
+from gatescope.stats.cpu_int32 import (
+    BLOCK,  # neurons per block; 64 was fastest on the benchmark model (AVX-512 and AVX2)
+    COUNT_ROWS,
+    HISTOGRAM_ROWS,
+    joint_counter,
+    magnitude_counter,
+    token_priority,
+)
 
 # A block's accumulators are rows of BLOCK neurons in flat arrays; `pair` is
 # 4 * case + quantity. `totals` (float64, the whole batch): the counts per case (exact in
@@ -321,53 +325,36 @@ def _lower(weakest, at, in_case, strength):  # pragma: no cover - compiled
 
 
 # The distributions (gatescope.stats.distributions implements the same in torch; tests
-# hold the two equal).
+# hold the two equal). The histograms' counters and the draw's hash are
+# cpu_int32's.
 
-_LOWEST, _JOINT_LOWEST = distributions.LOWEST, distributions.JOINT_LOWEST
 _N_BINS, _N_JOINT_BINS = distributions.N_BINS, distributions.N_JOINT_BINS
-_HALF_OCTAVE = distributions.HALF_OCTAVE
 _NO_KEY = distributions.NO_KEY
-_MIX_MULTIPLIER, _MASK32 = distributions.MIX_MULTIPLIER, distributions.MASK32
 _KEY_LOW_BITS = distributions.KEY_LOW_BITS
 _POSITION_MASK = 2**_KEY_LOW_BITS - 1
-# A block's histogram counts (int32, rows of BLOCK): the magnitude bins of each (case,
-# quantity), the joint cells of each case, and a spare row for tokens in no case.
-HISTOGRAM_ROWS = 16 * _N_BINS
-SPARE_ROW = HISTOGRAM_ROWS + 4 * _N_JOINT_BINS * _N_JOINT_BINS
-COUNT_ROWS = SPARE_ROW + 1
-assert distributions.BINS_PER_OCTAVE == 2 and distributions.JOINT_OCTAVES == 2, "kernel out of date"
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
 def _histograms(tile, rows, counts, at):  # pragma: no cover
-    """Adds one text's tokens to a block's histogram counts (rows of BLOCK, see COUNT_ROWS).
+    """Adds one text's tokens to a block's histogram counts (rows of BLOCK, see
+    cpu_int32.COUNT_ROWS).
 
     Two loops: the first finds each token's five counters (its four quantities' bins and
-    its joint bin) and vectorizes; the second adds to them one by one, since counters at
+    its joint cell) and vectorizes; the second adds to them one by one, since counters at
     data-dependent addresses do not vectorize. ``at`` ([5 * BLOCK] uint32: unsigned
-    spares each increment numba's check for a negative index) holds the counters'
-    offsets in between; a token in no case adds to the spare row. (The magnitude bins
-    are distributions.magnitude_bins; a joint bin is found from the magnitude bin,
-    whose edges include the joint's.)
+    spares each increment numba's check for a negative index) holds the counters in
+    between; a token in no case adds to the spare row.
     """
     for t in range(rows):
         for j in range(BLOCK):
             gv, uv, av, pv, pp, pn, np_, nn = _token(tile, t, j)
             in_case = pp | pn | np_ | nn
-            case = (2 if gv < 0 else 0) + (1 if uv < 0 else 0)
-            row = 4 * case * _N_BINS
-            g_bin, u_bin = _magnitude_bin(gv), _magnitude_bin(uv)
-            spare = SPARE_ROW * BLOCK + j
-            at[j] = (row + g_bin) * BLOCK + j if in_case else spare
-            at[BLOCK + j] = (row + _N_BINS + u_bin) * BLOCK + j if in_case else spare
-            at[2 * BLOCK + j] = (
-                (row + 2 * _N_BINS + _magnitude_bin(av)) * BLOCK + j if in_case else spare
-            )
-            at[3 * BLOCK + j] = (
-                (row + 3 * _N_BINS + _magnitude_bin(pv)) * BLOCK + j if in_case else spare
-            )
-            cell = (case * _N_JOINT_BINS + _joint_bin(g_bin)) * _N_JOINT_BINS + _joint_bin(u_bin)
-            at[4 * BLOCK + j] = (HISTOGRAM_ROWS + cell) * BLOCK + j if in_case else spare
+            case = 2 * (gv < 0) + (uv < 0)
+            at[j] = magnitude_counter(gv, case, 0, j, in_case)
+            at[BLOCK + j] = magnitude_counter(uv, case, 1, j, in_case)
+            at[2 * BLOCK + j] = magnitude_counter(av, case, 2, j, in_case)
+            at[3 * BLOCK + j] = magnitude_counter(pv, case, 3, j, in_case)
+            at[4 * BLOCK + j] = joint_counter(gv, uv, case, j, in_case)
         for k in range(5 * BLOCK):
             counts[at[k]] += 1
 
@@ -389,55 +376,6 @@ def _store_histograms(counts, first, width, histogram, joint):  # pragma: no cov
                     joint[case, gb, ub, first + j] += counts[row + j]
 
 
-def _float_fields(x: float) -> tuple[int, int]:  # pragma: no cover - compiled code only
-    """Stands for the overload below, which numba compiles in its place."""
-    raise NotImplementedError("only callable from numba-compiled code")
-
-
-@numba.extending.overload(_float_fields, inline="always")
-def _float_fields_overload(x):  # pragma: no cover - compiled
-    """The unbiased exponent and top 23 mantissa bits of |x|: 32-bit integer work for
-    float32 (it vectorizes twice as wide), the float64 bits otherwise."""
-    if x == numba.types.float32:
-
-        def fields32(x):
-            bits = np.float32(x).view(np.int32) & 0x7FFFFFFF
-            return (bits >> 23) - 127, bits & 0x7FFFFF
-
-        return fields32
-
-    def fields64(x):
-        bits = np.float64(x).view(np.int64) & 0x7FFFFFFFFFFFFFFF
-        return (bits >> 52) - 1023, (bits >> 29) & 0x7FFFFF
-
-    return fields64
-
-
-@numba.njit(inline="always")
-def _magnitude_bin(x):  # pragma: no cover - compiled
-    exponent, mantissa = _float_fields(x)
-    regular = 1 + 2 * (exponent - _LOWEST) + (1 if mantissa >= _HALF_OCTAVE else 0)
-    return min(max(regular, 0), _N_BINS - 1)
-
-
-@numba.njit(inline="always")
-def _joint_bin(magnitude_bin):  # pragma: no cover - compiled
-    """The joint bin of a magnitude bin: its edges are every fourth magnitude edge from
-    2**JOINT_LOWEST (the magnitude bins' octave is ``LOWEST + (bin - 1) // 2``)."""
-    octave = _LOWEST + ((magnitude_bin - 1) >> 1)
-    regular = 1 + ((octave - _JOINT_LOWEST) >> 1)
-    regular = regular if magnitude_bin > 0 else 0
-    regular = regular if magnitude_bin < _N_BINS - 1 else _N_JOINT_BINS - 1
-    return min(max(regular, 0), _N_JOINT_BINS - 1)
-
-
-@numba.njit(inline="always")
-def _mix32(x):  # pragma: no cover - compiled
-    x = (((x >> 16) ^ x) * _MIX_MULTIPLIER) & _MASK32
-    x = (((x >> 16) ^ x) * _MIX_MULTIPLIER) & _MASK32
-    return (x >> 16) ^ x
-
-
 @numba.njit(boundscheck=False, error_model="numpy")
 def _draw(tile, rows, salt, text, first, width, drawn):  # pragma: no cover
     """One text's token draw for the typical examples, for a block's neurons: per case the
@@ -457,7 +395,7 @@ def _draw(tile, rows, salt, text, first, width, drawn):  # pragma: no cover
             s0, s1 = _salt_of(drawn, 0, j), _salt_of(drawn, 1, j)
             s2, s3 = _salt_of(drawn, 2, j), _salt_of(drawn, 3, j)
             s = s0 if pp else (s1 if pn else (s2 if np_ else s3))
-            key = (_mix32(s ^ t) << _KEY_LOW_BITS) | t
+            key = (np.int64(token_priority(s, t)) << _KEY_LOW_BITS) | t
             _drawn_if(drawn, j, 0, pp & (s0 >= 0), key)
             _drawn_if(drawn, j, 1, pn & (s1 >= 0), key)
             _drawn_if(drawn, j, 2, np_ & (s2 >= 0), key)
