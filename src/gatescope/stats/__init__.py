@@ -12,10 +12,12 @@ For each neuron and sign case ``c`` (``gate+_in+``, ``gate+_in-``, ``gate-_in+``
   ``k`` texts whose strongest token of case ``c`` has the largest ``|q|``, with the signed
   value, the text index and the token position. Ties go to the lower text index.
 
-Modules: ``quantities`` (the four quantities and the statistics' dtype), ``accumulator``
-(the state, the ranked lists, merging), ``torch_pass`` (a batch's counts, sums and per-text
-strongest tokens in torch operations, any device) and ``cpu_pass`` (the same as one fused
-numba kernel, several times faster on a CPU).
+Modules: ``quantities`` (the four quantities and the statistics' dtype), ``distributions``
+(histogram bins, the typical examples' hash, quantiles), ``accumulator`` (the state, the
+ranked lists, merging), ``batch`` (what a pass is given and gives back), ``torch_pass`` (a
+batch's statistics in torch operations, any device), ``cpu_pass`` (the same as one fused
+numba kernel, several times faster on a CPU) with ``cpu_int32`` (its 32-bit integer work)
+and ``cpu_merge`` (the CPU's merges of candidates).
 """
 
 from gatescope.stats.accumulator import NeuronStats
