@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from gatescope.corpus import TokenizedCorpus
     from gatescope.loading import LoadedModel
 
-__all__ = ["PageSource", "page_file", "parse_neuron", "top_neurons", "write_pages"]
+__all__ = ["PageSource", "layer_pages", "page_file", "parse_neuron", "top_neurons", "write_pages"]
 
 SITE_JSON = "site.json"
 
@@ -181,16 +181,36 @@ def _write_layer(
     source: PageSource, layer: int, neurons: list[int], out: Path,
     existing: Set[tuple[str, int, int]],
 ) -> Iterator[tuple[int, Path]]:  # fmt: skip
-    """Writes the pages of some neurons of one layer, from one recomputation of the union of
-    their top texts; yields (neuron, page) as each is written."""
-    from gatescope.recompute import recompute
+    """Writes the pages of some neurons of one layer; yields (neuron, page) as each is
+    written."""
     from gatescope.render import render_neuron
 
+    model = source.atlas.meta.model.name or "model"
+    links = lambda neuron: _links(source.atlas, model, layer, neuron, existing)  # noqa: E731
+    for neuron, page in layer_pages(source, layer, neurons, links):
+        path = out / page_file(model, layer, neuron)
+        write_text_atomic(path, render_neuron(page))
+        yield neuron, path
+
+
+def layer_pages(
+    source: PageSource,
+    layer: int,
+    neurons: Sequence[int],
+    links: Callable[[int], dict[str, str | None]],
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The page data (:func:`neuron_page`) of some neurons of one layer, from one
+    recomputation of the union of their top and typical texts; yields (neuron, page).
+
+    Args:
+        links: A neuron -> its page's links (see :func:`neuron_page`).
+    """
+    from gatescope.recompute import recompute
+
     atlas = source.atlas
-    model = atlas.meta.model.name or "model"
     summaries = {n: atlas.neuron(layer, n) for n in neurons}
     texts = sorted({text for s in summaries.values() for text in _texts_shown(s)})
-    acts = recompute(source.loaded, source.corpus, layer, neurons, texts,
+    acts = recompute(source.loaded, source.corpus, layer, list(neurons), texts,
                      refactor_glu=atlas.meta.options.refactor_glu)  # fmt: skip
     tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
     sources = source.corpus.source_ids(texts)
@@ -198,13 +218,7 @@ def _write_layer(
     for i, neuron in enumerate(neurons):
         values = {t: a.values[i] for t, a in acts.items()}  # text -> [quantity, pos]
         summary = located(summaries[neuron], values, atlas.meta.options.include_bos, rtol)
-        page = neuron_page(
-            atlas, summary, values, tokens, sources,
-            links=_links(atlas, model, layer, neuron, existing),
-        )  # fmt: skip
-        path = out / page_file(model, layer, neuron)
-        write_text_atomic(path, render_neuron(page))
-        yield neuron, path
+        yield neuron, neuron_page(atlas, summary, values, tokens, sources, links=links(neuron))
 
 
 def located(
@@ -294,7 +308,8 @@ def neuron_page(
         values: Text index -> [quantity, pos] activations of this neuron.
         tokens: Text index -> display string of each token.
         sources: Text index -> source id.
-        links: "prev_neuron", "next_neuron", "prev_layer", "next_layer" -> file or None.
+        links: "prev_neuron", "next_neuron", "prev_layer", "next_layer" -> file or None;
+            optionally "index": where "all neurons" leads (else the site's index.html).
     """
     meta = atlas.meta
     shown = summary.distributions
