@@ -62,6 +62,7 @@ def cli(verbose: int) -> None:
       gatescope scan --model MODEL --corpus corpus/ --out atlas/
       gatescope export atlas/ atlas-dataset/
       gatescope page atlas/ --neurons 3.141 --out site/
+      gatescope serve atlas/
 
     First time? `gatescope demo` runs it all on a small model shipped in the package.
     """
@@ -375,6 +376,31 @@ def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_p
     source = PageSource.open(atlas, model=model, corpus=corpus_path)
     written = write_pages(source, chosen, out)
     click.echo(f"wrote {len(written)} page(s) and {out / 'index.html'}")
+
+
+@cli.command()
+@click.argument(
+    "atlases", nargs=-1, required=True, metavar="ATLAS...", type=click.Path(path_type=Path)
+)
+@click.option("--model", default=None, help="Model folder or id, if not where the atlases say.")
+@click.option("--corpus", "corpus_path", default=None, help="Corpus folder, likewise.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free).",
+)
+def serve(atlases, model, corpus_path, host, port) -> None:
+    """Serve ATLAS... as a live site: every neuron's page on demand, the neuron table, and
+    a JSON API (/docs). The model loads on the first page that needs it."""
+    from gatescope.serve import serve as run_server
+
+    run_server(
+        atlases, model=model, corpus=corpus_path, host=host, port=port,
+        on_ready=lambda url: click.echo(f"serving on {url} (Ctrl-C to stop)"),
+    )  # fmt: skip
 
 
 @cli.command()

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from gatescope.records import SiteMeta
 
-__all__ = ["refresh_nav", "render_index", "render_nav", "render_neuron"]
+__all__ = ["refresh_nav", "render_index", "render_nav", "render_neuron", "render_server_page"]
 
 
 @cache
@@ -66,6 +66,14 @@ def render_index(site: SiteMeta) -> str:
     return template.render(
         site=site, css=Markup(_asset("page.css")), script=Markup(_asset("index.js"))
     )
+
+
+def render_server_page(template: str, **context: Any) -> str:
+    """The HTML of one of the server's own pages (``serve_*.html.j2``)."""
+    from markupsafe import Markup
+
+    page = _environment().get_template(template)
+    return page.render(css=Markup(_asset("page.css")), **context)
 
 
 def render_nav(links: dict[str, str | None]) -> str:

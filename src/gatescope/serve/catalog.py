@@ -1,0 +1,178 @@
+"""The atlases a server serves, each with what it loads lazily and what it caches on disk.
+
+An atlas is opened (memory-mapped) when the server starts. Its model, corpus and tokenizer
+load on the first request that needs a recomputation, once, and stay. Each neuron's page
+data is computed once and kept on disk: in ``ATLAS/serve-cache/``, or under the user's
+cache folder when the atlas folder is read-only, in a folder named after a hash of the
+atlas's ``atlas.json`` (a rescanned atlas gets fresh pages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gatescope import __version__
+from gatescope.constants import ATLAS_JSON
+from gatescope.errors import GatescopeError
+from gatescope.files import write_json_atomic
+
+if TYPE_CHECKING:
+    from gatescope.atlas import Atlas
+    from gatescope.pages import PageSource
+    from gatescope.serve.table import NeuronTable
+
+__all__ = ["Catalog", "ServedAtlas"]
+
+CACHE_DIR = "serve-cache"
+
+
+@dataclass
+class ServedAtlas:
+    """One atlas of the server, by its URL ``name``."""
+
+    name: str
+    path: Path
+    atlas: Atlas
+    model: str | None = None  # where the model is, if not where the atlas says
+    corpus: str | None = None  # likewise the corpus folder
+    _source: PageSource | None = field(default=None, repr=False)
+    _table: NeuronTable | None = field(default=None, repr=False)
+    # One recomputation at a time: they share the model, and the machine's cores.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def title(self) -> str:
+        return self.atlas.meta.model.name or self.name
+
+    def table(self) -> NeuronTable:
+        """Every neuron's row, computed on first use."""
+        from gatescope.serve.table import NeuronTable
+
+        with self._lock:
+            if self._table is None:
+                self._table = NeuronTable(self.atlas)
+            return self._table
+
+    def neuron_page(self, layer: int, neuron: int) -> dict[str, Any]:
+        """The page data of a neuron (:func:`gatescope.pages.neuron_page`, without links):
+        from the disk cache, else recomputed (loading the model on first use) and cached."""
+        self.atlas.check_neuron(layer, neuron)
+        path = self.cache_dir / f"L{layer}-N{neuron}.json"
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
+        from gatescope.pages import layer_pages
+
+        with self._lock:
+            cached = _read_cached(path)  # another request may have made it meanwhile
+            if cached is not None:
+                return cached
+            source = self._page_source()
+            ((_, page),) = layer_pages(source, layer, [neuron], lambda _: {})
+            plain = _plain(page)
+            write_json_atomic(path, {"gatescope": __version__, "page": plain})
+            return plain
+
+    def _page_source(self) -> PageSource:
+        from gatescope.pages import PageSource
+
+        if self._source is None:
+            self._source = PageSource.open(self.atlas, model=self.model, corpus=self.corpus)
+        return self._source
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        """Where this atlas's neuron pages are cached (made on first use)."""
+        digest = hashlib.sha256((self.path / ATLAS_JSON).read_bytes()).hexdigest()[:16]
+        for root in (self.path / CACHE_DIR, _user_cache() / self.name):
+            folder = root / digest
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue
+            if os.access(folder, os.W_OK):
+                return folder
+        raise GatescopeError(f"no writable cache folder for the atlas at {self.path}.")
+
+
+class Catalog:
+    """The served atlases by name: each atlas folder's name, made URL-safe and unique."""
+
+    def __init__(self, atlases: Sequence[ServedAtlas]) -> None:
+        self._by_name = {a.name: a for a in atlases}
+
+    @classmethod
+    def open(
+        cls, paths: Sequence[str | Path], *, model: str | None = None, corpus: str | None = None
+    ) -> Catalog:
+        """Opens the atlases at ``paths`` (``model``/``corpus`` override every atlas's)."""
+        from gatescope.atlas import Atlas
+
+        if not paths:
+            raise GatescopeError("name at least one atlas to serve.")
+        served: list[ServedAtlas] = []
+        for path in map(Path, paths):
+            name = _unique(_slug(path.resolve().name), {a.name for a in served})
+            served.append(ServedAtlas(name, path, Atlas.load(path), model, corpus))
+        return cls(served)
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def get(self, name: str) -> ServedAtlas | None:
+        return self._by_name.get(name)
+
+
+def _plain(value: Any) -> Any:
+    """Page data as JSON has it: dataclasses as dicts, tuples as lists, NaN and inf as None
+    (the templates read either form; JSON answers allow no NaN)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _read_cached(path: Path) -> dict[str, Any] | None:
+    """A cached page's data, or None if absent, unreadable or of another gatescope."""
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cached, dict) or cached.get("gatescope") != __version__:
+        return None
+    return cached.get("page")
+
+
+def _user_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gatescope" / "serve"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "atlas"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    return candidate

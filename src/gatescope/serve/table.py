@@ -1,0 +1,216 @@
+"""The neuron table: one row per neuron of an atlas, filtered, sorted and paginated.
+
+The columns are computed once per atlas, layer by layer (an atlas may hold hundreds of
+thousands of neurons), as flat numpy arrays; a request is then a few vectorized masks, one
+stable argsort and a slice, however large the model.
+
+Filters are clauses joined by ``and``: ``COLUMN OP NUMBER`` (OP one of ``< <= > >= = !=``)
+or ``COLUMN A-B`` (inclusive). A column is named by its words in any order, e.g.
+``gate-_in- frequency > 0.2 and layer 20-31`` or ``p99 gate+_in+ >= 1``.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gatescope.constants import CASES, QUANTILES, QUANTITIES
+from gatescope.errors import GatescopeError
+
+if TYPE_CHECKING:
+    from gatescope.atlas import Atlas
+
+__all__ = ["Column", "NeuronTable", "TablePage", "parse_filter"]
+
+#: The most rows one page may hold.
+MAX_PAGE_SIZE = 500
+
+_OPERATORS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+    "<=": operator.le, ">=": operator.ge, "!=": operator.ne,
+    "<": operator.lt, ">": operator.gt, "=": operator.eq,
+}  # fmt: skip
+_ALIASES = {"freq": "frequency", "==": "="}
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_COLUMN = r"(?P<column>[^<>=!]+?)"  # no operator inside a column's name
+_COMPARISON = re.compile(rf"^{_COLUMN}\s*(?P<op><=|>=|!=|==|<|>|=)\s*(?P<value>{_NUMBER})$")
+_RANGE = re.compile(rf"^{_COLUMN}\s+(?P<low>{_NUMBER})\s*-\s*(?P<high>{_NUMBER})$")
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the table: ``key`` in URLs and JSON, ``label`` in headers."""
+
+    key: str
+    label: str
+
+    @property
+    def words(self) -> frozenset[str]:
+        """The words that name it in a filter (any order)."""
+        return frozenset(self.label.replace("|", " ").lower().split())
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One clause of a filter: ``low <= column <= high`` or ``column OP value``."""
+
+    column: str  # a Column key
+    op: str  # one of _OPERATORS, or "range"
+    value: float
+    high: float = float("nan")  # the upper bound of a range
+
+    def mask(self, values: np.ndarray) -> np.ndarray:
+        if self.op == "range":
+            return (values >= self.value) & (values <= self.high)
+        return _OPERATORS[self.op](values, self.value)
+
+
+@dataclass(frozen=True)
+class TablePage:
+    """One page of rows (``rows[i][j]`` is column ``columns[j]``; None where there is no
+    value, e.g. the max of a case that never occurs)."""
+
+    columns: tuple[Column, ...]
+    rows: list[list[float | int | None]]
+    total: int  # rows that pass the filter
+    page: int  # 1-based
+    size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.size))
+
+
+class NeuronTable:
+    """Every neuron of an atlas as a row: layer, neuron, the four case frequencies, the
+    largest |hook_post| per case and, when the atlas has distributions, the quantiles of
+    |hook_post| per case."""
+
+    def __init__(self, atlas: Atlas) -> None:
+        self.columns, data = _columns(atlas)
+        self._data = data  # key -> [neuron of the model] array
+        self._order: dict[tuple[str, bool], np.ndarray] = {}  # sorted row indices, cached
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(c.key for c in self.columns)
+
+    def __len__(self) -> int:
+        return len(self._data["layer"])
+
+    def page(
+        self,
+        filter_: str = "",
+        *,
+        sort: str = "layer",
+        descending: bool = False,
+        page: int = 1,
+        size: int = 50,
+    ) -> TablePage:
+        """The rows of page ``page`` (1-based, ``size`` rows) of those that pass ``filter_``,
+        sorted by column ``sort`` (rows without a value last; ties in model order)."""
+        if sort not in self._data:
+            raise GatescopeError(f"cannot sort by '{sort}': columns are {', '.join(self.keys)}.")
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise GatescopeError(f"a page holds 1 to {MAX_PAGE_SIZE} rows, not {size}.")
+        if page < 1:
+            raise GatescopeError(f"pages count from 1, not {page}.")
+        keep = np.ones(len(self), dtype=bool)
+        for condition in parse_filter(filter_, self.columns):
+            keep &= condition.mask(self._data[condition.column])
+        order = self._sorted(sort, descending)
+        chosen = order[keep[order]]
+        rows = chosen[(page - 1) * size : page * size]
+        return TablePage(self.columns, self._rows(rows), len(chosen), page, size)
+
+    def _sorted(self, key: str, descending: bool) -> np.ndarray:
+        """Row indices by ``key`` (NaN last, stable), cached per (key, direction)."""
+        cached = self._order.get((key, descending))
+        if cached is None:
+            values = self._data[key].astype(np.float64)
+            ranked = -values if descending else values
+            cached = self._order[key, descending] = np.argsort(ranked, kind="stable")
+        return cached
+
+    def _rows(self, indices: np.ndarray) -> list[list[float | int | None]]:
+        columns = [self._data[c.key][indices] for c in self.columns]
+        return [[_cell(column[i]) for column in columns] for i in range(len(indices))]
+
+
+def parse_filter(text: str, columns: Sequence[Column]) -> list[Condition]:
+    """The conditions of a filter (see the module docstring); a clause that names no column
+    or does not parse is refused with a sentence."""
+    by_words = {c.words: c.key for c in columns}
+    conditions = []
+    for clause in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE):
+        if not clause:
+            continue
+        match = _COMPARISON.match(clause) or _RANGE.match(clause)
+        if match is None:
+            raise GatescopeError(
+                f"cannot read '{clause}': write COLUMN OP NUMBER or COLUMN A-B, "
+                "e.g. 'gate-_in- frequency > 0.2 and layer 20-31'."
+            )
+        words = frozenset(_ALIASES.get(w, w) for w in match["column"].lower().split())
+        key = by_words.get(words)
+        if key is None:
+            names = ", ".join(c.label for c in columns)
+            raise GatescopeError(f"no column '{match['column']}': columns are {names}.")
+        if "op" in match.groupdict():
+            op = _ALIASES.get(match["op"], match["op"])
+            conditions.append(Condition(key, op, float(match["value"])))
+        else:
+            conditions.append(Condition(key, "range", float(match["low"]), float(match["high"])))
+    return conditions
+
+
+def _columns(atlas: Atlas) -> tuple[tuple[Column, ...], dict[str, np.ndarray]]:
+    """The table's columns and their values over every neuron, read one layer at a time."""
+    post = QUANTITIES.index("hook_post")
+    columns = [Column("layer", "layer"), Column("neuron", "neuron")]
+    columns += [Column(f"freq:{case}", f"{case} frequency") for case in CASES]
+    columns += [Column(f"max:{case}", f"{case} max |hook_post|") for case in CASES]
+    with_quantiles = atlas.has_distributions
+    if with_quantiles:
+        columns += [Column(f"{name}:{case}", f"{case} {name} |hook_post|")
+                    for name, _ in QUANTILES for case in CASES]  # fmt: skip
+    parts: dict[str, list[np.ndarray]] = {c.key: [] for c in columns}
+    for layer in range(atlas.num_layers):
+        stats = atlas.layer(layer)
+        d = stats.count.shape[1]
+        parts["layer"].append(np.full(d, layer, dtype=np.int32))
+        parts["neuron"].append(np.arange(d, dtype=np.int32))
+        freq = stats.count.double() / atlas.denominator  # [case, d]
+        strongest = _strongest(stats.max[:, post], stats.min[:, post])  # [case, d]
+        for c, case in enumerate(CASES):
+            parts[f"freq:{case}"].append(freq[c].numpy())
+            parts[f"max:{case}"].append(strongest[c])
+        quantiles = stats.quantiles() if with_quantiles else None
+        if quantiles is not None:  # [d, case, quantity, level, 2] brackets
+            estimate = _bracket_estimates(quantiles[:, :, post])  # [d, case, level]
+            for level, (name, _) in enumerate(QUANTILES):
+                for c, case in enumerate(CASES):
+                    parts[f"{name}:{case}"].append(estimate[:, c, level])
+    return tuple(columns), {key: np.concatenate(arrays) for key, arrays in parts.items()}
+
+
+def _strongest(maximum, minimum) -> np.ndarray:
+    """[case, d] the largest |value| from a case's signed max and min (NaN: never occurs)."""
+    return np.fmax(np.abs(maximum.numpy()), np.abs(minimum.numpy()))
+
+
+def _bracket_estimates(brackets) -> np.ndarray:
+    from gatescope.stats.distributions import bracket_estimates
+
+    return bracket_estimates(brackets)
+
+
+def _cell(value: np.generic) -> float | int | None:
+    if isinstance(value, np.integer):
+        return int(value)
+    number = float(value)
+    return None if np.isnan(number) else number

@@ -1,0 +1,270 @@
+"""gatescope serve: the neuron table against a brute force, neuron pages on demand and from
+the cache, the JSON API, and every bad request answered with a sentence."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import gatescope
+from gatescope.cli import cli
+from gatescope.constants import CASES, QUANTITIES
+from gatescope.errors import GatescopeError
+from gatescope.serve.catalog import CACHE_DIR, Catalog
+from gatescope.serve.table import NeuronTable, parse_filter
+from tests.test_pages import ATTACKS
+
+fastapi = pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from gatescope.serve.app import create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """An atlas of a tiny random model over texts that are attacks (no fixtures needed)."""
+    from gatescope.corpus import save_corpus
+    from gatescope.records import CorpusRecipe
+    from tests.models import tiny_model
+    from tests.tokenizers import char_tokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(root / "model")
+    model = tiny_model("llama", dtype=torch.float32, vocab=len(tokenizer))
+    model.save_pretrained(root / "model")
+    texts = [f"story {i}: {attack} and more" for i, attack in enumerate(ATTACKS * 3)]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    corpus = datasets.Dataset.from_dict(
+        {"input_ids": ids, "source_id": [f"web:{a}" for a in ATTACKS * 3]}
+    )
+    save_corpus(corpus, root / "corpus", recipe=CorpusRecipe(tokenizer=str(root / "model")))
+    atlas = gatescope.scan(root / "model", root / "corpus", out=root / "atlas", k=4, progress=False)
+    return atlas, root
+
+
+@pytest.fixture(scope="module")
+def client(hostile):
+    _, root = hostile
+    return TestClient(create_app(Catalog.open([root / "atlas"])))
+
+
+def brute_force_rows(atlas) -> list[dict]:
+    """Every neuron's frequencies and largest |hook_post| per case, from atlas.neuron."""
+    rows = []
+    for layer in range(atlas.num_layers):
+        for n in range(atlas.d_mlp):
+            s = atlas.neuron(layer, n)
+            row = {"layer": layer, "neuron": n}
+            for case in CASES:
+                row[f"freq:{case}"] = s.freq[case]
+                extremes = [abs(s.max[case]["hook_post"]), abs(s.min[case]["hook_post"])]
+                row[f"max:{case}"] = None if np.isnan(extremes).all() else np.nanmax(extremes)
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+def test_the_table_filters_and_sorts_like_a_brute_force(hostile):
+    atlas, _ = hostile
+    table = NeuronTable(atlas)
+    rows = brute_force_rows(atlas)
+    assert len(table) == len(rows) == atlas.num_layers * atlas.d_mlp
+
+    case = "gate-_in-"
+    key = f"freq:{case}"
+    threshold = float(np.median([r[key] for r in rows]))
+    expected = [r for r in rows if r[key] > threshold and 1 <= r["layer"] <= 2]
+    expected.sort(key=lambda r: -r[key])  # stable: model order among ties
+    page = table.page(f"{case} frequency > {threshold} and layer 1-2", sort=key,
+                      descending=True, size=7)  # fmt: skip
+    assert page.total == len(expected) > 7
+    keys = [c.key for c in page.columns]
+    shown = [dict(zip(keys, r, strict=True)) for r in page.rows]
+    assert [(r["layer"], r["neuron"]) for r in shown] == [
+        (r["layer"], r["neuron"]) for r in expected[:7]
+    ]
+    for got, want in zip(shown, expected, strict=False):
+        assert got[key] == pytest.approx(want[key])
+        max_key = f"max:{case}"
+        assert (got[max_key] is None) == (want[max_key] is None)
+        if want[max_key] is not None:
+            assert got[max_key] == pytest.approx(want[max_key], rel=1e-6)
+    # The last page holds the rest.
+    last = table.page(f"{case} frequency > {threshold} and layer 1-2", sort=key,
+                      descending=True, size=7, page=page.pages)  # fmt: skip
+    assert len(last.rows) == len(expected) - 7 * (page.pages - 1)
+
+
+def test_filter_words_in_any_order_and_every_operator(hostile):
+    atlas, _ = hostile
+    table = NeuronTable(atlas)
+    columns = table.columns
+    for text in (
+        "frequency gate+_in+ >= 0.25",
+        "gate+_in+ freq>=0.25",
+        "GATE+_IN+ Frequency >= .25",
+    ):
+        (condition,) = parse_filter(text, columns)
+        assert (condition.column, condition.op, condition.value) == ("freq:gate+_in+", ">=", 0.25)
+    rows = brute_force_rows(atlas)
+    for op, check in (("<", np.less), ("<=", np.less_equal), ("=", np.equal), ("!=", np.not_equal)):
+        expected = sum(bool(check(r["layer"], 1)) for r in rows)
+        assert table.page(f"layer {op} 1", size=1).total == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("gate-_in- frequency", "cannot read"),
+        ("colour > 3", "no column 'colour'"),
+        ("layer > 1 and", "cannot read"),
+        ("layer >> 1", "cannot read"),
+    ],
+)
+def test_a_bad_filter_is_refused_with_a_sentence(hostile, text, says):
+    atlas, _ = hostile
+    with pytest.raises(GatescopeError, match=says):
+        NeuronTable(atlas).page(text)
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+def test_the_index_and_the_api_list_the_atlases(client, hostile):
+    atlas, _ = hostile
+    (listed,) = client.get("/api/atlases").json()
+    assert listed["name"] == "atlas" and listed["layers"] == atlas.num_layers
+    assert listed["d_mlp"] == atlas.d_mlp and listed["distributions"] is True
+    page = client.get("/")
+    assert page.status_code == 200 and 'href="/atlas/atlas/"' in page.text
+
+
+def test_the_table_page_and_its_json(client, hostile):
+    atlas, _ = hostile
+    api = client.get("/api/atlas/atlas/neurons", params={"size": 5, "sort": "freq:gate-_in-",
+                                                         "order": "desc"}).json()  # fmt: skip
+    assert api["total"] == atlas.num_layers * atlas.d_mlp and len(api["rows"]) == 5
+    freqs = [row[[c["key"] for c in api["columns"]].index("freq:gate-_in-")] for row in api["rows"]]
+    assert freqs == sorted(freqs, reverse=True)
+    page = client.get("/atlas/atlas/", params={"filter": "layer = 1", "size": 3})
+    assert page.status_code == 200
+    links = re.findall(r'href="neuron/(\d+)\.(\d+)"', page.text)
+    assert links == [("1", "0"), ("1", "1"), ("1", "2")]
+    assert "page 1 of" in page.text and "next →</a>" in page.text
+
+
+def test_a_neuron_page_is_made_once_then_served_from_the_cache(hostile):
+    atlas, root = hostile
+    first = Catalog.open([root / "atlas"])
+    client = TestClient(create_app(first))
+    page = client.get("/atlas/atlas/neuron/1.3")
+    assert page.status_code == 200 and "Neuron 1.3" in page.text
+    assert 'href="1.4"' in page.text and 'href="0.3"' in page.text  # the neighbours
+    assert 'href="../"' in page.text  # back to the table
+    summary = atlas.neuron(1, 3)
+    shown = re.findall(r'data-text="(\d+)" data-position="(\d+)" data-value="([^"]+)"', page.text)
+    expected = {(e.text, e.position) for case in CASES for q in summary.top[case].values()
+                for e in q}  # fmt: skip
+    assert {(int(t), int(p)) for t, p, _ in shown} == expected
+    cached = list((root / "atlas" / CACHE_DIR).glob("*/L1-N3.json"))
+    assert len(cached) == 1
+
+    # A new server on the same atlas serves the page without loading the model.
+    again = Catalog.open([root / "atlas"])
+    served = TestClient(create_app(again)).get("/api/atlas/atlas/neuron/1.3").json()
+    assert again.get("atlas")._source is None
+    assert served["layer"] == 1 and served["neuron"] == 3
+    assert served["cases"] == json.loads(json.dumps(served["cases"]))
+    assert [c["freq"] for c in served["cases"]] == pytest.approx([summary.freq[c] for c in CASES])
+
+
+def test_hostile_corpus_text_stays_inert_on_a_served_page(client):
+    page = client.get("/atlas/atlas/neuron/0.0").text
+    assert "<script>alert" not in page and "<img" not in page
+    assert html.escape("web:<script>alert(1)</script>") in page
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "says"),
+    [
+        ("/atlas/nope/", 404, "no atlas 'nope'"),
+        ("/atlas/atlas/neuron/1000000000.0", 404, "is not a neuron"),
+        ("/atlas/atlas/neuron/999999999.0", 404, "has no neuron 999999999.0"),
+        ("/atlas/atlas/neuron/0.99999", 404, "has no neuron 0.99999"),
+        ("/atlas/atlas/neuron/-1.5", 404, "is not a neuron"),
+        ("/atlas/atlas/neuron/abc", 404, "is not a neuron"),
+        ("/api/atlas/atlas/neuron/3", 404, "is not a neuron"),
+        ("/static/../../etc/passwd", 404, "nothing at"),
+        ("/static/%2e%2e/%2e%2e/etc/passwd", 404, "nothing at"),
+        ("/static/%252e%252e/%252e%252e/etc/passwd", 404, "nothing at"),
+        ("/atlas/atlas/?size=10000000", 422, "size"),
+        ("/api/atlas/atlas/neurons?size=0", 422, "size"),
+        ("/api/atlas/atlas/neurons?page=0", 422, "page"),
+        ("/api/atlas/atlas/neurons?page=two", 422, "page"),
+        ("/api/atlas/atlas/neurons?order=sideways", 422, "order"),
+        ("/api/atlas/atlas/neurons?sort=colour", 400, "cannot sort by 'colour'"),
+        ("/api/atlas/atlas/neurons?filter=colour%3E1", 400, "no column 'colour'"),
+        ("/api/atlas/atlas/neurons?filter=" + "x" * 2000, 422, "filter"),
+    ],
+)
+def test_every_bad_request_gets_a_sentence_and_the_server_lives_on(client, path, status, says):
+    answer = client.get(path)
+    assert answer.status_code == status, answer.text
+    if path.startswith("/api/"):
+        assert says in answer.json()["detail"]
+    else:
+        assert says in html.unescape(answer.text) and "<h1>" in answer.text
+    assert "Traceback" not in answer.text and "/etc/passwd:" not in answer.text
+    assert client.get("/api/atlases").status_code == 200
+
+
+def test_openapi_documents_the_api(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/api/atlases", "/api/atlas/{name}/neurons", "/api/atlas/{name}/neuron/{spec}"} <= set(
+        schema["paths"]
+    )
+
+
+def test_serve_refuses_a_missing_atlas_in_one_sentence(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------ the fixture
+
+
+def test_the_fixture_models_neuron_page_is_served(stories260k, tinystories, tmp_path):
+    from gatescope.corpus import build_corpus, save_corpus
+
+    corpus = build_corpus(tinystories, stories260k, max_length=128, tokens=4_000, seed=2)
+    save_corpus(corpus, tmp_path / "corpus")
+    atlas = gatescope.scan(stories260k, tmp_path / "corpus", out=tmp_path / "atlas", k=4,
+                           progress=False)  # fmt: skip
+    client = TestClient(create_app(Catalog.open([tmp_path / "atlas"])))
+    layer, neuron = 2, int(atlas.layer(2).count[CASES.index("gate-_in-")].argmax())
+    data = client.get(f"/api/atlas/atlas/neuron/{layer}.{neuron}").json()
+    summary = atlas.neuron(layer, neuron)
+    case = data["cases"][CASES.index("gate-_in-")]
+    assert case["freq"] == pytest.approx(summary.freq["gate-_in-"])
+    assert case["stats"]["hook_post"]["max"] == pytest.approx(
+        summary.max["gate-_in-"]["hook_post"], rel=1e-4
+    )
+    # The recomputed tokens carry the stored values of the strongest example.
+    best = summary.top["gate-_in-"]["hook_post"][0]
+    values = data["data"]["texts"][str(best.text)]["values"][QUANTITIES.index("hook_post")]
+    assert values[best.position] == pytest.approx(best.value, rel=1e-3, abs=1e-6)
+    rows = client.get("/api/atlas/atlas/neurons", params={"filter": f"layer = {layer}",
+                                                          "size": 500}).json()  # fmt: skip
+    assert rows["total"] == atlas.d_mlp
