@@ -48,8 +48,10 @@ class ServedAtlas:
     corpus: str | None = None  # likewise the corpus folder
     _source: PageSource | None = field(default=None, repr=False)
     _table: NeuronTable | None = field(default=None, repr=False)
-    # One recomputation at a time: they share the model, and the machine's cores.
+    # One recomputation at a time: they share the model, and the machine's cores. The
+    # table has its own lock, so that it answers while a page is being recomputed.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _table_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def title(self) -> str:
@@ -59,7 +61,7 @@ class ServedAtlas:
         """Every neuron's row, computed on first use."""
         from gatescope.serve.table import NeuronTable
 
-        with self._lock:
+        with self._table_lock:
             if self._table is None:
                 self._table = NeuronTable(self.atlas)
             return self._table
