@@ -145,15 +145,14 @@ def test_parse_neuron():
 # ------------------------------------------------------------------ untrusted text
 
 
-@pytest.fixture(scope="module")
-def hostile_site(tmp_path_factory):
-    """A site whose corpus texts are attacks, on a tiny model with a character tokenizer."""
+def hostile_atlas(root: Path):
+    """An atlas in ``root`` of a tiny model with a character tokenizer over texts that are
+    attacks (their source ids too)."""
     from gatescope.corpus import save_corpus
     from gatescope.records import CorpusRecipe
     from tests.models import tiny_model
     from tests.tokenizers import char_tokenizer
 
-    root = tmp_path_factory.mktemp("hostile")
     tokenizer = char_tokenizer()
     tokenizer.save_pretrained(root / "model")
     model = tiny_model("llama", dtype=torch.float32, vocab=len(tokenizer))
@@ -164,8 +163,14 @@ def hostile_site(tmp_path_factory):
         {"input_ids": ids, "source_id": [f"web:{a}" for a in ATTACKS * 3]}
     )
     save_corpus(corpus, root / "corpus", recipe=CorpusRecipe(tokenizer=str(root / "model")))
-    atlas = gatescope.scan(root / "model", root / "corpus", out=root / "atlas", k=4, progress=False)
-    pages = write_pages(PageSource.open(atlas), [(0, 0), (1, 3)], root / "site")
+    return gatescope.scan(root / "model", root / "corpus", out=root / "atlas", k=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def hostile_site(tmp_path_factory):
+    """A site whose corpus texts are attacks."""
+    root = tmp_path_factory.mktemp("hostile")
+    pages = write_pages(PageSource.open(hostile_atlas(root)), [(0, 0), (1, 3)], root / "site")
     return pages, root
 
 

@@ -7,48 +7,26 @@ import html
 import json
 import re
 
-import datasets
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 
 import gatescope
 from gatescope.cli import cli
 from gatescope.constants import CASES, QUANTITIES
 from gatescope.errors import GatescopeError
+from gatescope.serve.app import create_app
 from gatescope.serve.catalog import CACHE_DIR, Catalog
 from gatescope.serve.table import NeuronTable, parse_filter
-from tests.test_pages import ATTACKS
-
-fastapi = pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from gatescope.serve.app import create_app  # noqa: E402
+from tests.test_pages import hostile_atlas
 
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """An atlas of a tiny random model over texts that are attacks (no fixtures needed)."""
-    from gatescope.corpus import save_corpus
-    from gatescope.records import CorpusRecipe
-    from tests.models import tiny_model
-    from tests.tokenizers import char_tokenizer
-
     root = tmp_path_factory.mktemp("serve")
-    tokenizer = char_tokenizer()
-    tokenizer.save_pretrained(root / "model")
-    model = tiny_model("llama", dtype=torch.float32, vocab=len(tokenizer))
-    model.save_pretrained(root / "model")
-    texts = [f"story {i}: {attack} and more" for i, attack in enumerate(ATTACKS * 3)]
-    ids = [tokenizer(t)["input_ids"] for t in texts]
-    corpus = datasets.Dataset.from_dict(
-        {"input_ids": ids, "source_id": [f"web:{a}" for a in ATTACKS * 3]}
-    )
-    save_corpus(corpus, root / "corpus", recipe=CorpusRecipe(tokenizer=str(root / "model")))
-    atlas = gatescope.scan(root / "model", root / "corpus", out=root / "atlas", k=4, progress=False)
-    return atlas, root
+    return hostile_atlas(root), root
 
 
 @pytest.fixture(scope="module")

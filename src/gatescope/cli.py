@@ -378,6 +378,13 @@ def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_p
     click.echo(f"wrote {len(written)} page(s) and {out / 'index.html'}")
 
 
+def _port_option(help: str) -> Callable[[F], F]:
+    """``--port``, 8000 by default."""
+    return click.option(
+        "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help=help
+    )
+
+
 @cli.command()
 @click.argument(
     "atlases", nargs=-1, required=True, metavar="ATLAS...", type=click.Path(path_type=Path)
@@ -385,13 +392,7 @@ def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_p
 @click.option("--model", default=None, help="Model folder or id, if not where the atlases say.")
 @click.option("--corpus", "corpus_path", default=None, help="Corpus folder, likewise.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "--port",
-    default=8000,
-    show_default=True,
-    type=click.IntRange(0, 65535),
-    help="Port to listen on (0: any free).",
-)
+@_port_option("Port to listen on (0: any free).")
 def serve(atlases, model, corpus_path, host, port) -> None:
     """Serve ATLAS... as a live site: every neuron's page on demand, the neuron table, and
     a JSON API (/docs). The model loads on the first page that needs it."""
@@ -412,13 +413,7 @@ def serve(atlases, model, corpus_path, host, port) -> None:
     help="Folder for the demo's corpus, atlas and pages (a rerun replaces them).",
 )
 @click.option("--no-serve", is_flag=True, help="Stop after writing the pages.")
-@click.option(
-    "--port",
-    default=8000,
-    show_default=True,
-    type=click.IntRange(0, 65535),
-    help="Loopback port to serve on (0: any free).",
-)
+@_port_option("Loopback port to serve on (0: any free).")
 @click.option(
     "--tokens",
     type=click.IntRange(min=1),
