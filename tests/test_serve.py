@@ -19,6 +19,7 @@ from gatescope.errors import GatescopeError
 from gatescope.serve.app import create_app
 from gatescope.serve.catalog import CACHE_DIR, Catalog
 from gatescope.serve.table import NeuronTable, parse_filter
+from gatescope.weights import ModelWeights, weight_lens
 from tests.test_pages import hostile_atlas
 
 
@@ -209,15 +210,69 @@ def test_every_bad_request_gets_a_sentence_and_the_server_lives_on(client, path,
 
 def test_openapi_documents_the_api(client):
     schema = client.get("/openapi.json").json()
-    assert {"/api/atlases", "/api/atlas/{name}/neurons", "/api/atlas/{name}/neuron/{spec}"} <= set(
-        schema["paths"]
-    )
+    documented = {
+        "/api/atlases",
+        "/api/atlas/{name}/neurons",
+        "/api/atlas/{name}/neuron/{spec}",
+        "/api/atlas/{name}/neuron/{spec}/weights",
+    }
+    assert documented <= set(schema["paths"])
 
 
 def test_serve_refuses_a_missing_atlas_in_one_sentence(tmp_path):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "none")])
     assert result.exit_code == 1
     assert "Error:" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def test_the_table_filters_and_sorts_by_the_weight_cosines(hostile):
+    atlas, root = hostile
+    figures = ModelWeights.open(root / "model").figures()
+    table = NeuronTable(atlas, figures)
+    cos_in_out = figures.cos_in_out.reshape(-1)  # model order, as the table's rows
+    cos_gate_in = figures.cos_gate_in.reshape(-1)
+    kept = [i for i in range(len(cos_in_out)) if cos_in_out[i] < 0]
+    kept.sort(key=lambda i: -cos_gate_in[i])
+    page = table.page("cos in-out < 0", sort="cos:gate_in", descending=True, size=500)
+    keys = table.keys
+    assert page.total == len(kept)
+    assert [(r[0], r[1]) for r in page.rows] == [divmod(i, atlas.d_mlp) for i in kept]
+    got = [r[keys.index("cos:in_out")] for r in page.rows]
+    assert got == pytest.approx([float(cos_in_out[i]) for i in kept])
+
+
+def test_a_neuron_page_shows_its_weight_lens_and_related_neurons(client, hostile):
+    atlas, root = hostile
+    weights = ModelWeights.open(root / "model")
+    lens = weight_lens(weights, weights.figures(), 1, 3)
+    data = client.get("/api/atlas/atlas/neuron/1.3/weights").json()
+    first = data["lens"]["projections"][0]
+    assert (first["vector"], first["through"]) == ("w_out", "unembedding")
+    assert [t["token"] for t in first["top"]] == [t for t, _ in lens.projections[0].top]
+    assert data["lens"]["cos_gate_in"] == pytest.approx(lens.cos_gate_in)
+    page = client.get("/atlas/atlas/neuron/1.3").text
+    assert 'id="weight-lens"' in page and "w_gate · embedding" in page
+    for related in data["related"]["writes_gate"]:
+        assert f'href="{related["layer"]}.{related["neuron"]}"' in page
+    # The lens shows tokens of the character vocabulary, "<" among them: escaped.
+    assert "<script>alert" not in page and "<img" not in page
+
+
+def test_without_the_models_weights_an_atlas_is_served_without_the_lens(hostile, client):
+    _, root = hostile
+    client.get("/atlas/atlas/neuron/1.2")  # cache the page's examples first
+    catalog = Catalog.open([root / "atlas"], model=str(root / "nowhere"))
+    served = TestClient(create_app(catalog))
+    columns = served.get("/api/atlas/atlas/neurons").json()["columns"]
+    assert "freq:gate-_in-" in [c["key"] for c in columns]
+    assert "cos:in_out" not in [c["key"] for c in columns]
+    answer = served.get("/api/atlas/atlas/neuron/1.2/weights")
+    assert answer.status_code == 400 and "not on this machine" in answer.json()["detail"]
+    page = served.get("/atlas/atlas/neuron/1.2")
+    assert page.status_code == 200 and "No weight lens" in page.text
 
 
 # ------------------------------------------------------------------------------ the fixture

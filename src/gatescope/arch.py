@@ -29,6 +29,7 @@ __all__ = [
     "CaptureHandle",
     "GatedMLP",
     "find_gated_mlps",
+    "glu_flips",
     "refactor_glu",
     "refactored_glu",
     "unembedding",
@@ -355,6 +356,22 @@ def refactored_glu(mlps: Sequence[GatedMLP]) -> Iterator[int]:
         _apply_flips(mlps, flips)
 
 
+def glu_flips(w_gate: Tensor, w_in: Tensor) -> Tensor:
+    """The neurons that :func:`refactor_glu` flips: ``cos(w_gate, w_in) < 0``.
+
+    Args:
+        w_gate: ``[d_mlp, d_model]`` gate weights.
+        w_in: ``[d_mlp, d_model]`` up ("in") weights.
+
+    Returns:
+        A bool mask ``[d_mlp]``.
+    """
+    # Cosines in float32 at least: bf16 rounding must not decide a sign near 0.
+    dtype = torch.promote_types(w_in.dtype, torch.float32)
+    cos = torch.nn.functional.cosine_similarity(w_gate.to(dtype), w_in.to(dtype), dim=1)
+    return cos < 0
+
+
 def _apply_flips(mlps: Sequence[GatedMLP], flips: Sequence[Tensor] | None) -> list[Tensor]:
     """Negate the in row and out column of flagged neurons, one vectorized step per layer.
 
@@ -370,15 +387,7 @@ def _apply_flips(mlps: Sequence[GatedMLP], flips: Sequence[Tensor] | None) -> li
     with torch.no_grad():
         for i, mlp in enumerate(mlps):
             w_in = mlp.w_in()
-            if flips is None:
-                # Cosines in float32 at least: bf16 rounding must not decide a sign near 0.
-                dtype = torch.promote_types(w_in.dtype, torch.float32)
-                cos = torch.nn.functional.cosine_similarity(
-                    mlp.w_gate().to(dtype), w_in.to(dtype), dim=1
-                )
-                flip = cos < 0
-            else:
-                flip = flips[i].to(w_in.device)
+            flip = glu_flips(mlp.w_gate(), w_in) if flips is None else flips[i].to(w_in.device)
             # A +-1 factor per neuron: multiplying by 1 or -1 is exact, and one mul_ per
             # tensor avoids both a per-neuron loop and boolean-index copies.
             sign = 1 - 2 * flip.to(w_in.dtype)

@@ -33,6 +33,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["number"] = _number
+    env.globals["zip"] = zip
     # A page carries thousands of values: no spaces in its JSON (tojson still escapes it).
     env.policies["json.dumps_kwargs"] = {"sort_keys": True, "separators": (",", ":")}
     return env

@@ -4,8 +4,9 @@ Routes (``NAME`` is an atlas's name in the catalog, ``L.N`` a neuron):
 
 * ``/``: the atlases; ``/atlas/NAME/``: the neuron table (filter, sort, pages);
   ``/atlas/NAME/neuron/L.N``: a neuron's page, recomputed on first request and cached.
-* ``/api/atlases``, ``/api/atlas/NAME/neurons``, ``/api/atlas/NAME/neuron/L.N``: the same
-  as JSON; ``/docs``: FastAPI's OpenAPI documentation (its assets are FastAPI's own).
+* ``/api/atlases``, ``/api/atlas/NAME/neurons``, ``/api/atlas/NAME/neuron/L.N``,
+  ``/api/atlas/NAME/neuron/L.N/weights``: the same as JSON; ``/docs``: FastAPI's OpenAPI
+  documentation (its assets are FastAPI's own).
 
 Every failure of a request is an answer with one sentence: a GatescopeError (a user's
 mistake) is 400, a missing atlas or neuron 404, a malformed parameter 422; HTML under
@@ -102,6 +103,8 @@ def create_app(catalog: Catalog) -> FastAPI:
         layer, neuron = neuron_of(atlas, spec)
         page = dict(atlas.neuron_page(layer, neuron))
         page["links"] = _neighbours(atlas, layer, neuron)
+        page["weights"] = atlas.neuron_weights(layer, neuron)
+        page["weights_problem"] = atlas.weights_problem
         return render_neuron(page)
 
     # ---------------------------------------------------------------- JSON
@@ -131,6 +134,17 @@ def create_app(catalog: Catalog) -> FastAPI:
         atlas = served(name)
         layer, neuron = neuron_of(atlas, spec)
         return atlas.neuron_page(layer, neuron)
+
+    @app.get("/api/atlas/{name}/neuron/{spec}/weights")
+    def api_neuron_weights(name: str, spec: str) -> dict[str, Any]:
+        """A neuron's weight lens (top and bottom tokens of w_out, w_gate and w_in), its
+        cosines and norms, and the related neurons of other layers."""
+        atlas = served(name)
+        layer, neuron = neuron_of(atlas, spec)
+        weights = atlas.neuron_weights(layer, neuron)
+        if weights is None:
+            raise GatescopeError(f"no weight lens: {atlas.weights_problem}")
+        return weights
 
     # ---------------------------------------------------------------- errors
 

@@ -1,10 +1,12 @@
 """The atlases a server serves, each with what it loads lazily and what it caches on disk.
 
 An atlas is opened (memory-mapped) when the server starts. Its model, corpus and tokenizer
-load on the first request that needs a recomputation, once, and stay. Each neuron's page
-data is computed once and kept on disk: in ``ATLAS/serve-cache/``, or under the user's
-cache folder when the atlas folder is read-only, in a folder named after a hash of the
-atlas's ``atlas.json`` (a rescanned atlas gets fresh pages).
+load on the first request that needs a recomputation, once, and stay; its model's weights
+(:mod:`gatescope.weights`, memory-mapped safetensors) open on the first request that needs
+them. Each neuron's page data and weight lens, and the whole model's weight figures, are
+computed once and kept on disk: in ``ATLAS/serve-cache/``, or under the user's cache folder
+when the atlas folder is read-only, in a folder named after a hash of the atlas's
+``atlas.json`` (a rescanned atlas gets fresh pages).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from gatescope.errors import GatescopeError
 from gatescope.files import write_json_atomic
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from gatescope.atlas import Atlas
     from gatescope.pages import PageSource
     from gatescope.serve.table import NeuronTable
+    from gatescope.weights import ModelWeights, WeightFigures
 
 __all__ = ["Catalog", "ServedAtlas"]
 
@@ -48,10 +53,16 @@ class ServedAtlas:
     corpus: str | None = None  # likewise the corpus folder
     _source: PageSource | None = field(default=None, repr=False)
     _table: NeuronTable | None = field(default=None, repr=False)
+    _weights: ModelWeights | None = field(default=None, repr=False)
+    _figures: WeightFigures | None = field(default=None, repr=False)
+    _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
+    #: Why the weights cannot be read (None: not tried yet, or they can).
+    weights_problem: str | None = field(default=None, repr=False)
     # One recomputation at a time: they share the model, and the machine's cores. The
-    # table has its own lock, so that it answers while a page is being recomputed.
+    # table and the weights have their own locks, so that they answer meanwhile.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _table_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _weights_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def title(self) -> str:
@@ -63,8 +74,93 @@ class ServedAtlas:
 
         with self._table_lock:
             if self._table is None:
-                self._table = NeuronTable(self.atlas)
+                self._table = NeuronTable(self.atlas, self.weight_figures())
             return self._table
+
+    def weight_figures(self) -> WeightFigures | None:
+        """Every neuron's weight cosines and norms (from the disk cache, else read from the
+        weights once and cached), or None when the weights cannot be read."""
+        from gatescope.weights import WeightFigures
+
+        with self._weights_lock:
+            if self._figures is None:
+                path = self.cache_dir / f"weights-{self._model_digest}.safetensors"
+                figures = WeightFigures.load(path)
+                if figures is None and (weights := self._open_weights()) is not None:
+                    figures = weights.figures()
+                    figures.save(path)
+                self._figures = figures
+            return self._figures
+
+    def neuron_weights(self, layer: int, neuron: int) -> dict[str, Any] | None:
+        """A neuron's weight lens (token strings included) and related neurons, as JSON
+        data (cached on disk), or None when the weights cannot be read."""
+        from gatescope.pages import token_strings
+        from gatescope.weights import related_neurons, weight_lens
+
+        self.atlas.check_neuron(layer, neuron)
+        path = self.cache_dir / f"L{layer}-N{neuron}.weights-{self._model_digest}.json"
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
+        figures = self.weight_figures()
+        with self._weights_lock:
+            weights = self._open_weights()
+            if weights is None or figures is None:
+                return None
+            lens = _plain(weight_lens(weights, figures, layer, neuron))
+            tokenizer = self._lens_tokenizer()
+            for projection in lens["projections"]:
+                for end in ("top", "bottom"):
+                    ids = [token for token, _ in projection[end]]
+                    texts = token_strings(tokenizer, ids)
+                    projection[end] = [
+                        {"token": token, "text": text, "score": score}
+                        for (token, score), text in zip(projection[end], texts, strict=True)
+                    ]
+            related = related_neurons(weights, figures, layer, neuron)
+            page = {"lens": lens, "related": _plain(related)}
+        write_json_atomic(path, {"gatescope": __version__, "page": page})
+        return page
+
+    @property
+    def _model_name(self) -> str | None:
+        return self.model or self.atlas.meta.model.name
+
+    @cached_property
+    def _model_digest(self) -> str:
+        """Names the cached weight data after the model it was read from."""
+        return hashlib.sha256(str(self._model_name).encode()).hexdigest()[:8]
+
+    def _open_weights(self) -> ModelWeights | None:
+        """The model's weights, opened once (call under ``_weights_lock``); None, with
+        :attr:`weights_problem` set, when they cannot be read."""
+        from gatescope.weights import ModelWeights
+
+        if self._weights is None and self.weights_problem is None:
+            name = self._model_name
+            revision = None if self.model else self.atlas.meta.model.revision
+            try:
+                if not name:
+                    raise GatescopeError("the atlas does not name its model: pass --model.")
+                self._weights = ModelWeights.open(
+                    name, revision=revision, refactor_glu=self.atlas.meta.options.refactor_glu
+                )
+            except GatescopeError as error:
+                self.weights_problem = str(error)
+        return self._weights
+
+    def _lens_tokenizer(self) -> PreTrainedTokenizerBase:
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            name = str(self._model_name)
+            try:
+                tokenizer = self._tokenizer = AutoTokenizer.from_pretrained(name)
+            except (OSError, ValueError) as error:
+                raise GatescopeError(f"could not load the tokenizer of '{name}'.") from error
+        return tokenizer
 
     def neuron_page(self, layer: int, neuron: int) -> dict[str, Any]:
         """The page data of a neuron (:func:`gatescope.pages.neuron_page`, without links):

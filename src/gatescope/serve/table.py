@@ -21,9 +21,11 @@ import numpy as np
 
 from gatescope.constants import CASES, QUANTILES, QUANTITIES
 from gatescope.errors import GatescopeError
+from gatescope.stats.distributions import bracket_estimates
 
 if TYPE_CHECKING:
     from gatescope.atlas import Atlas
+    from gatescope.weights import WeightFigures
 
 __all__ = ["Column", "NeuronTable", "TablePage", "parse_filter"]
 
@@ -87,11 +89,11 @@ class TablePage:
 
 class NeuronTable:
     """Every neuron of an atlas as a row: layer, neuron, the four case frequencies, the
-    largest |hook_post| per case and, when the atlas has distributions, the quantiles of
-    |hook_post| per case."""
+    largest |hook_post| per case, the three weight cosines when ``figures`` are given and,
+    when the atlas has distributions, the quantiles of |hook_post| per case."""
 
-    def __init__(self, atlas: Atlas) -> None:
-        self.columns, data = _columns(atlas)
+    def __init__(self, atlas: Atlas, figures: WeightFigures | None = None) -> None:
+        self.columns, data = _columns(atlas, figures)
         self._data = data  # key -> [neuron of the model] array
         self._order: dict[tuple[str, bool], np.ndarray] = {}  # sorted row indices, cached
 
@@ -168,12 +170,29 @@ def parse_filter(text: str, columns: Sequence[Column]) -> list[Condition]:
     return conditions
 
 
-def _columns(atlas: Atlas) -> tuple[tuple[Column, ...], dict[str, np.ndarray]]:
+#: The weight cosines of the table: column key, label, WeightFigures field.
+WEIGHT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("cos:gate_in", "cos gate-in", "cos_gate_in"),
+    ("cos:gate_out", "cos gate-out", "cos_gate_out"),
+    ("cos:in_out", "cos in-out", "cos_in_out"),
+)
+
+
+def _columns(
+    atlas: Atlas, figures: WeightFigures | None
+) -> tuple[tuple[Column, ...], dict[str, np.ndarray]]:
     """The table's columns and their values over every neuron, read one layer at a time."""
     post = QUANTITIES.index("hook_post")
     columns = [Column("layer", "layer"), Column("neuron", "neuron")]
     columns += [Column(f"freq:{case}", f"{case} frequency") for case in CASES]
     columns += [Column(f"max:{case}", f"{case} max |hook_post|") for case in CASES]
+    if figures is not None:
+        if figures.shape != (atlas.num_layers, atlas.d_mlp):
+            raise GatescopeError(
+                f"the model's weights have {figures.shape[0]} layers of {figures.shape[1]} "
+                f"neurons, the atlas {atlas.num_layers} of {atlas.d_mlp}: a different model."
+            )
+        columns += [Column(key, label) for key, label, _ in WEIGHT_COLUMNS]
     with_quantiles = atlas.has_distributions
     if with_quantiles:
         columns += [Column(f"{name}:{case}", f"{case} {name} |hook_post|")
@@ -189,9 +208,12 @@ def _columns(atlas: Atlas) -> tuple[tuple[Column, ...], dict[str, np.ndarray]]:
         for c, case in enumerate(CASES):
             parts[f"freq:{case}"].append(freq[c].numpy())
             parts[f"max:{case}"].append(strongest[c])
+        if figures is not None:
+            for key, _, name in WEIGHT_COLUMNS:
+                parts[key].append(getattr(figures, name)[layer])
         quantiles = stats.quantiles() if with_quantiles else None
         if quantiles is not None:  # [d, case, quantity, level, 2] brackets
-            estimate = _bracket_estimates(quantiles[:, :, post])  # [d, case, level]
+            estimate = bracket_estimates(quantiles[:, :, post])  # [d, case, level]
             for level, (name, _) in enumerate(QUANTILES):
                 for c, case in enumerate(CASES):
                     parts[f"{name}:{case}"].append(estimate[:, c, level])
@@ -201,12 +223,6 @@ def _columns(atlas: Atlas) -> tuple[tuple[Column, ...], dict[str, np.ndarray]]:
 def _strongest(maximum, minimum) -> np.ndarray:
     """[case, d] the largest |value| from a case's signed max and min (NaN: never occurs)."""
     return np.fmax(np.abs(maximum.numpy()), np.abs(minimum.numpy()))
-
-
-def _bracket_estimates(brackets) -> np.ndarray:
-    from gatescope.stats.distributions import bracket_estimates
-
-    return bracket_estimates(brackets)
 
 
 def _cell(value: np.generic) -> float | int | None:
