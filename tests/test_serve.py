@@ -245,7 +245,7 @@ def test_the_table_filters_and_sorts_by_the_weight_cosines(hostile):
 
 
 def test_a_neuron_page_shows_its_weight_lens_and_related_neurons(client, hostile):
-    atlas, root = hostile
+    _, root = hostile
     weights = ModelWeights.open(root / "model")
     lens = weight_lens(weights, weights.figures(), 1, 3)
     data = client.get("/api/atlas/atlas/neuron/1.3/weights").json()
@@ -275,6 +275,65 @@ def test_without_the_models_weights_an_atlas_is_served_without_the_lens(hostile,
     assert page.status_code == 200 and "No weight lens" in page.text
 
 
+# ------------------------------------------------------------------------------ model-wide views
+
+
+def test_the_frequency_summaries_are_each_layers_quantiles(client, hostile):
+    atlas, _ = hostile
+    data = client.get("/api/atlas/atlas/frequencies").json()
+    assert data["levels"] == [0.05, 0.25, 0.5, 0.75, 0.95]
+    for case in CASES:
+        for layer in range(atlas.num_layers):
+            freq = [atlas.neuron(layer, n).freq[case] for n in range(atlas.d_mlp)]
+            expected = np.quantile(freq, data["levels"])
+            assert data["cases"][case][layer] == pytest.approx(expected.tolist())
+
+
+def test_the_scatter_plot_is_pearsons_correlation_of_the_layer(client, hostile):
+    atlas, root = hostile
+    figures = ModelWeights.open(root / "model").figures()
+    layer = 1
+    freqs = [atlas.neuron(layer, n).freq for n in range(atlas.d_mlp)]
+    gate_positive = [f["gate+_in+"] + f["gate+_in-"] for f in freqs]
+    cos = figures.cos_in_out[layer].astype(np.float64)
+    data = client.get(f"/api/atlas/atlas/layer/{layer}/correlation").json()
+    assert data["gate_positive"] == pytest.approx(gate_positive)
+    assert data["r"] == pytest.approx(np.corrcoef(cos, gate_positive)[0, 1], rel=1e-6)
+    # The p-value of r under independence, from Student's t with n - 2 degrees of freedom.
+    n, r = atlas.d_mlp, data["r"]
+    t = r * np.sqrt((n - 2) / (1 - r * r))
+    from scipy.stats import t as student
+
+    assert data["p"] == pytest.approx(2 * student.sf(abs(t), n - 2), rel=1e-6)
+    page = client.get(f"/atlas/atlas/layers?layer={layer}").text
+    points = re.findall(r'<a href="neuron/(\d+)\.(\d+)"><circle', page)
+    assert points == [(str(layer), str(n)) for n in range(atlas.d_mlp)]
+    assert f"Pearson r = <b>{r:.4g}</b>" in page
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/atlas/atlas/layers?layer=2", 404),
+        ("/atlas/atlas/layers?layer=-1", 422),
+        ("/atlas/atlas/layers?layer=10000000000", 422),
+        ("/api/atlas/atlas/layer/2/correlation", 404),
+        ("/api/atlas/atlas/layer/x/correlation", 422),
+    ],
+)
+def test_a_layer_that_does_not_exist_gets_a_sentence(client, path, status):
+    answer = client.get(path)
+    assert answer.status_code == status and "Traceback" not in answer.text
+
+
+def test_without_weights_the_layers_page_explains_the_missing_scatter(hostile):
+    _, root = hostile
+    catalog = Catalog.open([root / "atlas"], model=str(root / "nowhere"))
+    page = TestClient(create_app(catalog)).get("/atlas/atlas/layers").text
+    assert "No scatter plot" in page and "not on this machine" in page
+    assert page.count('class="box"') == 4 * 2  # the frequencies need no weights
+
+
 # ------------------------------------------------------------------------------ the fixture
 
 
@@ -301,3 +360,7 @@ def test_the_fixture_models_neuron_page_is_served(stories260k, tinystories, tmp_
     rows = client.get("/api/atlas/atlas/neurons", params={"filter": f"layer = {layer}",
                                                           "size": 500}).json()  # fmt: skip
     assert rows["total"] == atlas.d_mlp
+    weights = client.get(f"/api/atlas/atlas/neuron/{layer}.{neuron}/weights").json()
+    assert len(weights["lens"]["projections"]) == 5 and weights["related"]["reads_out_via_gate"]
+    layers = client.get("/atlas/atlas/layers?layer=4")
+    assert layers.status_code == 200 and "Pearson r = <b>" in layers.text

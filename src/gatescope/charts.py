@@ -1,5 +1,6 @@
-"""The geometry of a neuron page's static charts: magnitude histograms and the joint
-(x_gate, x_in) heat map, as plain data the templates draw as inline SVG.
+"""The geometry of the static charts: a neuron page's magnitude histograms and joint
+(x_gate, x_in) heat map, and the server's model-wide box plots and scatter plots, as plain
+data the templates draw as inline SVG.
 
 No plotting library and no script: a page's charts are readable without JavaScript, each
 bar and cell carrying its numbers in a tooltip (``<title>``) and in a table beside it.
@@ -17,11 +18,28 @@ import numpy as np
 
 from gatescope.constants import CASES
 
-__all__ = ["Bar", "Cell", "HeatMap", "Tick", "bin_label", "heat_map", "histogram_bars", "ticks"]
+__all__ = [
+    "AxisTick",
+    "Bar",
+    "Box",
+    "Cell",
+    "HeatMap",
+    "Point",
+    "Tick",
+    "axis_ticks",
+    "bin_label",
+    "box_plot",
+    "heat_map",
+    "histogram_bars",
+    "scatter",
+    "ticks",
+]
 
 #: Size of a histogram chart and of the heat map, in SVG user units.
 HISTOGRAM_WIDTH, HISTOGRAM_HEIGHT = 380.0, 110.0
 HEAT_MAP_SIZE = 360.0
+#: Size of a model-wide chart's plotting area (box plots, scatter plots), in SVG user units.
+PLOT_WIDTH, PLOT_HEIGHT = 520.0, 240.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,82 @@ class HeatMap:
     quadrants: list[Quadrant]
     size: float
     half: float  # the axes' position (the map's middle)
+
+
+@dataclass(frozen=True)
+class Box:
+    """One layer's box: whiskers at ``low``/``high``, the box from ``q1`` to ``q3``, a line
+    at the median (y coordinates), with the numbers for its tooltip."""
+
+    x: float
+    width: float
+    low: float
+    q1: float
+    median: float
+    q3: float
+    high: float
+    layer: int
+    label: str
+
+
+@dataclass(frozen=True)
+class AxisTick:
+    at: float  # the position along its axis
+    label: str
+
+
+@dataclass(frozen=True)
+class Point:
+    """One neuron of a scatter plot."""
+
+    x: float
+    y: float
+    layer: int
+    neuron: int
+    label: str
+
+
+def box_plot(summaries: np.ndarray, low: float = 0.0, high: float = 1.0) -> list[Box]:
+    """One box per row of ``summaries`` ``[layers, 5]`` (low whisker, q1, median, q3, high
+    whisker), on a y axis from ``low`` (bottom) to ``high``."""
+    width = PLOT_WIDTH / len(summaries)
+    boxes = []
+    for layer, values in enumerate(summaries):
+        y = [_y(float(v), low, high) for v in values]
+        low_, q1, median, q3, high_ = (f"{v:.3g}" for v in values)
+        label = f"layer {layer}: median {median}, quartiles {q1} – {q3}, 5–95% {low_} – {high_}"
+        boxes.append(Box(layer * width + width * 0.15, width * 0.7, *y, layer=layer, label=label))
+    return boxes
+
+
+def scatter(
+    xs: np.ndarray, ys: np.ndarray, layer: int, x_range: tuple[float, float],
+    y_range: tuple[float, float], x_name: str, y_name: str,
+) -> list[Point]:  # fmt: skip
+    """One point per neuron of ``layer`` (``xs[n]``, ``ys[n]``); NaN pairs are left out."""
+    points = []
+    for neuron, (x, y) in enumerate(zip(xs.tolist(), ys.tolist(), strict=True)):
+        if math.isnan(x) or math.isnan(y):
+            continue
+        px = PLOT_WIDTH * (x - x_range[0]) / (x_range[1] - x_range[0])
+        label = f"{layer}.{neuron}: {x_name} {x:.3g}, {y_name} {y:.3g}"
+        points.append(Point(px, _y(y, *y_range), layer, neuron, label))
+    return points
+
+
+def axis_ticks(low: float, high: float, step: float, vertical: bool) -> list[AxisTick]:
+    """Ticks every ``step`` from ``low`` to ``high`` of a plot's x axis, or its y axis when
+    ``vertical``."""
+    count = round((high - low) / step)
+    values = [low + i * step for i in range(count + 1)]
+    if vertical:
+        return [AxisTick(_y(v, low, high), f"{v:g}") for v in values]
+    return [AxisTick(PLOT_WIDTH * (v - low) / (high - low), f"{v:g}") for v in values]
+
+
+def _y(value: float, low: float, high: float) -> float:
+    """SVG y of ``value`` on an axis from ``low`` (bottom) to ``high`` (top)."""
+    return PLOT_HEIGHT * (high - value) / (high - low)
 
 
 def bin_label(edges: Sequence[float], b: int) -> str:

@@ -3,9 +3,12 @@
 Routes (``NAME`` is an atlas's name in the catalog, ``L.N`` a neuron):
 
 * ``/``: the atlases; ``/atlas/NAME/``: the neuron table (filter, sort, pages);
-  ``/atlas/NAME/neuron/L.N``: a neuron's page, recomputed on first request and cached.
+  ``/atlas/NAME/neuron/L.N``: a neuron's page, recomputed on first request and cached;
+  ``/atlas/NAME/layers?layer=L``: the model-wide views (frequencies per layer, and layer
+  L's scatter of cos(w_in, w_out) against the frequency of x_gate > 0).
 * ``/api/atlases``, ``/api/atlas/NAME/neurons``, ``/api/atlas/NAME/neuron/L.N``,
-  ``/api/atlas/NAME/neuron/L.N/weights``: the same as JSON; ``/docs``: FastAPI's OpenAPI
+  ``/api/atlas/NAME/neuron/L.N/weights``, ``/api/atlas/NAME/frequencies``,
+  ``/api/atlas/NAME/layer/L/correlation``: the same as JSON; ``/docs``: FastAPI's OpenAPI
   documentation (its assets are FastAPI's own).
 
 Every failure of a request is an answer with one sentence: a GatescopeError (a user's
@@ -15,11 +18,12 @@ mistake) is 400, a missing atlas or neuron 404, a malformed parameter 422; HTML 
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -107,6 +111,14 @@ def create_app(catalog: Catalog) -> FastAPI:
         page["weights_problem"] = atlas.weights_problem
         return render_neuron(page)
 
+    @app.get("/atlas/{name}/layers", response_class=HTMLResponse, include_in_schema=False)
+    def layers_page(name: str, layer: int | None = Query(None, ge=0, le=10**6)) -> str:
+        atlas = served(name)
+        chosen = atlas.atlas.num_layers // 2 if layer is None else layer
+        if chosen >= atlas.atlas.num_layers:
+            raise HTTPException(404, f"the atlas '{name}' has no layer {chosen}.")
+        return render_server_page("serve_layers.html.j2", **_layer_views(atlas, chosen))
+
     # ---------------------------------------------------------------- JSON
 
     @app.get("/api/atlases")
@@ -145,6 +157,36 @@ def create_app(catalog: Catalog) -> FastAPI:
         if weights is None:
             raise GatescopeError(f"no weight lens: {atlas.weights_problem}")
         return weights
+
+    @app.get("/api/atlas/{name}/frequencies")
+    def api_frequencies(name: str) -> dict[str, Any]:
+        """Per case and layer, the quantiles (at ``levels``) of the neurons' frequencies."""
+        from gatescope.serve.views import FREQUENCY_LEVELS, layer_frequencies
+
+        summaries = layer_frequencies(served(name).table())
+        return {
+            "levels": list(FREQUENCY_LEVELS),
+            "cases": {case: values.tolist() for case, values in summaries.items()},
+        }
+
+    @app.get("/api/atlas/{name}/layer/{layer}/correlation")
+    def api_correlation(name: str, layer: int = Path(ge=0, le=10**6)) -> dict[str, Any]:
+        """cos(w_in, w_out) and the frequency of x_gate > 0 of every neuron of the layer,
+        with Pearson's r and its p-value."""
+        from gatescope.serve.views import gate_correlation
+
+        atlas = served(name)
+        if layer >= atlas.atlas.num_layers:
+            raise HTTPException(404, f"the atlas '{name}' has no layer {layer}.")
+        found = gate_correlation(atlas.table(), layer)
+        return {
+            "layer": layer,
+            "neurons": found.neurons,
+            "r": _finite(found.r),
+            "p": _finite(found.p),
+            "cos_in_out": [_finite(x) for x in found.cos_in_out.tolist()],
+            "gate_positive": [_finite(x) for x in found.gate_positive.tolist()],
+        }
 
     # ---------------------------------------------------------------- errors
 
@@ -187,6 +229,47 @@ def _atlases(catalog: Catalog) -> list[dict[str, Any]]:
         }
         for a in catalog
     ]
+
+
+def _layer_views(atlas: ServedAtlas, layer: int) -> dict[str, Any]:
+    """What the layers page shows: every layer's frequency boxes, and the scatter plot of
+    ``layer`` (None, with the reason, when the weights cannot be read)."""
+    from gatescope import charts
+    from gatescope.serve.views import gate_correlation, layer_frequencies
+
+    table = atlas.table()
+    boxes = {case: charts.box_plot(s) for case, s in layer_frequencies(table).items()}
+    layers = atlas.atlas.num_layers
+    context: dict[str, Any] = {
+        "atlas": atlas,
+        "layers": layers,
+        "d_mlp": atlas.atlas.d_mlp,
+        "layer": layer,
+        "frequency_boxes": boxes,
+        "layer_tick_every": max(1, layers // 16),
+        "width": charts.PLOT_WIDTH,
+        "height": charts.PLOT_HEIGHT,
+        "y_ticks": charts.axis_ticks(0.0, 1.0, 0.25, vertical=True),
+        "x_ticks": charts.axis_ticks(-1.0, 1.0, 0.5, vertical=False),
+        "correlation": None,
+        "points": [],
+        "problem": None,
+    }
+    try:
+        found = gate_correlation(table, layer)
+    except GatescopeError as error:
+        context["problem"] = atlas.weights_problem or str(error)
+        return context
+    context["correlation"] = found
+    context["points"] = charts.scatter(
+        found.cos_in_out, found.gate_positive, layer, (-1.0, 1.0), (0.0, 1.0),
+        "cos(w_in, w_out)", "P(x_gate > 0)",
+    )  # fmt: skip
+    return context
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _table_json(rows: TablePage) -> dict[str, Any]:

@@ -104,6 +104,12 @@ class NeuronTable:
     def __len__(self) -> int:
         return len(self._data["layer"])
 
+    def values(self, key: str) -> np.ndarray:
+        """Column ``key`` over every neuron of the model, in model order (read-only)."""
+        column = self._data[key].view()
+        column.flags.writeable = False
+        return column
+
     def page(
         self,
         filter_: str = "",
