@@ -334,6 +334,93 @@ def test_without_weights_the_layers_page_explains_the_missing_scatter(hostile):
     assert page.count('class="box"') == 4 * 2  # the frequencies need no weights
 
 
+# ------------------------------------------------------------------------------ search by token
+
+
+def brute_force_search(atlas, corpus, tokens: set[int]) -> set[tuple]:
+    """(layer, neuron, case, hits, examples) of every neuron whose top hook_post examples
+    of a case peak on one of ``tokens``, from atlas.neuron and the corpus's rows."""
+    found = set()
+    for layer in range(atlas.num_layers):
+        for n in range(atlas.d_mlp):
+            top = atlas.neuron(layer, n).top
+            for case in CASES:
+                examples = top[case]["hook_post"]
+                peaks = [corpus.dataset[e.text]["input_ids"][e.position] for e in examples]
+                for token in tokens & set(peaks):
+                    found.add((layer, n, case, token, peaks.count(token), len(examples)))
+    return found
+
+
+def test_search_by_token_finds_what_a_brute_force_finds(client, hostile):
+    from gatescope.corpus import TokenizedCorpus
+
+    atlas, root = hostile
+    corpus = TokenizedCorpus.open(root / "corpus")
+    answer = client.get("/api/atlas/atlas/search", params={"token": "A"}).json()
+    tokens = {t["token"] for t in answer["tokens"]}
+    assert {t["text"] for t in answer["tokens"]} == {"a", "A"}  # case is ignored
+    got = {(h["layer"], h["neuron"], h["case"], h["token"], h["hits"], h["examples"])
+           for h in answer["hits"]}  # fmt: skip
+    assert got and got == brute_force_search(atlas, corpus, tokens)
+    ranked = [(h["hits"], h["hits"] / h["examples"]) for h in answer["hits"]]
+    assert ranked == sorted(ranked, reverse=True)
+    one_case = client.get("/api/atlas/atlas/search", params={"token": "a", "case": "gate-_in-"})
+    assert {h["case"] for h in one_case.json()["hits"]} == {"gate-_in-"}
+    by_id = client.get("/api/atlas/atlas/search", params={"token": f"#{min(tokens)}"}).json()
+    assert [t["token"] for t in by_id["tokens"]] == [min(tokens)]
+
+
+def test_the_token_index_is_built_once_and_read_from_the_cache(hostile, client, monkeypatch):
+    from gatescope.serve.search import TokenIndex
+
+    _, root = hostile
+    client.get("/api/atlas/atlas/search", params={"token": "a"})  # built and cached
+    assert list((root / "atlas" / CACHE_DIR).glob("*/token-index.safetensors"))
+
+    def no_build(*_):
+        raise AssertionError("the index was rebuilt")
+
+    monkeypatch.setattr(TokenIndex, "build", no_build)
+    again = TestClient(create_app(Catalog.open([root / "atlas"])))
+    assert again.get("/api/atlas/atlas/search", params={"token": "a"}).json()["hits"]
+
+
+def test_the_search_page_escapes_tokens_and_links_neurons(client):
+    page = client.get("/atlas/atlas/search", params={"token": "<"}).text
+    assert "<code>&lt;</code>" in page and "<script>alert" not in page
+    assert re.search(r'<a href="neuron/\d+\.\d+">', page)
+    unknown = client.get("/atlas/atlas/search", params={"token": "no such token"}).text
+    assert "no token of the vocabulary reads as" in unknown
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "says"),
+    [
+        ({"token": "#999999"}, 400, "there is no token #999999"),
+        ({"token": "a", "case": "gate"}, 400, "no case 'gate'"),
+        ({"token": " "}, 400, "name a token"),
+        ({"token": "x" * 300}, 422, "token"),
+        ({}, 422, "token"),
+    ],
+)
+def test_a_bad_search_gets_a_sentence(client, params, status, says):
+    answer = client.get("/api/atlas/atlas/search", params=params)
+    assert answer.status_code == status and says in answer.json()["detail"]
+
+
+def test_tokens_at_refuses_positions_outside_the_corpus(hostile):
+    from gatescope.corpus import TokenizedCorpus
+
+    _, root = hostile
+    corpus = TokenizedCorpus.open(root / "corpus")
+    first = corpus.dataset[0]["input_ids"]
+    got = corpus.tokens_at(np.array([0, 0, 1]), np.array([0, len(first) - 1, 2]))
+    assert got.tolist() == [first[0], first[-1], corpus.dataset[1]["input_ids"][2]]
+    with pytest.raises(GatescopeError, match="tokens the corpus does not have"):
+        corpus.tokens_at(np.array([0]), np.array([len(first)]))
+
+
 # ------------------------------------------------------------------------------ the fixture
 
 

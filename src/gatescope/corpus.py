@@ -858,6 +858,23 @@ class TokenizedCorpus:
             attention_mask[i, : len(row)] = 1
         return input_ids.to(device), attention_mask.to(device)
 
+    def tokens_at(self, texts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The token ids at pairs of (text index, position), vectorized: [pairs] int64.
+        Pairs outside the corpus are refused (an atlas of another corpus)."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        inside = (texts >= 0) & (texts < len(self.lengths)) & (positions >= 0)
+        inside[inside] &= positions[inside] < self.lengths[texts[inside]]
+        if not inside.all():
+            raise GatescopeError("the atlas points at tokens the corpus does not have.")
+        column = self.dataset.data.column(INPUT_IDS)
+        flat = np.concatenate(
+            [pc.list_flatten(chunk).to_numpy() for chunk in column.chunks]  # pyright: ignore[reportAttributeAccessIssue]
+        )  # every token, text after text
+        starts = np.cumsum(self.lengths) - self.lengths
+        return flat[starts[texts] + positions].astype(np.int64)
+
     def source_ids(self, texts: Sequence[int]) -> dict[int, str]:
         """Text index -> source id, for the texts of a corpus that records them."""
         if SOURCE_ID not in self.dataset.column_names or not texts:

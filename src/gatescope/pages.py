@@ -62,32 +62,43 @@ class PageSource:
         cls, atlas: Atlas, *, model: str | None = None, corpus: str | Path | None = None
     ) -> PageSource:
         """Loads the atlas's model, corpus and tokenizer (``model``/``corpus`` override)."""
-        from transformers import AutoTokenizer
-
-        from gatescope.corpus import TokenizedCorpus
         from gatescope.loading import load_model
 
         meta = atlas.meta
         model = model or meta.model.name
-        corpus = corpus or meta.corpus.path
         if not model:
             raise GatescopeError("the atlas does not name its model: pass --model.")
-        if not corpus:
-            raise GatescopeError("the atlas does not name its corpus folder: pass --corpus.")
-        texts = TokenizedCorpus.open(corpus)
-        expected = meta.corpus.fingerprint
-        if expected and texts.fingerprint != expected:
-            raise GatescopeError(
-                f"the corpus at {corpus} is not the one the atlas was scanned on "
-                "(its fingerprint differs)."
-            )
+        texts = open_corpus(atlas, corpus)
         loaded = load_model(model, dtype=meta.model.dtype or "auto")
-        tokenizer_name = texts.tokenizer or model
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
-        except (OSError, ValueError) as error:
-            raise GatescopeError(f"could not load the tokenizer '{tokenizer_name}'.") from error
-        return cls(atlas, loaded, texts, tokenizer)
+        return cls(atlas, loaded, texts, load_tokenizer(texts.tokenizer or model))
+
+
+def open_corpus(atlas: Atlas, corpus: str | Path | None = None) -> TokenizedCorpus:
+    """The corpus the atlas was scanned on (``corpus`` overrides where it is), refused
+    when its fingerprint is not the atlas's."""
+    from gatescope.corpus import TokenizedCorpus
+
+    corpus = corpus or atlas.meta.corpus.path
+    if not corpus:
+        raise GatescopeError("the atlas does not name its corpus folder: pass --corpus.")
+    texts = TokenizedCorpus.open(corpus)
+    expected = atlas.meta.corpus.fingerprint
+    if expected and texts.fingerprint != expected:
+        raise GatescopeError(
+            f"the corpus at {corpus} is not the one the atlas was scanned on "
+            "(its fingerprint differs)."
+        )
+    return texts
+
+
+def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer by hub id or folder, or a sentence saying it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError) as error:
+        raise GatescopeError(f"could not load the tokenizer '{name}'.") from error
 
 
 def parse_neuron(spec: str) -> tuple[int, int]:

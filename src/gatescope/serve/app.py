@@ -5,11 +5,12 @@ Routes (``NAME`` is an atlas's name in the catalog, ``L.N`` a neuron):
 * ``/``: the atlases; ``/atlas/NAME/``: the neuron table (filter, sort, pages);
   ``/atlas/NAME/neuron/L.N``: a neuron's page, recomputed on first request and cached;
   ``/atlas/NAME/layers?layer=L``: the model-wide views (frequencies per layer, and layer
-  L's scatter of cos(w_in, w_out) against the frequency of x_gate > 0).
+  L's scatter of cos(w_in, w_out) against the frequency of x_gate > 0);
+  ``/atlas/NAME/search?token=T&case=C``: the neurons whose top examples peak on a token.
 * ``/api/atlases``, ``/api/atlas/NAME/neurons``, ``/api/atlas/NAME/neuron/L.N``,
   ``/api/atlas/NAME/neuron/L.N/weights``, ``/api/atlas/NAME/frequencies``,
-  ``/api/atlas/NAME/layer/L/correlation``: the same as JSON; ``/docs``: FastAPI's OpenAPI
-  documentation (its assets are FastAPI's own).
+  ``/api/atlas/NAME/layer/L/correlation``, ``/api/atlas/NAME/search``: the same as JSON;
+  ``/docs``: FastAPI's OpenAPI documentation (its assets are FastAPI's own).
 
 Every failure of a request is an answer with one sentence: a GatescopeError (a user's
 mistake) is 400, a missing atlas or neuron 404, a malformed parameter 422; HTML under
@@ -18,6 +19,7 @@ mistake) is 400, a missing atlas or neuron 404, a malformed parameter 422; HTML 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import urllib.parse
@@ -29,7 +31,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from gatescope import __version__
+from gatescope.constants import CASES
 from gatescope.errors import GatescopeError
+from gatescope.serve.search import MAX_HITS
 from gatescope.serve.table import MAX_PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -119,6 +123,23 @@ def create_app(catalog: Catalog) -> FastAPI:
             raise HTTPException(404, f"the atlas '{name}' has no layer {chosen}.")
         return render_server_page("serve_layers.html.j2", **_layer_views(atlas, chosen))
 
+    @app.get("/atlas/{name}/search", response_class=HTMLResponse, include_in_schema=False)
+    def search_page(
+        name: str, token: str = Query("", max_length=200), case: str = Query("", max_length=20)
+    ) -> str:
+        atlas = served(name)
+        result = atlas.search(token, case or None) if token else None
+        return render_server_page(
+            "serve_search.html.j2",
+            atlas=atlas,
+            query=token,
+            case=case,
+            cases=CASES,
+            result=result,
+            texts=dict(result.tokens) if result else {},
+            max_hits=MAX_HITS,
+        )
+
     # ---------------------------------------------------------------- JSON
 
     @app.get("/api/atlases")
@@ -186,6 +207,22 @@ def create_app(catalog: Catalog) -> FastAPI:
             "p": _finite(found.p),
             "cos_in_out": [_finite(x) for x in found.cos_in_out.tolist()],
             "gate_positive": [_finite(x) for x in found.gate_positive.tolist()],
+        }
+
+    @app.get("/api/atlas/{name}/search")
+    def api_search(
+        name: str,
+        token: str = Query(max_length=200, description="a token as it reads, or #ID"),
+        case: str | None = Query(None, max_length=20, description="one sign case, or all"),
+    ) -> dict[str, Any]:
+        """The neurons whose top hook_post examples of a case peak on the token (most such
+        examples first)."""
+        result = served(name).search(token, case)
+        return {
+            "query": result.query,
+            "case": result.case,
+            "tokens": [{"token": t, "text": text} for t, text in result.tokens],
+            "hits": [dataclasses.asdict(hit) for hit in result.hits],
         }
 
     # ---------------------------------------------------------------- errors

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from gatescope.atlas import Atlas
     from gatescope.pages import PageSource
+    from gatescope.serve.search import SearchResult, TokenIndex, Vocabulary
     from gatescope.serve.table import NeuronTable
     from gatescope.weights import ModelWeights, WeightFigures
 
@@ -56,6 +57,8 @@ class ServedAtlas:
     _weights: ModelWeights | None = field(default=None, repr=False)
     _figures: WeightFigures | None = field(default=None, repr=False)
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
+    _index: TokenIndex | None = field(default=None, repr=False)
+    _vocabulary: Vocabulary | None = field(default=None, repr=False)
     #: Why the weights cannot be read (None: not tried yet, or they can).
     weights_problem: str | None = field(default=None, repr=False)
     # One recomputation at a time: they share the model, and the machine's cores. The
@@ -63,6 +66,7 @@ class ServedAtlas:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _table_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _weights_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def title(self) -> str:
@@ -76,6 +80,47 @@ class ServedAtlas:
             if self._table is None:
                 self._table = NeuronTable(self.atlas, self.weight_figures())
             return self._table
+
+    def neuron_page(self, layer: int, neuron: int) -> dict[str, Any]:
+        """The page data of a neuron (:func:`gatescope.pages.neuron_page`, without links):
+        from the disk cache, else recomputed (loading the model on first use) and cached."""
+        self.atlas.check_neuron(layer, neuron)
+        path = self.cache_dir / f"L{layer}-N{neuron}.json"
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
+        from gatescope.pages import layer_pages
+
+        with self._lock:
+            cached = _read_cached(path)  # another request may have made it meanwhile
+            if cached is not None:
+                return cached
+            source = self._page_source()
+            ((_, page),) = layer_pages(source, layer, [neuron], lambda _: {})
+            plain = _plain(page)
+            write_json_atomic(path, {"gatescope": __version__, "page": plain})
+            return plain
+
+    def _page_source(self) -> PageSource:
+        from gatescope.pages import PageSource
+
+        if self._source is None:
+            self._source = PageSource.open(self.atlas, model=self.model, corpus=self.corpus)
+        return self._source
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        """Where this atlas's neuron pages are cached (made on first use)."""
+        digest = hashlib.sha256((self.path / ATLAS_JSON).read_bytes()).hexdigest()[:16]
+        for root in (self.path / CACHE_DIR, _user_cache() / self.name):
+            folder = root / digest
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue
+            if os.access(folder, os.W_OK):
+                return folder
+        raise GatescopeError(f"no writable cache folder for the atlas at {self.path}.")
 
     def weight_figures(self) -> WeightFigures | None:
         """Every neuron's weight cosines and norms (from the disk cache, else read from the
@@ -123,6 +168,35 @@ class ServedAtlas:
         write_json_atomic(path, {"gatescope": __version__, "page": page})
         return page
 
+    def search(self, query: str, case: str | None = None) -> SearchResult:
+        """The neurons whose top examples peak on the tokens ``query`` names
+        (:class:`~gatescope.serve.search.TokenIndex`, built on first use and cached)."""
+        from gatescope.serve.search import SearchResult
+
+        index, vocabulary = self._token_index()
+        tokens = vocabulary.ids(query)
+        named = tuple((token, vocabulary.texts[token]) for token in tokens)
+        return SearchResult(query, case, named, tuple(index.find(tokens, case)))
+
+    def _token_index(self) -> tuple[TokenIndex, Vocabulary]:
+        from gatescope.pages import load_tokenizer, open_corpus
+        from gatescope.serve.search import TokenIndex, Vocabulary
+
+        with self._index_lock:
+            if self._index is None or self._vocabulary is None:
+                corpus = open_corpus(self.atlas, self.corpus)
+                path = self.cache_dir / "token-index.safetensors"
+                index = TokenIndex.load(path)
+                if index is None:
+                    index = TokenIndex.build(self.atlas, corpus)
+                    index.save(path)
+                name = corpus.tokenizer or self._model_name
+                if not name:
+                    raise GatescopeError("the corpus does not name its tokenizer: pass --model.")
+                self._vocabulary = Vocabulary(load_tokenizer(name))
+                self._index = index
+            return self._index, self._vocabulary
+
     @property
     def _model_name(self) -> str | None:
         return self.model or self.atlas.meta.model.name
@@ -151,57 +225,12 @@ class ServedAtlas:
         return self._weights
 
     def _lens_tokenizer(self) -> PreTrainedTokenizerBase:
-        tokenizer = self._tokenizer
-        if tokenizer is None:
-            from transformers import AutoTokenizer
+        """The model's own tokenizer (the weight lens reads its vocabulary)."""
+        from gatescope.pages import load_tokenizer
 
-            name = str(self._model_name)
-            try:
-                tokenizer = self._tokenizer = AutoTokenizer.from_pretrained(name)
-            except (OSError, ValueError) as error:
-                raise GatescopeError(f"could not load the tokenizer of '{name}'.") from error
-        return tokenizer
-
-    def neuron_page(self, layer: int, neuron: int) -> dict[str, Any]:
-        """The page data of a neuron (:func:`gatescope.pages.neuron_page`, without links):
-        from the disk cache, else recomputed (loading the model on first use) and cached."""
-        self.atlas.check_neuron(layer, neuron)
-        path = self.cache_dir / f"L{layer}-N{neuron}.json"
-        cached = _read_cached(path)
-        if cached is not None:
-            return cached
-        from gatescope.pages import layer_pages
-
-        with self._lock:
-            cached = _read_cached(path)  # another request may have made it meanwhile
-            if cached is not None:
-                return cached
-            source = self._page_source()
-            ((_, page),) = layer_pages(source, layer, [neuron], lambda _: {})
-            plain = _plain(page)
-            write_json_atomic(path, {"gatescope": __version__, "page": plain})
-            return plain
-
-    def _page_source(self) -> PageSource:
-        from gatescope.pages import PageSource
-
-        if self._source is None:
-            self._source = PageSource.open(self.atlas, model=self.model, corpus=self.corpus)
-        return self._source
-
-    @cached_property
-    def cache_dir(self) -> Path:
-        """Where this atlas's neuron pages are cached (made on first use)."""
-        digest = hashlib.sha256((self.path / ATLAS_JSON).read_bytes()).hexdigest()[:16]
-        for root in (self.path / CACHE_DIR, _user_cache() / self.name):
-            folder = root / digest
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                continue
-            if os.access(folder, os.W_OK):
-                return folder
-        raise GatescopeError(f"no writable cache folder for the atlas at {self.path}.")
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(str(self._model_name))
+        return self._tokenizer
 
 
 class Catalog:
