@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
@@ -421,6 +422,96 @@ def test_tokens_at_refuses_positions_outside_the_corpus(hostile):
         corpus.tokens_at(np.array([0]), np.array([len(first)]))
 
 
+# ------------------------------------------------------------------------------ probe
+
+
+def hooked_quantities(model, layer: int, ids: list[int]) -> np.ndarray:
+    """[quantity, pos, neuron] of a Llama-layout layer from forward hooks on its own
+    projections: the brute force of the probe."""
+    mlp = model.model.layers[layer].mlp
+    seen = {}
+    handles = [
+        mlp.gate_proj.register_forward_hook(lambda _m, _i, out: seen.__setitem__("g", out)),
+        mlp.up_proj.register_forward_hook(lambda _m, _i, out: seen.__setitem__("u", out)),
+    ]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for handle in handles:
+        handle.remove()
+    g, u = seen["g"][0].double(), seen["u"][0].double()
+    act = torch.nn.functional.silu(g)
+    return torch.stack([g, u, act, act * u]).numpy()
+
+
+def test_the_probe_reads_the_layer_as_the_models_own_projections(hostile):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, root = hostile
+    catalog = Catalog.open([root / "atlas"])
+    text = "once <b>upon</b> a time"
+    found = catalog.get("atlas").probe(text, 1, 3)
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert list(found.input_ids) == [tokenizer.bos_token_id, *ids]
+    assert "".join(found.tokens[1:]) == text
+    model = AutoModelForCausalLM.from_pretrained(root / "model").eval()
+    expected = hooked_quantities(model, 1, list(found.input_ids))  # [q, pos, neuron]
+    np.testing.assert_allclose(found.values, expected[:, :, 3], rtol=1e-5, atol=1e-6)
+    post = expected[3, found.position]
+    assert found.position == int(np.argmax(np.abs(expected[3, :, 3])))
+    g, u = expected[0, found.position], expected[1, found.position]
+    for c, case in enumerate(CASES):
+        members = [n for n in range(len(g)) if (2 * (g[n] < 0) + (u[n] < 0)) == c]
+        members.sort(key=lambda n: -abs(post[n]))
+        assert [t.neuron for t in found.top[case]] == members[:10]
+
+
+def test_the_probe_page_colors_tokens_and_keeps_hostile_text_inert(client):
+    attack = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+    page = client.post("/atlas/atlas/probe", data={"text": attack, "layer": "1", "neuron": "3"})
+    assert page.status_code == 200 and 'id="probe-tokens"' in page.text
+    assert "<script>alert" not in page.text and "<img" not in page.text
+    data = json.loads(re.search(r'id="page-data">(.*?)</script>', page.text, re.S)[1])
+    assert "".join(data["texts"]["probe"]["tokens"][1:]) == attack  # shown as text nodes
+    assert re.search(r'<a href="neuron/1\.\d+">', page.text)
+    form = client.get("/atlas/atlas/probe", params={"layer": 1, "neuron": 3}).text
+    assert 'name="neuron" min="0" max="63" value="3"' in form
+
+
+def test_a_probe_beyond_the_context_is_cut_with_a_note(client):
+    long = "ab " * 200  # 600 characters, one token each, beyond the 128 positions
+    answer = client.post("/api/atlas/atlas/probe", json={"text": long, "layer": 0, "neuron": 1})
+    data = answer.json()
+    assert data["truncated"] and data["context"] == 128 and len(data["tokens"]) == 128
+    assert data["given_tokens"] == 601
+    page = client.post("/atlas/atlas/probe", data={"text": long, "layer": "0", "neuron": "1"})
+    assert "cut to the model's context of 128 tokens (601 tokens given)" in page.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        ({"text": "x" * 1_000_000, "layer": 0, "neuron": 0}, 422, "at most 100000 characters"),
+        ({"text": "ab", "layer": 0, "neuron": 0, "position": 9}, 400, "tokens 0-2, not 9"),
+        ({"text": "ab", "layer": 5, "neuron": 0}, 404, "no neuron 5.0"),
+        ({"text": "ab", "layer": 0, "neuron": 64}, 404, "no neuron 0.64"),
+        ({"text": "ab", "layer": -1, "neuron": 0}, 422, "layer"),
+        ({"text": "   ", "layer": 0, "neuron": 0}, 400, "type a text"),
+        ({"layer": 0, "neuron": 0}, 422, "text"),
+    ],
+)
+def test_a_bad_probe_gets_a_sentence(client, body, status, says):
+    answer = client.post("/api/atlas/atlas/probe", json=body)
+    assert answer.status_code == status and says in answer.json()["detail"]
+    assert client.get("/api/atlases").status_code == 200
+
+
+def test_a_megabyte_probe_form_is_refused(client):
+    form = {"text": "x" * 1_000_000, "layer": "0", "neuron": "0"}
+    answer = client.post("/atlas/atlas/probe", data=form)
+    assert answer.status_code == 422 and "at most 100000 characters" in answer.text
+
+
 # ------------------------------------------------------------------------------ the fixture
 
 
@@ -451,3 +542,8 @@ def test_the_fixture_models_neuron_page_is_served(stories260k, tinystories, tmp_
     assert len(weights["lens"]["projections"]) == 5 and weights["related"]["reads_out_via_gate"]
     layers = client.get("/atlas/atlas/layers?layer=4")
     assert layers.status_code == 200 and "Pearson r = <b>" in layers.text
+    text = "Once upon a time, there was a little girl named Lily."
+    probe = client.post("/api/atlas/atlas/probe", json={"text": text, "layer": layer,
+                                                         "neuron": neuron}).json()  # fmt: skip
+    assert "".join(probe["tokens"][1:]).strip() == text and not probe["truncated"]
+    assert len(probe["values"]["hook_post"]) == len(probe["tokens"])

@@ -47,6 +47,7 @@ __all__ = [
     "fingerprint",
     "load_corpus",
     "save_corpus",
+    "start_token",
 ]
 
 logger: logging.Logger = logging.getLogger(__name__)
@@ -156,12 +157,7 @@ def build_corpus(
         raise GatescopeError(f"the token budget must be a positive number, got {tokens}.")
 
     tok = _load_tokenizer(tokenizer)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if bos is None:
-        raise GatescopeError(
-            f"the tokenizer {getattr(tok, 'name_or_path', '')!r} has neither a BOS nor an EOS "
-            "token to start each text with: use a tokenizer that defines one."
-        )
+    bos = start_token(tok)
     if tok.bos_token_id is None:
         logger.info("the tokenizer has no BOS token: each text starts with EOS (id %d)", bos)
 
@@ -244,6 +240,17 @@ def build_corpus(
         )
     logger.info("corpus: %d texts, %d tokens", len(lengths), n_tokens)
     return _to_dataset(ids_chunks, lengths, source_ids, recipe)
+
+
+def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token every text starts with: the tokenizer's BOS, else its EOS."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if not isinstance(bos, int):
+        raise GatescopeError(
+            f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a BOS nor an "
+            "EOS token to start each text with: use a tokenizer that defines one."
+        )
+    return bos
 
 
 def save_corpus(

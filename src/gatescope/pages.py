@@ -59,18 +59,31 @@ class PageSource:
 
     @classmethod
     def open(
-        cls, atlas: Atlas, *, model: str | None = None, corpus: str | Path | None = None
+        cls,
+        atlas: Atlas,
+        *,
+        model: str | None = None,
+        corpus: str | Path | None = None,
+        loaded: LoadedModel | None = None,
     ) -> PageSource:
-        """Loads the atlas's model, corpus and tokenizer (``model``/``corpus`` override)."""
-        from gatescope.loading import load_model
-
-        meta = atlas.meta
-        model = model or meta.model.name
+        """Loads the atlas's model (unless ``loaded``), corpus and tokenizer
+        (``model``/``corpus`` override where they are)."""
+        model = model or atlas.meta.model.name
         if not model:
             raise GatescopeError("the atlas does not name its model: pass --model.")
         texts = open_corpus(atlas, corpus)
-        loaded = load_model(model, dtype=meta.model.dtype or "auto")
+        loaded = loaded or load_atlas_model(atlas, model)
         return cls(atlas, loaded, texts, load_tokenizer(texts.tokenizer or model))
+
+
+def load_atlas_model(atlas: Atlas, model: str | None = None) -> LoadedModel:
+    """The atlas's model (``model`` overrides where it is), in the dtype it was scanned in."""
+    from gatescope.loading import load_model
+
+    model = model or atlas.meta.model.name
+    if not model:
+        raise GatescopeError("the atlas does not name its model: pass --model.")
+    return load_model(model, dtype=atlas.meta.model.dtype or "auto")
 
 
 def open_corpus(atlas: Atlas, corpus: str | Path | None = None) -> TokenizedCorpus:

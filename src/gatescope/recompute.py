@@ -10,7 +10,7 @@ in the statistics' dtype, :mod:`gatescope.stats.quantities`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ from gatescope.errors import GatescopeError
 from gatescope.loading import LoadedModel
 from gatescope.stats.quantities import gated_quantities, stats_dtype
 
-__all__ = ["TextActivations", "recompute"]
+__all__ = ["TextActivations", "probe", "recompute"]
 
 
 @dataclass
@@ -62,44 +62,17 @@ def recompute(
         Corpus index -> :class:`TextActivations`, values [neuron, quantity, pos] with the
         quantities of :data:`~gatescope.constants.QUANTITIES`.
     """
-    from gatescope.arch import find_gated_mlps, refactored_glu
-
-    mlps = find_gated_mlps(loaded.model)
-    if not 0 <= layer < len(mlps):
-        raise GatescopeError(f"layer {layer} is out of range: the model has {len(mlps)} layers.")
-    mlp = mlps[layer]
-    bad = [n for n in neurons if not 0 <= n < mlp.d_mlp]
-    if bad:
-        raise GatescopeError(
-            f"neuron {bad[0]} is out of range: layer {layer} has neurons 0-{mlp.d_mlp - 1}."
-        )
     wanted = sorted(set(texts))
     corpus.check_texts(wanted)
-    dtype = stats_dtype(loaded.dtype)
-    index = torch.as_tensor(list(neurons), device=loaded.device)
-    captured: list[torch.Tensor] = []
-
-    def keep(gate: torch.Tensor, up: torch.Tensor) -> None:
-        g = gate[..., index].to(dtype)  # [batch, pos, neuron]
-        u = up[..., index].to(dtype)
-        captured.append(gated_quantities(g, u, mlp.act_fn))  # [quantity, batch, pos, neuron]
-        raise _Stop
-
     # Longest first, as the scan batches them: little padding.
     order = sorted(wanted, key=lambda t: -int(corpus.lengths[t]))
     result: dict[int, TextActivations] = {}
-    refactor = refactored_glu(mlps) if refactor_glu else contextlib.nullcontext()
-    with torch.inference_mode(), refactor, mlp.capture(keep):
+    with _layer_reader(loaded, layer, neurons, refactor_glu=refactor_glu) as read:
         for start in range(0, len(order), batch_size):
             batch = np.asarray(order[start : start + batch_size])
             input_ids, attention_mask = corpus.batch(batch, device=loaded.device)
-            captured.clear()
-            with contextlib.suppress(_Stop):
-                loaded.model.base_model(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                )
-            values = captured[0].permute(1, 3, 0, 2).cpu().numpy()  # [batch, neuron, q, pos]
-            for row, text in enumerate(batch.tolist()):
+            values = read(input_ids, attention_mask).permute(1, 3, 0, 2).cpu().numpy()
+            for row, text in enumerate(batch.tolist()):  # values: [batch, neuron, q, pos]
                 length = int(attention_mask[row].sum())
                 result[text] = TextActivations(
                     text=text,
@@ -107,3 +80,62 @@ def recompute(
                     values=values[row, :, :, :length],
                 )
     return result
+
+
+def probe(
+    loaded: LoadedModel, input_ids: Sequence[int], layer: int, *, refactor_glu: bool = False
+) -> np.ndarray:
+    """Every neuron of ``layer`` on every token of one text: [quantity, pos, neuron].
+
+    Args:
+        loaded: The model.
+        input_ids: The text's tokens (BOS first, as in a corpus), within the model's context.
+        layer: The layer.
+        refactor_glu: Apply ``--refactor-glu`` as the scan did (undone afterwards).
+    """
+    ids = torch.as_tensor([list(input_ids)], device=loaded.device)
+    with _layer_reader(loaded, layer, None, refactor_glu=refactor_glu) as read:
+        values = read(ids, torch.ones_like(ids))  # [quantity, 1, pos, neuron]
+    return values[:, 0].cpu().numpy()
+
+
+@contextlib.contextmanager
+def _layer_reader(
+    loaded: LoadedModel, layer: int, neurons: Sequence[int] | None, *, refactor_glu: bool
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Yields ``read(input_ids, attention_mask)`` -> [quantity, batch, pos, neuron]: the
+    quantities of ``neurons`` (all when None) of ``layer``, by a forward that stops after
+    the layer, with the weights refactored while the block runs if ``refactor_glu``."""
+    from gatescope.arch import find_gated_mlps, refactored_glu
+
+    mlps = find_gated_mlps(loaded.model)
+    if not 0 <= layer < len(mlps):
+        raise GatescopeError(f"layer {layer} is out of range: the model has {len(mlps)} layers.")
+    mlp = mlps[layer]
+    bad = [n for n in neurons or () if not 0 <= n < mlp.d_mlp]
+    if bad:
+        raise GatescopeError(
+            f"neuron {bad[0]} is out of range: layer {layer} has neurons 0-{mlp.d_mlp - 1}."
+        )
+    dtype = stats_dtype(loaded.dtype)
+    index = None if neurons is None else torch.as_tensor(list(neurons), device=loaded.device)
+    captured: list[torch.Tensor] = []
+
+    def keep(gate: torch.Tensor, up: torch.Tensor) -> None:
+        if index is not None:
+            gate, up = gate[..., index], up[..., index]
+        # [quantity, batch, pos, neuron]
+        captured.append(gated_quantities(gate.to(dtype), up.to(dtype), mlp.act_fn))
+        raise _Stop
+
+    def read(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        captured.clear()
+        with contextlib.suppress(_Stop):
+            loaded.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
+        return captured[0]
+
+    refactor = refactored_glu(mlps) if refactor_glu else contextlib.nullcontext()
+    with torch.inference_mode(), refactor, mlp.capture(keep):
+        yield read

@@ -70,11 +70,14 @@ def render_index(site: SiteMeta) -> str:
 
 
 def render_server_page(template: str, **context: Any) -> str:
-    """The HTML of one of the server's own pages (``serve_*.html.j2``)."""
+    """The HTML of one of the server's own pages (``serve_*.html.j2``); ``script`` is the
+    neuron pages' token renderer, for pages that show tokens."""
     from markupsafe import Markup
 
     page = _environment().get_template(template)
-    return page.render(css=Markup(_asset("page.css")), **context)
+    return page.render(
+        css=Markup(_asset("page.css")), script=Markup(_asset("neuron.js")), **context
+    )
 
 
 def render_nav(links: dict[str, str | None]) -> str:

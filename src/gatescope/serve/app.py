@@ -6,10 +6,12 @@ Routes (``NAME`` is an atlas's name in the catalog, ``L.N`` a neuron):
   ``/atlas/NAME/neuron/L.N``: a neuron's page, recomputed on first request and cached;
   ``/atlas/NAME/layers?layer=L``: the model-wide views (frequencies per layer, and layer
   L's scatter of cos(w_in, w_out) against the frequency of x_gate > 0);
-  ``/atlas/NAME/search?token=T&case=C``: the neurons whose top examples peak on a token.
+  ``/atlas/NAME/search?token=T&case=C``: the neurons whose top examples peak on a token;
+  ``/atlas/NAME/probe``: any text through the model (a form, POSTed).
 * ``/api/atlases``, ``/api/atlas/NAME/neurons``, ``/api/atlas/NAME/neuron/L.N``,
   ``/api/atlas/NAME/neuron/L.N/weights``, ``/api/atlas/NAME/frequencies``,
-  ``/api/atlas/NAME/layer/L/correlation``, ``/api/atlas/NAME/search``: the same as JSON;
+  ``/api/atlas/NAME/layer/L/correlation``, ``/api/atlas/NAME/search``, and POST
+  ``/api/atlas/NAME/probe``: the same as JSON;
   ``/docs``: FastAPI's OpenAPI documentation (its assets are FastAPI's own).
 
 Every failure of a request is an answer with one sentence: a GatescopeError (a user's
@@ -25,19 +27,22 @@ import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Form, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from gatescope import __version__
-from gatescope.constants import CASES
+from gatescope.constants import CASES, QUANTITIES
 from gatescope.errors import GatescopeError
+from gatescope.serve.probe import MAX_PROBE_CHARS
 from gatescope.serve.search import MAX_HITS
 from gatescope.serve.table import MAX_PAGE_SIZE
 
 if TYPE_CHECKING:
     from gatescope.serve.catalog import Catalog, ServedAtlas
+    from gatescope.serve.probe import ProbeResult
     from gatescope.serve.table import TablePage
 
 __all__ = ["create_app"]
@@ -140,6 +145,31 @@ def create_app(catalog: Catalog) -> FastAPI:
             max_hits=MAX_HITS,
         )
 
+    @app.get("/atlas/{name}/probe", response_class=HTMLResponse, include_in_schema=False)
+    def probe_form(
+        name: str,
+        layer: int = Query(0, ge=0, le=10**6),
+        neuron: int = Query(0, ge=0, le=10**9),
+    ) -> str:
+        atlas = served(name)
+        form = {"text": "", "layer": layer, "neuron": neuron, "position": None}
+        return render_server_page("serve_probe.html.j2", **_probe_view(atlas, form, None))
+
+    @app.post("/atlas/{name}/probe", response_class=HTMLResponse, include_in_schema=False)
+    def probe_page(
+        name: str,
+        text: str = Form(max_length=MAX_PROBE_CHARS),
+        layer: int = Form(ge=0, le=10**6),
+        neuron: int = Form(ge=0, le=10**9),
+        position: str = Form("", max_length=12),
+    ) -> str:
+        atlas = served(name)
+        neuron_of(atlas, f"{layer}.{neuron}")
+        at = _position(position)
+        result = atlas.probe(text, layer, neuron, at)
+        form = {"text": text, "layer": layer, "neuron": neuron, "position": at}
+        return render_server_page("serve_probe.html.j2", **_probe_view(atlas, form, result))
+
     # ---------------------------------------------------------------- JSON
 
     @app.get("/api/atlases")
@@ -225,6 +255,29 @@ def create_app(catalog: Catalog) -> FastAPI:
             "hits": [dataclasses.asdict(hit) for hit in result.hits],
         }
 
+    @app.post("/api/atlas/{name}/probe")
+    def api_probe(name: str, request: ProbeRequest) -> dict[str, Any]:
+        """A text through the model up to ``layer``: the neuron's four quantities and sign
+        case on every token, and at token ``position`` (default: the neuron's strongest)
+        the layer's most active neurons per case. Texts beyond the model's context are cut
+        to it (``truncated``)."""
+        atlas = served(name)
+        neuron_of(atlas, f"{request.layer}.{request.neuron}")
+        found = atlas.probe(request.text, request.layer, request.neuron, request.position)
+        return {
+            "layer": found.layer,
+            "neuron": found.neuron,
+            "input_ids": list(found.input_ids),
+            "tokens": list(found.tokens),
+            "values": {q: found.values[i].tolist() for i, q in enumerate(QUANTITIES)},
+            "cases": found.cases,
+            "position": found.position,
+            "top": {case: [dataclasses.asdict(t) for t in top] for case, top in found.top.items()},
+            "truncated": found.truncated,
+            "given_tokens": found.given_tokens,
+            "context": found.context,
+        }
+
     # ---------------------------------------------------------------- errors
 
     def answer(request: Request, status: int, message: str) -> Response:
@@ -302,6 +355,52 @@ def _layer_views(atlas: ServedAtlas, layer: int) -> dict[str, Any]:
         found.cos_in_out, found.gate_positive, layer, (-1.0, 1.0), (0.0, 1.0),
         "cos(w_in, w_out)", "P(x_gate > 0)",
     )  # fmt: skip
+    return context
+
+
+class ProbeRequest(BaseModel):
+    """A probe: a text, a layer and a neuron, and optionally the token to list the layer's
+    most active neurons at."""
+
+    text: str = Field(max_length=MAX_PROBE_CHARS)
+    layer: int = Field(ge=0, le=10**6)
+    neuron: int = Field(ge=0, le=10**9)
+    position: int | None = Field(None, ge=0, le=10**7)
+
+
+def _position(text: str) -> int | None:
+    """The probe form's token field: empty for the neuron's strongest token."""
+    if not text.strip():
+        return None
+    if not text.strip().isdigit():
+        raise GatescopeError(f"the token is a position in the text, not '{text}'.")
+    return int(text)
+
+
+def _probe_view(
+    atlas: ServedAtlas, form: dict[str, Any], result: ProbeResult | None
+) -> dict[str, Any]:
+    """What the probe page shows: the form, and a probe's result with the token data the
+    neuron pages' script colors."""
+    context: dict[str, Any] = {
+        "atlas": atlas,
+        "form": form,
+        "result": result,
+        "layers": atlas.atlas.num_layers,
+        "d_mlp": atlas.atlas.d_mlp,
+        "max_chars": MAX_PROBE_CHARS,
+        "quantities": QUANTITIES,
+    }
+    if result is not None:
+        values = [[_finite(float(v)) for v in row] for row in result.values.tolist()]
+        context["data"] = {
+            "quantities": list(QUANTITIES),
+            "texts": {"probe": {"tokens": list(result.tokens), "values": values}},
+            "before": 0,
+            "after": 0,
+        }
+        cases = [c for c in result.cases if c is not None]
+        context["case_counts"] = {case: cases.count(case) for case in CASES}
     return context
 
 

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from gatescope.atlas import Atlas
+    from gatescope.loading import LoadedModel
     from gatescope.pages import PageSource
+    from gatescope.serve.probe import ProbeResult
     from gatescope.serve.search import SearchResult, TokenIndex, Vocabulary
     from gatescope.serve.table import NeuronTable
     from gatescope.weights import ModelWeights, WeightFigures
@@ -53,6 +55,7 @@ class ServedAtlas:
     model: str | None = None  # where the model is, if not where the atlas says
     corpus: str | None = None  # likewise the corpus folder
     _source: PageSource | None = field(default=None, repr=False)
+    _loaded: LoadedModel | None = field(default=None, repr=False)
     _table: NeuronTable | None = field(default=None, repr=False)
     _weights: ModelWeights | None = field(default=None, repr=False)
     _figures: WeightFigures | None = field(default=None, repr=False)
@@ -101,11 +104,35 @@ class ServedAtlas:
             write_json_atomic(path, {"gatescope": __version__, "page": plain})
             return plain
 
+    def probe(self, text: str, layer: int, neuron: int, position: int | None = None) -> ProbeResult:
+        """``text`` through the model up to ``layer``: :func:`~gatescope.serve.probe.run_probe`
+        (loading the model on first use)."""
+        from gatescope.serve.probe import run_probe
+
+        self.atlas.check_neuron(layer, neuron)
+        with self._lock:
+            loaded = self._loaded_model()
+            tokenizer = self._lens_tokenizer()
+            refactor = self.atlas.meta.options.refactor_glu
+            return run_probe(
+                loaded, tokenizer, text, layer, neuron, position, refactor_glu=refactor
+            )
+
+    def _loaded_model(self) -> LoadedModel:
+        """The model, loaded once (call under ``_lock``)."""
+        from gatescope.pages import load_atlas_model
+
+        if self._loaded is None:
+            self._loaded = load_atlas_model(self.atlas, self.model)
+        return self._loaded
+
     def _page_source(self) -> PageSource:
         from gatescope.pages import PageSource
 
         if self._source is None:
-            self._source = PageSource.open(self.atlas, model=self.model, corpus=self.corpus)
+            self._source = PageSource.open(
+                self.atlas, model=self.model, corpus=self.corpus, loaded=self._loaded_model()
+            )
         return self._source
 
     @cached_property

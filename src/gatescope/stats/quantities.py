@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["fill_quantities", "gated_quantities", "stats_dtype", "strongest_token"]
+__all__ = ["fill_quantities", "gated_quantities", "sign_cases", "stats_dtype", "strongest_token"]
 
 
 def stats_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -46,6 +46,19 @@ def gated_quantities(gate: Tensor, up: Tensor, act: Callable[[Tensor], Tensor]) 
     return fill_quantities(q, act)
 
 
+def sign_cases(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The sign case of each (g, u): its index into :data:`~gatescope.constants.CASES`,
+    ``2 * (g < 0) + (u < 0)``, or -1 where g or u is 0 or NaN (a token of no case).
+
+    Args:
+        g: ``hook_pre`` values, any shape.
+        u: ``hook_pre_linear`` values, the same shape.
+    """
+    cases = 2 * (g < 0) + (u < 0)
+    in_a_case = (g != 0) & (u != 0) & ~np.isnan(g) & ~np.isnan(u)
+    return np.where(in_a_case, cases, -1).astype(np.int8)
+
+
 def strongest_token(values: np.ndarray, case: int, quantity: int, first: int = 0) -> int | None:
     """A text's strongest token of a sign case, as the ranked lists pick it.
 
@@ -60,10 +73,7 @@ def strongest_token(values: np.ndarray, case: int, quantity: int, first: int = 0
         The first position of the largest ``|value|`` among the case's counted tokens, or
         None where the case does not occur in the text.
     """
-    g, u = values[0, first:], values[1, first:]
-    gate_ok = g < 0 if case >= 2 else g > 0  # case = 2 * (g < 0) + (u < 0)
-    in_ok = u < 0 if case % 2 else u > 0
-    in_case = gate_ok & in_ok
+    in_case = sign_cases(values[0, first:], values[1, first:]) == case
     if not in_case.any():
         return None
     strength = np.where(in_case, np.abs(values[quantity, first:]), -np.inf)
