@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import urllib.request
 
 import pytest
 import torch
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from safetensors import safe_open
 
 from gatescope.atlas import Atlas
@@ -20,7 +19,8 @@ from gatescope.demo import model_path
 from gatescope.demo.run import held_out_chunks
 from gatescope.demo.stdlib import is_held_out, line_chunks, stdlib_texts
 from gatescope.errors import GatescopeError
-from gatescope.site_server import site_server
+from gatescope.serve.app import create_app
+from gatescope.serve.catalog import Catalog
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_line_chunks_keep_whole_lines_and_their_numbers():
     assert chunks[-1] == (60, 60, "x" * 90)
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     runner = CliRunner()
     result = runner.invoke(
@@ -119,11 +119,28 @@ def test_demo_end_to_end(tmp_path):
     assert corpus_metadata(out / "corpus").recipe.source == "held-out Python standard library"
     source_ids = load_corpus(out / "corpus")[SOURCE_ID]
     assert all(re.fullmatch(r"[\w/.-]+\.py:\d+-\d+", s) for s in source_ids)
-    # A rerun replaces the demo; a folder holding anything else is refused.
-    again = runner.invoke(cli, ["demo", "--out", str(out), "--no-serve", "--tokens", "6000",
-                                "--quiet"])  # fmt: skip
-    assert again.exit_code == 0
+    # A rerun replaces the demo, and serves it (gatescope serve, stubbed here: it would run
+    # until Ctrl-C), printing where the picked neurons are.
+    served = {}
+
+    def fake_serve(atlases, *, port, on_ready):
+        served.update(atlases=atlases, port=port)
+        on_ready("http://127.0.0.1:8123/")
+
+    monkeypatch.setattr("gatescope.serve.serve", fake_serve)
+    again = runner.invoke(cli, ["demo", "--out", str(out), "--tokens", "6000", "--quiet",
+                                "--port", "0"])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert served == {"atlases": [out / "atlas"], "port": 0}
     assert Atlas.load(out / "atlas").meta.corpus.tokens == 6000
+    assert not (out / "site").exists()  # no static pages when serving
+    links = re.findall(r"http://127\.0\.0\.1:8123/atlas/atlas/neuron/(\d+)\.(\d+)", again.output)
+    assert len(links) == 2 * atlas.num_layers
+    client = TestClient(create_app(Catalog.open([out / "atlas"])))
+    layer, neuron = map(int, links[0])
+    page = client.get(f"/atlas/atlas/neuron/{layer}.{neuron}")
+    assert page.status_code == 200 and f"Neuron {layer}.{neuron}" in page.text
+    # A folder holding anything else is refused.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     refused = runner.invoke(cli, ["demo", "--out", str(tmp_path / "mine"), "--no-serve"])
@@ -133,18 +150,14 @@ def test_demo_end_to_end(tmp_path):
     assert bad_port.exit_code == 2 and "99999" in bad_port.output  # refused before any work
 
 
-def test_site_server_serves_loopback_only(tmp_path):
-    (tmp_path / "index.html").write_text("<p>pages</p>")
-    server = site_server(tmp_path, port=0)
-    host, port = server.server_address[:2]
-    assert host == "127.0.0.1"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10) as reply:
-            assert reply.status == 200 and reply.read() == b"<p>pages</p>"
-        with pytest.raises(GatescopeError, match="--port"):
-            site_server(tmp_path, port=port)  # taken
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_a_taken_port_is_refused_in_a_sentence_before_any_work(tmp_path):
+    from gatescope.serve import listen
+
+    with listen("127.0.0.1", 0) as taken:
+        port = str(taken.getsockname()[1])
+        taken.listen()
+        demo = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--port", port])
+        assert demo.exit_code == 1 and "pass --port with a free port" in demo.output
+        assert not (tmp_path / "demo").exists()
+        with pytest.raises(GatescopeError, match=r"cannot serve on 127\.0\.0\.1"):
+            listen("127.0.0.1", int(port))

@@ -412,7 +412,9 @@ def serve(atlases, model, corpus_path, host, port) -> None:
     type=click.Path(path_type=Path),
     help="Folder for the demo's corpus, atlas and pages (a rerun replaces them).",
 )
-@click.option("--no-serve", is_flag=True, help="Stop after writing the pages.")
+@click.option(
+    "--no-serve", is_flag=True, help="Write static pages of the picked neurons instead of serving."
+)
 @_port_option("Loopback port to serve on (0: any free).")
 @click.option(
     "--tokens",
@@ -423,31 +425,34 @@ def serve(atlases, model, corpus_path, host, port) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out, no_serve, port, tokens, quiet) -> None:
     """Scan held-out Python standard-library code with the small model shipped in the
-    package, write pages of neurons worth a look, and serve them on 127.0.0.1.
+    package, and serve the atlas on 127.0.0.1 (gatescope serve), pointing at neurons worth
+    a look; --no-serve writes their static pages instead.
 
     Offline, about a minute on two CPU cores.
     """
     from gatescope.demo.run import DEMO_TOKENS, run_demo
+    from gatescope.serve import listen
 
-    result = run_demo(out, tokens=tokens or DEMO_TOKENS, progress=not quiet)
-    click.echo(f"scanned {result.tokens:,} tokens of held-out standard-library code; pages:")
-    for page in result.pages:
-        click.echo(f"  {page.layer}.{page.neuron:<5} {page.why:<44} {page.path}")
-    click.echo(f"index: {result.index}")
+    if not no_serve:
+        listen("127.0.0.1", port).close()  # a taken port is refused before any work
+    result = run_demo(out, tokens=tokens or DEMO_TOKENS, site=no_serve, progress=not quiet)
+    click.echo(f"scanned {result.tokens:,} tokens of held-out standard-library code")
     if no_serve:
+        click.echo("pages:")
+        for page in result.pages:
+            click.echo(f"  {page.layer}.{page.neuron:<5} {page.why:<44} {page.path}")
+        click.echo(f"index: {result.index}")
         return
-    from gatescope.site_server import site_server
+    from gatescope.serve import serve as run_server
 
-    server = site_server(result.index.parent, port)
-    click.echo(
-        f"serving on http://127.0.0.1:{server.server_address[1]}/index.html (Ctrl-C to stop)"
-    )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        click.echo("stopped")
-    finally:
-        server.server_close()
+    def ready(url: str) -> None:
+        click.echo("neurons worth a look:")
+        for page in result.pages:
+            where = f"{url}atlas/atlas/neuron/{page.layer}.{page.neuron}"
+            click.echo(f"  {page.layer}.{page.neuron:<5} {page.why:<44} {where}")
+        click.echo(f"serving the atlas on {url}atlas/atlas/ (Ctrl-C to stop)")
+
+    run_server([result.atlas], port=port, on_ready=ready)
 
 
 def main() -> None:

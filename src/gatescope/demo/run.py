@@ -1,9 +1,10 @@
-"""`gatescope demo`: the shipped model scanned on the held-out standard library, as pages.
+"""`gatescope demo`: the shipped model scanned on the held-out standard library.
 
-Three steps, each with a progress bar: a corpus of the held-out files cut into chunks of
-whole lines, a scan of it, and pages for two neurons of every layer: the one whose
+Two steps, each with a progress bar: a corpus of the held-out files cut into chunks of
+whole lines, and a scan of it. Then two neurons of every layer are picked: the one whose
 `gate-_in-` case is most frequent (the case older viewers never show) and the one with the
-strongest `hook_post`.
+strongest `hook_post`; the CLI serves the atlas live (`gatescope serve`) pointing at them,
+or writes their static pages (a third step).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class DemoPage:
     layer: int
     neuron: int
     why: str  # what singles it out, for the reader
-    path: Path
+    path: Path | None  # its static page, when written
 
 
 @dataclass
@@ -47,7 +48,12 @@ class Demo:
     pages: list[DemoPage]
 
     @property
+    def atlas(self) -> Path:
+        return self.out / "atlas"
+
+    @property
     def index(self) -> Path:
+        """The static site's index (written with ``site=True``)."""
         return self.out / "site" / "index.html"
 
 
@@ -77,15 +83,18 @@ def pick_neurons(atlas: Atlas) -> list[tuple[int, int, str]]:
     return picked
 
 
-def run_demo(out: str | Path, *, tokens: int = DEMO_TOKENS, progress: bool = True) -> Demo:
-    """Builds the corpus, scans it and writes the pages into ``out`` (a folder of its own:
-    a rerun replaces an earlier demo there, any other non-empty folder is refused)."""
+def run_demo(
+    out: str | Path, *, tokens: int = DEMO_TOKENS, site: bool = True, progress: bool = True
+) -> Demo:
+    """Builds the corpus, scans it and picks the neurons, in ``out`` (a folder of its own:
+    a rerun replaces an earlier demo there, any other non-empty folder is refused); with
+    ``site``, writes their static pages too."""
     out = _claim(Path(out), tokens)
     with library_bars_off():
-        return _run(out, tokens, progress)
+        return _run(out, tokens, site, progress)
 
 
-def _run(out: Path, tokens: int, progress: bool) -> Demo:
+def _run(out: Path, tokens: int, site: bool, progress: bool) -> Demo:
     from gatescope.corpus import build_corpus, save_corpus
     from gatescope.pages import PageSource, write_pages
     from gatescope.scanner import scan
@@ -102,10 +111,12 @@ def _run(out: Path, tokens: int, progress: bool) -> Demo:
     atlas = scan(model, out / "corpus", out=out / "atlas", overwrite=True, progress=progress)
     picked = pick_neurons(atlas)
     remove_path(out / "site")  # pages of an earlier demo's atlas
-    paths = write_pages(
-        PageSource.open(atlas), [(layer, n) for layer, n, _ in picked], out / "site",
-        notes={(layer, n): why for layer, n, why in picked}, progress=progress,
-    )  # fmt: skip
+    paths: list[Path | None] = [None] * len(picked)
+    if site:
+        paths = list(write_pages(
+            PageSource.open(atlas), [(layer, n) for layer, n, _ in picked], out / "site",
+            notes={(layer, n): why for layer, n, why in picked}, progress=progress,
+        ))  # fmt: skip
     pages = [DemoPage(layer, n, why, p) for (layer, n, why), p in zip(picked, paths, strict=True)]
     assert atlas.tokens is not None  # a scan always knows its token count
     return Demo(out, atlas.tokens, pages)

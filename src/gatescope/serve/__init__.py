@@ -1,17 +1,21 @@
 """``gatescope serve``: the live atlas, any neuron of any served atlas on demand.
 
-Modules: ``catalog`` (the served atlases, their lazily loaded model and on-disk page
-cache), ``table`` (the neuron table: columns, filters, sorting, pages) and ``app`` (the
-FastAPI routes, HTML and JSON, and their error answers). FastAPI and uvicorn load only
-when a server starts.
+Modules: ``catalog`` (the served atlases, their lazily loaded model and weights, and their
+on-disk caches), ``table`` (the neuron table: columns, filters, sorting, pages), ``views``
+(the model-wide views), ``search`` (search by token), ``probe`` (any text through the
+model) and ``app`` (the FastAPI routes, HTML and JSON, and their error answers). FastAPI
+and uvicorn load only when a server starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["serve"]
+from gatescope.errors import GatescopeError
+
+__all__ = ["listen", "serve"]
 
 
 def serve(
@@ -21,9 +25,9 @@ def serve(
     corpus: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    on_ready=None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serves ``atlases`` on ``host:port`` until interrupted.
+    """Serves ``atlases`` on ``host:port`` (``port`` 0: any free one) until interrupted.
 
     ``on_ready(url)`` is called once the server listens (e.g. to print where).
     """
@@ -33,15 +37,31 @@ def serve(
     from gatescope.serve.catalog import Catalog
 
     app = create_app(Catalog.open(atlases, model=model, corpus=corpus))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    listening = listen(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     if on_ready is not None:
         startup = server.startup
 
         async def announce(sockets=None) -> None:
             await startup(sockets)
-            bound = server.servers[0].sockets[0].getsockname() if server.servers else (host, port)
-            on_ready(f"http://{bound[0]}:{bound[1]}/")
+            bound_host, bound_port = listening.getsockname()[:2]
+            on_ready(f"http://{bound_host}:{bound_port}/")
 
         server.startup = announce  # type: ignore[method-assign]
-    server.run()
+    with listening:
+        server.run(sockets=[listening])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, or a sentence saying why it cannot be."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        raise GatescopeError(
+            f"cannot serve on {host}:{port} ({error.strerror}): pass --port with a free "
+            "port, or --port 0 for any."
+        ) from error
+    return sock
