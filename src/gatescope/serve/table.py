@@ -53,7 +53,7 @@ class Column:
     @property
     def words(self) -> frozenset[str]:
         """The words that name it in a filter (any order)."""
-        return frozenset(self.label.replace("|", " ").lower().split())
+        return _words(self.label)
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,6 @@ class NeuronTable:
 def parse_filter(text: str, columns: Sequence[Column]) -> list[Condition]:
     """The conditions of a filter (see the module docstring); a clause that names no column
     or does not parse is refused with a sentence."""
-    by_words = {c.words: c.key for c in columns}
     conditions = []
     for clause in re.split(r"\s+and\s+", text.strip(), flags=re.IGNORECASE):
         if not clause:
@@ -163,8 +162,7 @@ def parse_filter(text: str, columns: Sequence[Column]) -> list[Condition]:
                 f"cannot read '{clause}': write COLUMN OP NUMBER or COLUMN A-B, "
                 "e.g. 'gate-_in- frequency > 0.2 and layer 20-31'."
             )
-        words = frozenset(_ALIASES.get(w, w) for w in match["column"].lower().split())
-        key = by_words.get(words)
+        key = _column_named(match["column"], columns)
         if key is None:
             names = ", ".join(c.label for c in columns)
             raise GatescopeError(f"no column '{match['column']}': columns are {names}.")
@@ -182,6 +180,23 @@ WEIGHT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cos:gate_out", "cos gate-out", "cos_gate_out"),
     ("cos:in_out", "cos in-out", "cos_in_out"),
 )
+
+
+def _words(name: str) -> frozenset[str]:
+    """A column name's words: lower case, bars dropped (``|hook_post|`` is ``hook_post``),
+    aliases resolved (``freq`` is ``frequency``)."""
+    return frozenset(_ALIASES.get(w, w) for w in name.replace("|", " ").lower().split())
+
+
+def _column_named(name: str, columns: Sequence[Column]) -> str | None:
+    """The key of the column ``name`` names: all its words in any order, or some of them
+    when they name no other column (``p99 gate+_in+`` for ``gate+_in+ p99 |hook_post|``)."""
+    words = _words(name)
+    exact = [c.key for c in columns if c.words == words]
+    if exact:
+        return exact[0]
+    partial = [c.key for c in columns if words and words <= c.words]
+    return partial[0] if len(partial) == 1 else None
 
 
 def _columns(
