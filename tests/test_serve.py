@@ -103,6 +103,16 @@ def test_filter_words_in_any_order_and_every_operator(hostile):
         assert table.page(f"layer {op} 1", size=1).total == expected
 
 
+def test_a_column_is_named_by_enough_of_its_words(hostile):
+    atlas, _ = hostile
+    table = NeuronTable(atlas)
+    full = table.page("gate+_in+ p99 |hook_post| > 0.5 and gate-_in- max |hook_post| < 2")
+    short = table.page("p99 gate+_in+ > 0.5 and max gate-_in- < 2")
+    assert full.rows == short.rows and 0 < full.total < len(table)
+    with pytest.raises(GatescopeError, match="no column 'p99'"):
+        table.page("p99 > 0.5")  # four columns have these words
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [
@@ -159,6 +169,13 @@ def test_a_neuron_page_is_made_once_then_served_from_the_cache(hostile):
     assert {(int(t), int(p)) for t, p, _ in shown} == expected
     cached = list((root / "atlas" / CACHE_DIR).glob("*/L1-N3.json"))
     assert len(cached) == 1
+    # The rendered page is kept too, and served as it was rendered.
+    (html_file,) = (root / "atlas" / CACHE_DIR).glob("*/L1-N3.*.html")
+    assert html_file.read_text() == page.text
+    assert client.get("/atlas/atlas/neuron/1.3").text == page.text
+    assert page.headers["content-encoding"] == "gzip"  # httpx asks for gzip, as browsers do
+    plain = client.get("/atlas/atlas/neuron/1.3", headers={"accept-encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.text == page.text
 
     # A new server on the same atlas serves the page without loading the model.
     again = Catalog.open([root / "atlas"])

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gatescope.atlas import Atlas, Example, NeuronDistributions, NeuronSummary
 from gatescope.constants import CASES, QUANTILES, QUANTITIES
 from gatescope.errors import GatescopeError
@@ -29,7 +31,6 @@ from gatescope.records import SiteMeta, SitePage
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    import numpy as np
     import torch
     from transformers import PreTrainedTokenizerBase
 
@@ -374,7 +375,7 @@ def neuron_page(
     texts = {
         str(t): {
             "tokens": tokens[t],
-            "values": [[_rounded(v) for v in row] for row in values[t].tolist()],
+            "values": _rounded(values[t]).tolist(),
             "source": sources.get(t, ""),
         }
         for t in values
@@ -454,21 +455,23 @@ def _distribution_charts(shown: NeuronDistributions, freq: Mapping[str, float]) 
 
 def token_strings(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
     """How each token reads, leading spaces included (SentencePiece's "▁" and byte-level
-    BPE's "Ġ" become spaces, byte tokens like <0x0A> their character)."""
-    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    BPE's "Ġ" become spaces, byte tokens like <0x0A> their character). Each distinct id is
+    converted once: a page's texts repeat a few hundred tokens tens of thousands of times."""
+    distinct = sorted(set(ids))
+    pieces = tokenizer.convert_ids_to_tokens(distinct)
     special = set(getattr(tokenizer, "all_special_tokens", []))
-    strings = []
-    for piece in pieces:
+    reads: dict[int, str] = {}
+    for token, piece in zip(distinct, pieces, strict=True):
         if piece is None:
-            strings.append("")
+            text = ""
         elif piece in special:
-            strings.append(piece)
+            text = piece
         else:
             text = tokenizer.convert_tokens_to_string([piece])
             if piece[:1] in ("▁", "Ġ") and not text.startswith(" "):
                 text = " " + text
-            strings.append(text)
-    return strings
+        reads[token] = text
+    return [reads[token] for token in ids]
 
 
 def _texts_shown(summary: NeuronSummary) -> Iterator[int]:
@@ -507,10 +510,15 @@ def _read_site(out: Path) -> SiteMeta:
         raise GatescopeError(f"{path} cannot be read ({error}): move it away.") from error
 
 
-def _rounded(x: float) -> float:
-    """A token's value to four significant digits: as many as colors and tooltips show
-    (the ranked values themselves travel unrounded)."""
-    return float(f"{x:.4g}")
+def _rounded(values: np.ndarray) -> np.ndarray:
+    """Tokens' values to four significant digits: as many as colors and tooltips show (the
+    ranked values themselves travel unrounded). Vectorized: a page has ~10^5 of them."""
+    x = values.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        digits = 3 - np.floor(np.log10(np.abs(x)))
+    digits = np.where(np.isfinite(digits), digits, 0)
+    scale = 10.0 ** np.abs(digits)  # exact powers of ten: multiply or divide by one
+    return np.where(digits >= 0, np.round(x * scale) / scale, np.round(x / scale) * scale)
 
 
 def _finite(x: float) -> float | None:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["create_app"]
 
+JSON = "application/json"
 _NEURON = re.compile(r"(\d{1,9})\.(\d{1,9})")
 _TABLE_DEFAULTS = {"filter": "", "sort": "layer", "order": "asc", "size": 50}
 
@@ -111,14 +112,21 @@ def create_app(catalog: Catalog) -> FastAPI:
         )
 
     @app.get("/atlas/{name}/neuron/{spec}", response_class=HTMLResponse, include_in_schema=False)
-    def neuron_html(name: str, spec: str) -> str:
+    def neuron_html(name: str, spec: str, request: Request) -> HTMLResponse:
         atlas = served(name)
         layer, neuron = neuron_of(atlas, spec)
-        page = dict(atlas.neuron_page(layer, neuron))
-        page["links"] = _neighbours(atlas, layer, neuron)
-        page["weights"] = atlas.neuron_weights(layer, neuron)
-        page["weights_problem"] = atlas.weights_problem
-        return render_neuron(page)
+
+        def render() -> str:
+            page = atlas.neuron_page(layer, neuron)
+            page["links"] = _neighbours(atlas, layer, neuron)
+            page["weights"] = atlas.neuron_weights(layer, neuron)
+            page["weights_problem"] = atlas.weights_problem
+            return render_neuron(page)
+
+        gzipped = "gzip" in request.headers.get("accept-encoding", "")
+        html = atlas.neuron_html(layer, neuron, render, gzipped=gzipped)
+        headers = {"content-encoding": "gzip", "vary": "Accept-Encoding"} if gzipped else None
+        return HTMLResponse(html, headers=headers)
 
     @app.get("/atlas/{name}/layers", response_class=HTMLResponse, include_in_schema=False)
     def layers_page(name: str, layer: int | None = Query(None, ge=0, le=10**6)) -> str:
@@ -191,12 +199,13 @@ def create_app(catalog: Catalog) -> FastAPI:
         rows = table.page(filter, sort=sort, descending=order == "desc", page=page, size=size)
         return _table_json(rows)
 
-    @app.get("/api/atlas/{name}/neuron/{spec}")
-    def api_neuron(name: str, spec: str) -> dict[str, Any]:
+    @app.get("/api/atlas/{name}/neuron/{spec}", response_model=dict[str, Any])
+    def api_neuron(name: str, spec: str) -> Response:
         """Everything a neuron's page shows (recomputed on first request, then cached)."""
         atlas = served(name)
         layer, neuron = neuron_of(atlas, spec)
-        return atlas.neuron_page(layer, neuron)
+        # Already plain JSON data: written straight, without FastAPI's validation walk.
+        return Response(atlas.neuron_page_json(layer, neuron), media_type=JSON)
 
     @app.get("/api/atlas/{name}/neuron/{spec}/weights")
     def api_neuron_weights(name: str, spec: str) -> dict[str, Any]:
