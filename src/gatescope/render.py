@@ -33,6 +33,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["number"] = _number
+    env.filters["visible"] = _visible
     env.globals["zip"] = zip
     # A page carries hundreds of thousands of values: orjson writes them (compact, keys
     # sorted, NaN as null) in milliseconds; tojson still escapes the result for HTML.
@@ -104,6 +105,12 @@ def _compact_json(value: Any, **_: Any) -> str:
 
     options = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
     return orjson.dumps(value, option=options).decode()
+
+
+def _visible(token: str) -> str:
+    """A token with its whitespace drawn, as the pages' script draws it: a space as a dot,
+    a tab as an arrow, a newline as a return sign (a lone token's leading space matters)."""
+    return token.replace(" ", "·").replace("\t", "→").replace("\n", "↵").replace("\r", "␍")
 
 
 def _number(x: float | None) -> str:
