@@ -235,6 +235,24 @@ def test_openapi_documents_the_api(client):
         "/api/atlas/{name}/neuron/{spec}/weights",
     }
     assert documented <= set(schema["paths"])
+    # /docs is a page of our own (FastAPI's Swagger UI loads its script from a CDN).
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "http" not in docs.text.replace("http://testserver", "")
+    for path in documented:
+        assert f"<code>GET {path}</code>" in docs.text
+    assert "<code>POST /api/atlas/{name}/probe</code>" in docs.text
+    assert "<code>text</code></th><td>JSON body</td><td>string</td><td>yes" in docs.text
+
+
+def test_every_page_works_without_a_network(client):
+    """No page loads anything from elsewhere: every script, style and plot is inline."""
+    paths = ["/", "/atlas/atlas/", "/atlas/atlas/neuron/0.1", "/atlas/atlas/layers",
+             "/atlas/atlas/search?token=a", "/atlas/atlas/probe", "/docs"]  # fmt: skip
+    for path in paths:
+        page = client.get(path)
+        assert page.status_code == 200, path
+        assert not re.search(r"""(src|href)=["']?(https?:)?//""", page.text), path
+        assert "@import" not in page.text and "url(http" not in page.text, path
 
 
 def test_serve_refuses_a_missing_atlas_in_one_sentence(tmp_path):

@@ -12,7 +12,8 @@ Routes (``NAME`` is an atlas's name in the catalog, ``L.N`` a neuron):
   ``/api/atlas/NAME/neuron/L.N/weights``, ``/api/atlas/NAME/frequencies``,
   ``/api/atlas/NAME/layer/L/correlation``, ``/api/atlas/NAME/search``, and POST
   ``/api/atlas/NAME/probe``: the same as JSON;
-  ``/docs``: FastAPI's OpenAPI documentation (its assets are FastAPI's own).
+  ``/docs``: the API's documentation, a page made from its OpenAPI schema
+  (``/openapi.json``) without FastAPI's Swagger UI, which loads its script from a CDN.
 
 Every failure of a request is an answer with one sentence: a GatescopeError (a user's
 mistake) is 400, a missing atlas or neuron 404, a malformed parameter 422; HTML under
@@ -56,7 +57,7 @@ def create_app(catalog: Catalog) -> FastAPI:
     """The application serving ``catalog``'s atlases."""
     from gatescope.render import render_neuron, render_server_page
 
-    app = FastAPI(title="gatescope", version=__version__, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="gatescope", version=__version__, docs_url=None, redoc_url=None)
 
     def served(name: str) -> ServedAtlas:
         atlas = catalog.get(name)
@@ -177,6 +178,11 @@ def create_app(catalog: Catalog) -> FastAPI:
         result = atlas.probe(text, layer, neuron, at)
         form = {"text": text, "layer": layer, "neuron": neuron, "position": at}
         return render_server_page("serve_probe.html.j2", **_probe_view(atlas, form, result))
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_docs() -> str:
+        schema = app.openapi()
+        return render_server_page("serve_docs.html.j2", schema=schema, routes=_routes(schema))
 
     # ---------------------------------------------------------------- JSON
 
@@ -411,6 +417,55 @@ def _probe_view(
         cases = [c for c in result.cases if c is not None]
         context["case_counts"] = {case: cases.count(case) for case in CASES}
     return context
+
+
+def _routes(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The API's operations from its OpenAPI schema, for the docs page."""
+    routes = []
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            parameters = [_parameter(p) for p in operation.get("parameters", [])]
+            parameters += _body_fields(operation, schema)
+            routes.append({
+                "method": method.upper(),
+                "path": path,
+                "id": f"{method}-{path}".replace("/", "-").strip("-"),
+                "description": " ".join(operation.get("description", "").split()),
+                "parameters": parameters,
+            })  # fmt: skip
+    return routes
+
+
+def _parameter(parameter: dict[str, Any]) -> dict[str, Any]:
+    """A path or query parameter of an operation, for the docs page."""
+    field = parameter.get("schema", {})
+    return {
+        "name": parameter["name"],
+        "where": parameter.get("in", ""),
+        "type": _type_name(field),
+        "required": parameter.get("required", False),
+        "description": parameter.get("description") or field.get("description", ""),
+    }
+
+
+def _body_fields(operation: dict[str, Any], schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fields of an operation's JSON body (its model in the schema's components)."""
+    body = operation.get("requestBody", {}).get("content", {}).get(JSON, {})
+    reference = body.get("schema", {}).get("$ref", "")
+    model = schema.get("components", {}).get("schemas", {}).get(reference.split("/")[-1], {})
+    required = model.get("required", [])
+    return [
+        {"name": name, "where": "JSON body", "type": _type_name(field),
+         "required": name in required, "description": field.get("description", "")}
+        for name, field in model.get("properties", {}).items()
+    ]  # fmt: skip
+
+
+def _type_name(field: dict[str, Any]) -> str:
+    """A parameter's JSON type (``integer``, ``string or null``, ...)."""
+    if "type" in field:
+        return str(field["type"])
+    return " or ".join(str(option.get("type", "?")) for option in field.get("anyOf", []))
 
 
 def _finite(x: float) -> float | None:
