@@ -201,6 +201,7 @@ class ModelWeights:
         self._tensors = tensors
         self._layout = layout
         self.refactor_glu = refactor_glu
+        self._sign_cache: dict[int, Tensor] = {}
 
     @classmethod
     def open(
@@ -221,17 +222,40 @@ class ModelWeights:
 
     def layer(self, layer: int) -> LayerWeights:
         """Layer ``layer``'s weights (float32; refactored signs when ``refactor_glu``)."""
+        return LayerWeights(*(self.matrix(layer, which) for which in ("gate", "in", "out")))
+
+    def matrix(self, layer: int, which: str) -> Tensor:
+        """One of layer ``layer``'s weights, float32, refactored when ``refactor_glu``:
+        ``"gate"`` or ``"in"`` ``[d_mlp, d_model]``, ``"out"`` ``[d_model, d_mlp]``."""
         gate_key, in_key, out_key = self._layout.mlps[layer]
         d = self.d_mlp
-        w_gate = self._tensors.get(gate_key, rows=slice(0, d) if gate_key == in_key else None)
-        w_in = self._tensors.get(in_key, rows=slice(d, 2 * d) if gate_key == in_key else None)
-        w_out = self._tensors.get(out_key)
-        if self.refactor_glu:
+        fused = gate_key == in_key  # one gate_up_proj: the gate's rows first
+        if which == "gate":
+            return self._tensors.get(gate_key, rows=slice(0, d) if fused else None)
+        if which == "in":
+            w_in = self._tensors.get(in_key, rows=slice(d, 2 * d) if fused else None)
+            return w_in * self._signs(layer)[:, None]
+        if which == "out":
+            return self._tensors.get(out_key) * self._signs(layer)[None, :]
+        raise ValueError(f"no weight '{which}': gate, in or out")
+
+    def _signs(self, layer: int) -> Tensor:
+        """[d_mlp] +1, or -1 for the neurons ``refactor_glu`` flips (exact: a product by
+        +-1), found once per layer."""
+        if layer not in self._sign_cache:
             from gatescope.arch import glu_flips
 
-            sign = 1 - 2 * glu_flips(w_gate, w_in).float()  # [d_mlp] of +-1: exact
-            w_in, w_out = w_in * sign[:, None], w_out * sign[None, :]
-        return LayerWeights(w_gate, w_in, w_out)
+            signs = torch.ones(self.d_mlp)
+            if self.refactor_glu:
+                w_gate, w_in = self.matrix(layer, "gate"), self._unsigned_in(layer)
+                signs = 1 - 2 * glu_flips(w_gate, w_in).float()
+            self._sign_cache[layer] = signs
+        return self._sign_cache[layer]
+
+    def _unsigned_in(self, layer: int) -> Tensor:
+        gate_key, in_key, _ = self._layout.mlps[layer]
+        d = self.d_mlp
+        return self._tensors.get(in_key, rows=slice(d, 2 * d) if gate_key == in_key else None)
 
     def layers(self) -> Iterator[LayerWeights]:
         return (self.layer(layer) for layer in range(self.num_layers))
@@ -284,17 +308,16 @@ def related_neurons(
     # [d_model] each: what the neuron writes, and what its gate and its in read.
     w_out, w_gate, w_in = own.w_out[:, neuron], own.w_gate[neuron], own.w_in[neuron]
     found: dict[str, list[tuple[int, Tensor]]] = {f.name: [] for f in fields(RelatedNeurons)}
-    for other in range(weights.num_layers):
-        w = weights.layer(other)
-        if other > layer:
-            reads = {"reads_out_via_gate": (w.w_gate, figures.norm_gate[other]),
-                     "reads_out_via_in": (w.w_in, figures.norm_in[other])}  # fmt: skip
-            for path, (matrix, norms) in reads.items():
-                found[path].append((other, _cosines(matrix @ w_out, norms, w_out.norm())))
-        elif other < layer:
-            for path, vector in (("writes_gate", w_gate), ("writes_in", w_in)):
-                cos = _cosines(vector @ w.w_out, figures.norm_out[other], vector.norm())
-                found[path].append((other, cos))
+    for other in range(layer + 1, weights.num_layers):  # they read what it writes
+        for path, which, norms in (("reads_out_via_gate", "gate", figures.norm_gate),
+                                   ("reads_out_via_in", "in", figures.norm_in)):  # fmt: skip
+            dots = weights.matrix(other, which) @ w_out
+            found[path].append((other, _cosines(dots, norms[other], w_out.norm())))
+    for other in range(layer):  # they write what it reads
+        out = weights.matrix(other, "out")
+        for path, vector in (("writes_gate", w_gate), ("writes_in", w_in)):
+            cos = _cosines(vector @ out, figures.norm_out[other], vector.norm())
+            found[path].append((other, cos))
     return RelatedNeurons(**{path: _strongest(cos, k) for path, cos in found.items()})
 
 
