@@ -167,15 +167,16 @@ def test_a_neuron_page_is_made_once_then_served_from_the_cache(hostile):
     expected = {(e.text, e.position) for case in CASES for q in summary.top[case].values()
                 for e in q}  # fmt: skip
     assert {(int(t), int(p)) for t, p, _ in shown} == expected
-    cached = list((root / "atlas" / CACHE_DIR).glob("*/L1-N3.json"))
+    cached = list((root / "atlas" / CACHE_DIR).glob("*/L1-N3.page-*.json"))
     assert len(cached) == 1
     # The rendered page is kept too, and served as it was rendered.
     (html_file,) = (root / "atlas" / CACHE_DIR).glob("*/L1-N3.*.html")
     assert html_file.read_text() == page.text
     assert client.get("/atlas/atlas/neuron/1.3").text == page.text
     assert page.headers["content-encoding"] == "gzip"  # httpx asks for gzip, as browsers do
-    plain = client.get("/atlas/atlas/neuron/1.3", headers={"accept-encoding": "identity"})
-    assert "content-encoding" not in plain.headers and plain.text == page.text
+    for refusing in ("identity", "gzip;q=0, identity", "br"):
+        plain = client.get("/atlas/atlas/neuron/1.3", headers={"accept-encoding": refusing})
+        assert "content-encoding" not in plain.headers and plain.text == page.text
 
     # A new server on the same atlas serves the page without loading the model.
     again = Catalog.open([root / "atlas"])
@@ -297,9 +298,8 @@ def test_a_neuron_page_shows_its_weight_lens_and_related_neurons(client, hostile
     assert "<script>alert" not in page and "<img" not in page
 
 
-def test_without_the_models_weights_an_atlas_is_served_without_the_lens(hostile, client):
+def test_without_the_models_weights_an_atlas_is_served_without_the_lens(hostile):
     _, root = hostile
-    client.get("/atlas/atlas/neuron/1.2")  # cache the page's examples first
     catalog = Catalog.open([root / "atlas"], model=str(root / "nowhere"))
     served = TestClient(create_app(catalog))
     columns = served.get("/api/atlas/atlas/neurons").json()["columns"]
@@ -307,8 +307,44 @@ def test_without_the_models_weights_an_atlas_is_served_without_the_lens(hostile,
     assert "cos:in_out" not in [c["key"] for c in columns]
     answer = served.get("/api/atlas/atlas/neuron/1.2/weights")
     assert answer.status_code == 400 and "not on this machine" in answer.json()["detail"]
-    page = served.get("/atlas/atlas/neuron/1.2")
+    page = served.get("/atlas/atlas/neuron/1.2")  # its texts need the model too
+    assert page.status_code == 400 and "could not load the model" in page.text
+
+
+def test_weights_gone_after_their_figures_were_cached_are_a_sentence(hostile, tmp_path):
+    import shutil
+
+    _, root = hostile
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    first = TestClient(create_app(Catalog.open([root / "atlas"], model=str(model))))
+    assert first.get("/api/atlas/atlas/neuron/1.6").status_code == 200  # the texts, cached
+    assert "cos:in_out" in first.get("/api/atlas/atlas/neurons").text  # the figures, cached
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    served = TestClient(create_app(Catalog.open([root / "atlas"], model=str(model))))
+    answer = served.get("/api/atlas/atlas/neuron/1.5/weights")
+    assert answer.status_code == 400 and "no safetensors weights" in answer.json()["detail"]
+    page = served.get("/atlas/atlas/neuron/1.6")
     assert page.status_code == 200 and "No weight lens" in page.text
+    assert "no safetensors weights" in page.text
+
+
+def test_another_models_weights_are_not_shown_as_the_atlases(hostile, tmp_path):
+    from tests.models import tiny_model
+    from tests.tokenizers import char_tokenizer
+
+    _, root = hostile
+    other = tiny_model("llama", d_mlp=96, vocab=len(char_tokenizer()))
+    other.save_pretrained(tmp_path / "other")
+    char_tokenizer().save_pretrained(tmp_path / "other")
+    served = TestClient(create_app(Catalog.open([root / "atlas"], model=str(tmp_path / "other"))))
+    table = served.get("/api/atlas/atlas/neurons")
+    assert table.status_code == 200
+    assert "cos:in_out" not in [c["key"] for c in table.json()["columns"]]
+    answer = served.get("/api/atlas/atlas/neuron/1.50/weights")
+    assert answer.status_code == 400 and "another model's" in answer.json()["detail"]
+    assert "another model&#39;s" in served.get("/atlas/atlas/layers").text
 
 
 # ------------------------------------------------------------------------------ model-wide views
@@ -517,10 +553,10 @@ def test_a_probe_beyond_the_context_is_cut_with_a_note(client):
     long = "ab " * 200  # 600 characters, one token each, beyond the 128 positions
     answer = client.post("/api/atlas/atlas/probe", json={"text": long, "layer": 0, "neuron": 1})
     data = answer.json()
-    assert data["truncated"] and data["context"] == 128 and len(data["tokens"]) == 128
+    assert data["truncated"] and data["limit"] == 128 and len(data["tokens"]) == 128
     assert data["given_tokens"] == 601
     page = client.post("/atlas/atlas/probe", data={"text": long, "layer": "0", "neuron": "1"})
-    assert "cut to the model's context of 128 tokens (601 tokens given)" in page.text
+    assert "cut to its first 128 tokens" in page.text and "it has 601." in page.text
 
 
 @pytest.mark.parametrize(
@@ -539,6 +575,13 @@ def test_a_bad_probe_gets_a_sentence(client, body, status, says):
     answer = client.post("/api/atlas/atlas/probe", json=body)
     assert answer.status_code == status and says in answer.json()["detail"]
     assert client.get("/api/atlases").status_code == 200
+
+
+@pytest.mark.parametrize("position", ["²", "-1", "two", "9"])
+def test_a_bad_token_position_in_the_probe_form_gets_a_sentence(client, position):
+    form = {"text": "ab", "layer": "0", "neuron": "0", "position": position}
+    answer = client.post("/atlas/atlas/probe", data=form)
+    assert answer.status_code == 400 and "<h1>" in answer.text and "Traceback" not in answer.text
 
 
 def test_a_megabyte_probe_form_is_refused(client):

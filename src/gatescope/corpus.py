@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -869,18 +870,24 @@ class TokenizedCorpus:
         """The token ids at pairs of (text index, position), vectorized: [pairs] int64.
         Pairs outside the corpus are refused (an atlas of another corpus)."""
         import numpy as np
-        import pyarrow.compute as pc
 
         inside = (texts >= 0) & (texts < len(self.lengths)) & (positions >= 0)
         inside[inside] &= positions[inside] < self.lengths[texts[inside]]
         if not inside.all():
             raise GatescopeError("the atlas points at tokens the corpus does not have.")
-        column = self.dataset.data.column(INPUT_IDS)
-        flat = np.concatenate(
-            [pc.list_flatten(chunk).to_numpy() for chunk in column.chunks]  # pyright: ignore[reportAttributeAccessIssue]
-        )  # every token, text after text
         starts = np.cumsum(self.lengths) - self.lengths
-        return flat[starts[texts] + positions].astype(np.int64)
+        return self._flat_tokens[starts[texts] + positions].astype(np.int64)
+
+    @cached_property
+    def _flat_tokens(self) -> np.ndarray:
+        """Every token of the corpus, text after text (read once, for :meth:`tokens_at`)."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        column = self.dataset.data.column(INPUT_IDS)
+        return np.concatenate(
+            [pc.list_flatten(chunk).to_numpy() for chunk in column.chunks]  # pyright: ignore[reportAttributeAccessIssue]
+        )
 
     def source_ids(self, texts: Sequence[int]) -> dict[int, str]:
         """Text index -> source id, for the texts of a corpus that records them."""

@@ -26,7 +26,7 @@ from gatescope.constants import CASES, QUANTILES, QUANTITIES
 from gatescope.errors import GatescopeError
 from gatescope.files import SITE, claim_output, write_json_atomic, write_text_atomic
 from gatescope.progress import progress_bar
-from gatescope.records import SiteMeta, SitePage
+from gatescope.records import SiteMeta, SitePage, finite
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -355,7 +355,7 @@ def neuron_page(
                 "occurs": occurs,
                 "freq": summary.freq[case],
                 "stats": {
-                    q: {s: _finite(getattr(summary, s)[case][q]) for s in ("max", "min", "mean")}
+                    q: {s: finite(getattr(summary, s)[case][q]) for s in ("max", "min", "mean")}
                     for q in QUANTITIES
                 },
                 "quantiles": shown and _quantile_cells(shown, case),
@@ -519,7 +519,3 @@ def _rounded(values: np.ndarray) -> np.ndarray:
     digits = np.where(np.isfinite(digits), digits, 0)
     scale = 10.0 ** np.abs(digits)  # exact powers of ten: multiply or divide by one
     return np.where(digits >= 0, np.round(x * scale) / scale, np.round(x / scale) * scale)
-
-
-def _finite(x: float) -> float | None:
-    return None if math.isnan(x) else x

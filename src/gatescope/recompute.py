@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gatescope.constants import QUANTITIES
 from gatescope.corpus import TokenizedCorpus
 from gatescope.errors import GatescopeError
 from gatescope.loading import LoadedModel
 from gatescope.stats.quantities import gated_quantities, stats_dtype
 
-__all__ = ["TextActivations", "probe", "recompute"]
+__all__ = ["ProbeValues", "TextActivations", "probe", "recompute"]
 
 
 @dataclass
@@ -67,12 +68,14 @@ def recompute(
     # Longest first, as the scan batches them: little padding.
     order = sorted(wanted, key=lambda t: -int(corpus.lengths[t]))
     result: dict[int, TextActivations] = {}
-    with _layer_reader(loaded, layer, neurons, refactor_glu=refactor_glu) as read:
+    with _layer_reader(loaded, layer, neurons, refactor_glu=refactor_glu) as (read, act):
         for start in range(0, len(order), batch_size):
             batch = np.asarray(order[start : start + batch_size])
             input_ids, attention_mask = corpus.batch(batch, device=loaded.device)
-            values = read(input_ids, attention_mask).permute(1, 3, 0, 2).cpu().numpy()
-            for row, text in enumerate(batch.tolist()):  # values: [batch, neuron, q, pos]
+            g, u = read(input_ids, attention_mask)  # [batch, pos, neuron]
+            # [batch, neuron, quantity, pos]
+            values = gated_quantities(g, u, act).permute(1, 3, 0, 2).cpu().numpy()
+            for row, text in enumerate(batch.tolist()):
                 length = int(attention_mask[row].sum())
                 result[text] = TextActivations(
                     text=text,
@@ -82,30 +85,61 @@ def recompute(
     return result
 
 
+@dataclass
+class ProbeValues:
+    """One text read at one layer (:func:`probe`)."""
+
+    neuron: np.ndarray  # [quantity, pos] the chosen neuron on every token
+    position: int  # the chosen token
+    at_position: np.ndarray  # [quantity, neuron] every neuron of the layer on that token
+
+
 def probe(
-    loaded: LoadedModel, input_ids: Sequence[int], layer: int, *, refactor_glu: bool = False
-) -> np.ndarray:
-    """Every neuron of ``layer`` on every token of one text: [quantity, pos, neuron].
+    loaded: LoadedModel,
+    input_ids: Sequence[int],
+    layer: int,
+    neuron: int,
+    position: int | None = None,
+    *,
+    refactor_glu: bool = False,
+) -> ProbeValues:
+    """Neuron ``layer.neuron`` on every token of one text, and every neuron of the layer on
+    token ``position`` (default: the neuron's strongest |hook_post|, the first if tied).
+    Only those two slices of the four quantities are formed: a long text times a wide
+    layer times four would be gigabytes.
 
     Args:
         loaded: The model.
         input_ids: The text's tokens (BOS first, as in a corpus), within the model's context.
         layer: The layer.
+        neuron: The neuron.
+        position: The token whose neurons are read, or None.
         refactor_glu: Apply ``--refactor-glu`` as the scan did (undone afterwards).
     """
     ids = torch.as_tensor([list(input_ids)], device=loaded.device)
-    with _layer_reader(loaded, layer, None, refactor_glu=refactor_glu) as read:
-        values = read(ids, torch.ones_like(ids))  # [quantity, 1, pos, neuron]
-    return values[:, 0].cpu().numpy()
+    with _layer_reader(loaded, layer, None, refactor_glu=refactor_glu) as (read, act):
+        g, u = read(ids, torch.ones_like(ids))  # [1, pos, neuron]
+        if not 0 <= neuron < g.shape[-1]:
+            raise GatescopeError(f"layer {layer} has neurons 0-{g.shape[-1] - 1}, not {neuron}.")
+        own = gated_quantities(g[0, :, neuron], u[0, :, neuron], act)  # [quantity, pos]
+        if position is None:
+            position = int(own[QUANTITIES.index("hook_post")].abs().argmax())
+        if not 0 <= position < ids.shape[1]:
+            raise GatescopeError(f"the text has tokens 0-{ids.shape[1] - 1}, not {position}.")
+        at = gated_quantities(g[0, position], u[0, position], act)  # [quantity, neuron]
+    return ProbeValues(own.cpu().numpy(), position, at.cpu().numpy())
 
 
 @contextlib.contextmanager
 def _layer_reader(
     loaded: LoadedModel, layer: int, neurons: Sequence[int] | None, *, refactor_glu: bool
-) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """Yields ``read(input_ids, attention_mask)`` -> [quantity, batch, pos, neuron]: the
-    quantities of ``neurons`` (all when None) of ``layer``, by a forward that stops after
-    the layer, with the weights refactored while the block runs if ``refactor_glu``."""
+) -> Iterator[tuple[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                    Callable[[torch.Tensor], torch.Tensor]]]:  # fmt: skip
+    """Yields ``(read, act)``: ``read(input_ids, attention_mask)`` gives ``g`` and ``u``
+    [batch, pos, neuron] of ``neurons`` (all when None) of ``layer`` in the statistics'
+    dtype, by a forward that stops after the layer, with the weights refactored while the
+    block runs if ``refactor_glu``; ``act`` is the layer's activation, for
+    :func:`~gatescope.stats.quantities.gated_quantities`."""
     from gatescope.arch import find_gated_mlps, refactored_glu
 
     mlps = find_gated_mlps(loaded.model)
@@ -119,16 +153,17 @@ def _layer_reader(
         )
     dtype = stats_dtype(loaded.dtype)
     index = None if neurons is None else torch.as_tensor(list(neurons), device=loaded.device)
-    captured: list[torch.Tensor] = []
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def keep(gate: torch.Tensor, up: torch.Tensor) -> None:
         if index is not None:
             gate, up = gate[..., index], up[..., index]
-        # [quantity, batch, pos, neuron]
-        captured.append(gated_quantities(gate.to(dtype), up.to(dtype), mlp.act_fn))
+        captured.append((gate.to(dtype), up.to(dtype)))
         raise _Stop
 
-    def read(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def read(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         captured.clear()
         with contextlib.suppress(_Stop):
             loaded.model.base_model(
@@ -138,4 +173,4 @@ def _layer_reader(
 
     refactor = refactored_glu(mlps) if refactor_glu else contextlib.nullcontext()
     with torch.inference_mode(), refactor, mlp.capture(keep):
-        yield read
+        yield read, mlp.act_fn

@@ -14,6 +14,7 @@ and from JSON, and ``from_dict`` also reads the files of earlier releases. Torch
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ __all__ = [
     "ShardSet",
     "SiteMeta",
     "SitePage",
+    "finite",
 ]
 
 ATLAS_FORMAT = "gatescope-atlas"
@@ -42,6 +44,11 @@ ATLAS_FORMAT_VERSION = 3
 CORPUS_FORMAT_VERSION = 1
 
 R = TypeVar("R")
+
+
+def finite(x: float) -> float | None:
+    """A number as JSON holds it: None where it is NaN or infinite (JSON has neither)."""
+    return x if math.isfinite(x) else None
 
 
 def _known(cls: type[R], data: Mapping[str, Any], renames: Mapping[str, str] = {}) -> R:

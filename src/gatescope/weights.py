@@ -266,7 +266,9 @@ class ModelWeights:
 
     @cached_property
     def unembedding(self) -> Tensor:
-        """``[vocab, d_model]`` in the checkpoint's dtype."""
+        """``[vocab, d_model]`` in the checkpoint's dtype (the embedding itself when tied)."""
+        if self._layout.unembedding == self._layout.embedding:
+            return self.embedding
         return self._tensors.get(self._layout.unembedding, keep_dtype=True)
 
     @cached_property
@@ -362,20 +364,24 @@ def _ends(
 
 
 class _Tensors:
-    """The tensors of a checkpoint's safetensors files, by name, memory-mapped."""
+    """The tensors of a checkpoint's safetensors files, by name: each read from its file
+    when asked for (safetensors memory-maps the file and copies out that one tensor)."""
 
     def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            self._files = {name: folder / file for name, file in weight_map.items()}
-        else:
-            from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-            self._files = {}
-            for file in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as opened:
-                    self._files.update(dict.fromkeys(opened.keys(), file))
+        index = folder / "model.safetensors.index.json"
+        try:
+            if index.is_file():
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self._files = {name: folder / file for name, file in weight_map.items()}
+            else:
+                self._files = {}
+                for file in sorted(folder.glob("*.safetensors")):
+                    with safe_open(str(file), framework="pt") as opened:
+                        self._files.update(dict.fromkeys(opened.keys(), file))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            raise GatescopeError(f"the weights in {folder} cannot be read: {error}") from error
         if not self._files:
             raise GatescopeError(
                 f"the model at {folder} has no safetensors weights, which the weight lens reads."
@@ -389,10 +395,14 @@ class _Tensors:
 
     def get(self, name: str, *, rows: slice | None = None, keep_dtype: bool = False) -> Tensor:
         """Tensor ``name`` (only ``rows`` of it when given), float32 unless ``keep_dtype``."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(self._files[name]), framework="pt") as opened:
-            tensor = opened.get_tensor(name) if rows is None else opened.get_slice(name)[rows]
+        file = self._files[name]
+        try:
+            with safe_open(str(file), framework="pt") as opened:
+                tensor = opened.get_tensor(name) if rows is None else opened.get_slice(name)[rows]
+        except (OSError, SafetensorError) as error:
+            raise GatescopeError(f"the weights in {file} cannot be read: {error}") from error
         return tensor if keep_dtype else tensor.float()
 
 
@@ -512,7 +522,7 @@ def _meta_model(folder: Path) -> PreTrainedModel:
         config = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, ImportError) as error:
         raise GatescopeError(f"could not read the model config in {folder}: {error}") from error
 
 

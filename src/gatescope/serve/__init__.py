@@ -45,7 +45,8 @@ def serve(
         async def announce(sockets=None) -> None:
             await startup(sockets)
             bound_host, bound_port = listening.getsockname()[:2]
-            on_ready(f"http://{bound_host}:{bound_port}/")
+            shown = f"[{bound_host}]" if ":" in bound_host else bound_host  # IPv6 in brackets
+            on_ready(f"http://{shown}:{bound_port}/")
 
         server.startup = announce  # type: ignore[method-assign]
     with listening:
@@ -54,12 +55,13 @@ def serve(
 
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port``, or a sentence saying why it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as error:
+        sock.close()
         raise GatescopeError(
             f"cannot serve on {host}:{port} ({error.strerror}): pass --port with a free "
             "port, or --port 0 for any."

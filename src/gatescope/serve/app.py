@@ -23,7 +23,6 @@ mistake) is 400, a missing atlas or neuron 404, a malformed parameter 422; HTML 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -37,7 +36,8 @@ from starlette.exceptions import HTTPException
 from gatescope import __version__
 from gatescope.constants import CASES, QUANTITIES
 from gatescope.errors import GatescopeError
-from gatescope.serve.probe import MAX_PROBE_CHARS
+from gatescope.records import finite
+from gatescope.serve.probe import MAX_PROBE_CHARS, MAX_PROBE_TOKENS
 from gatescope.serve.search import MAX_HITS
 from gatescope.serve.table import MAX_PAGE_SIZE
 
@@ -124,9 +124,11 @@ def create_app(catalog: Catalog) -> FastAPI:
             page["weights_problem"] = atlas.weights_problem
             return render_neuron(page)
 
-        gzipped = "gzip" in request.headers.get("accept-encoding", "")
+        gzipped = _accepts_gzip(request.headers.get("accept-encoding", ""))
         html = atlas.neuron_html(layer, neuron, render, gzipped=gzipped)
-        headers = {"content-encoding": "gzip", "vary": "Accept-Encoding"} if gzipped else None
+        headers = {"vary": "Accept-Encoding"}
+        if gzipped:
+            headers["content-encoding"] = "gzip"
         return HTMLResponse(html, headers=headers)
 
     @app.get("/atlas/{name}/layers", response_class=HTMLResponse, include_in_schema=False)
@@ -248,10 +250,10 @@ def create_app(catalog: Catalog) -> FastAPI:
         return {
             "layer": layer,
             "neurons": found.neurons,
-            "r": _finite(found.r),
-            "p": _finite(found.p),
-            "cos_in_out": [_finite(x) for x in found.cos_in_out.tolist()],
-            "gate_positive": [_finite(x) for x in found.gate_positive.tolist()],
+            "r": finite(found.r),
+            "p": finite(found.p),
+            "cos_in_out": [finite(x) for x in found.cos_in_out.tolist()],
+            "gate_positive": [finite(x) for x in found.gate_positive.tolist()],
         }
 
     @app.get("/api/atlas/{name}/search")
@@ -274,8 +276,8 @@ def create_app(catalog: Catalog) -> FastAPI:
     def api_probe(name: str, request: ProbeRequest) -> dict[str, Any]:
         """A text through the model up to ``layer``: the neuron's four quantities and sign
         case on every token, and at token ``position`` (default: the neuron's strongest)
-        the layer's most active neurons per case. Texts beyond the model's context are cut
-        to it (``truncated``)."""
+        the layer's most active neurons per case. Texts beyond the model's context (at
+        most 4,096 tokens) are cut to it (``truncated``, ``limit``)."""
         atlas = served(name)
         neuron_of(atlas, f"{request.layer}.{request.neuron}")
         found = atlas.probe(request.text, request.layer, request.neuron, request.position)
@@ -284,13 +286,18 @@ def create_app(catalog: Catalog) -> FastAPI:
             "neuron": found.neuron,
             "input_ids": list(found.input_ids),
             "tokens": list(found.tokens),
-            "values": {q: found.values[i].tolist() for i, q in enumerate(QUANTITIES)},
+            "values": {
+                q: [finite(v) for v in found.values[i].tolist()] for i, q in enumerate(QUANTITIES)
+            },
             "cases": found.cases,
             "position": found.position,
-            "top": {case: [dataclasses.asdict(t) for t in top] for case, top in found.top.items()},
+            "top": {
+                case: [{"neuron": t.neuron, "hook_post": finite(t.hook_post)} for t in top]
+                for case, top in found.top.items()
+            },
             "truncated": found.truncated,
             "given_tokens": found.given_tokens,
-            "context": found.context,
+            "limit": found.limit,
         }
 
     # ---------------------------------------------------------------- errors
@@ -383,13 +390,23 @@ class ProbeRequest(BaseModel):
     position: int | None = Field(None, ge=0, le=10**7)
 
 
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header takes gzip (``gzip;q=0`` refuses it)."""
+    for item in accept_encoding.lower().split(","):
+        name, _, params = item.strip().partition(";")
+        if name.strip() in ("gzip", "*"):
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
 def _position(text: str) -> int | None:
     """The probe form's token field: empty for the neuron's strongest token."""
     if not text.strip():
         return None
-    if not text.strip().isdigit():
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()):  # "²" is a digit, but no number
         raise GatescopeError(f"the token is a position in the text, not '{text}'.")
-    return int(text)
+    return int(digits)
 
 
 def _probe_view(
@@ -404,10 +421,11 @@ def _probe_view(
         "layers": atlas.atlas.num_layers,
         "d_mlp": atlas.atlas.d_mlp,
         "max_chars": MAX_PROBE_CHARS,
+        "max_tokens": MAX_PROBE_TOKENS,
         "quantities": QUANTITIES,
     }
     if result is not None:
-        values = [[_finite(float(v)) for v in row] for row in result.values.tolist()]
+        values = [[finite(v) for v in row] for row in result.values.tolist()]
         context["data"] = {
             "quantities": list(QUANTITIES),
             "texts": {"probe": {"tokens": list(result.tokens), "values": values}},
@@ -466,10 +484,6 @@ def _type_name(field: dict[str, Any]) -> str:
     if "type" in field:
         return str(field["type"])
     return " or ".join(str(option.get("type", "?")) for option in field.get("anyOf", []))
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def _table_json(rows: TablePage) -> dict[str, Any]:

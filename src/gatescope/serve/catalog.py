@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -28,7 +29,7 @@ import orjson
 from gatescope import __version__
 from gatescope.constants import ATLAS_JSON
 from gatescope.errors import GatescopeError
-from gatescope.files import write_atomic
+from gatescope.files import temporary_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from gatescope.weights import ModelWeights, WeightFigures
 
 __all__ = ["Catalog", "ServedAtlas"]
+
+logger = logging.getLogger(__name__)
 
 CACHE_DIR = "serve-cache"
 #: gzip's level for cached pages: compressed once, sent many times.
@@ -65,13 +68,17 @@ class ServedAtlas:
     _tokenizer: PreTrainedTokenizerBase | None = field(default=None, repr=False)
     _index: TokenIndex | None = field(default=None, repr=False)
     _vocabulary: Vocabulary | None = field(default=None, repr=False)
+    _figures_read: bool = field(default=False, repr=False)  # _figures is final (maybe None)
     #: Why the weights cannot be read (None: not tried yet, or they can).
     weights_problem: str | None = field(default=None, repr=False)
     # One recomputation at a time: they share the model, and the machine's cores. The
-    # table and the weights have their own locks, so that they answer meanwhile.
+    # table, the weights and the search have locks of their own, so that each answers
+    # while another works; a lock is only taken for work not done yet.
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _table_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _weights_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _figures_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _open_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lens_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -102,7 +109,8 @@ class ServedAtlas:
             ((_, page),) = layer_pages(self._page_source(), layer, [neuron], lambda _: {})
             return plain_json(page)
 
-        return self._cached(f"L{layer}-N{neuron}.json", recompute, self._lock)
+        return self._cached(f"L{layer}-N{neuron}.page-{self._model_digest}.json", recompute,
+                            self._lock)  # fmt: skip
 
     def neuron_html(
         self, layer: int, neuron: int, render: Callable[[], str], *, gzipped: bool = False
@@ -122,7 +130,8 @@ class ServedAtlas:
     def _cached(
         self, name: str, make: Callable[[], bytes], lock: threading.Lock | None = None
     ) -> bytes:
-        """The bytes of cache file ``name``, made (under ``lock``) and written if absent."""
+        """The bytes of cache file ``name``, made (under ``lock``) and written if absent. A
+        cache that cannot be written costs the next request a recomputation, nothing more."""
         path = self.cache_dir / name
         with contextlib.suppress(OSError):
             return path.read_bytes()
@@ -130,7 +139,13 @@ class ServedAtlas:
             with contextlib.suppress(OSError):
                 return path.read_bytes()  # another request made it meanwhile
             data = make()
-            write_atomic(path, lambda tmp: tmp.write_bytes(data))
+            tmp = temporary_name(path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+            except OSError as error:
+                logger.warning("could not cache %s: %s", path, error)
+                tmp.unlink(missing_ok=True)
             return data
 
     def probe(self, text: str, layer: int, neuron: int, position: int | None = None) -> ProbeResult:
@@ -182,33 +197,53 @@ class ServedAtlas:
 
     def weight_figures(self) -> WeightFigures | None:
         """Every neuron's weight cosines and norms (from the disk cache, else read from the
-        weights once and cached), or None when the weights cannot be read."""
+        weights once and cached), or None, with :attr:`weights_problem` saying why, when
+        the weights cannot be read or are not the atlas's model's."""
+        if not self._figures_read:
+            with self._figures_lock:
+                if not self._figures_read:
+                    self._figures = self._read_figures()
+                    self._figures_read = True
+        return self._figures
+
+    def _read_figures(self) -> WeightFigures | None:
         from gatescope.weights import WeightFigures
 
-        with self._weights_lock:
-            if self._figures is None:
-                path = self.cache_dir / f"weights-{self._model_digest}.safetensors"
-                figures = WeightFigures.load(path)
-                if figures is None and (weights := self._open_weights()) is not None:
-                    figures = weights.figures()
-                    figures.save(path)
-                self._figures = figures
-            return self._figures
+        path = self.cache_dir / f"weights-{self._model_digest}.safetensors"
+        figures = WeightFigures.load(path)
+        if figures is None:
+            weights = self._open_weights()
+            if weights is None:
+                return None
+            try:
+                figures = weights.figures()
+            except GatescopeError as error:
+                self.weights_problem = str(error)
+                return None
+            with contextlib.suppress(OSError):
+                figures.save(path)
+        expected = (self.atlas.num_layers, self.atlas.d_mlp)
+        if figures.shape != expected:
+            self.weights_problem = (
+                f"the model's weights have {figures.shape[0]} layers of {figures.shape[1]} "
+                f"neurons, the atlas {expected[0]} of {expected[1]}: they are another model's."
+            )
+            return None
+        return figures
 
     def neuron_weights(self, layer: int, neuron: int) -> dict[str, Any] | None:
         """A neuron's weight lens (token strings included) and related neurons, as JSON
         data (cached on disk), or None when the weights cannot be read."""
         self.atlas.check_neuron(layer, neuron)
         figures = self.weight_figures()
-        if figures is None:
+        weights = self._open_weights() if figures is not None else None
+        if figures is None or weights is None:
             return None
 
         def lens() -> bytes:
             from gatescope.pages import token_strings
             from gatescope.weights import related_neurons, weight_lens
 
-            weights = self._open_weights()
-            assert weights is not None, "the figures were read from them"
             found = _plain(weight_lens(weights, figures, layer, neuron))
             tokenizer = self._lens_tokenizer()
             for projection in found["projections"]:
@@ -222,8 +257,8 @@ class ServedAtlas:
             related = related_neurons(weights, figures, layer, neuron)
             return plain_json({"lens": found, "related": related})
 
-        name = f"L{layer}-N{neuron}.weights-{self._model_digest}.json"
-        return orjson.loads(self._cached(name, lens, self._weights_lock))
+        name = f"L{layer}-N{neuron}.lens-{self._model_digest}.json"
+        return orjson.loads(self._cached(name, lens, self._lens_lock))
 
     def search(self, query: str, case: str | None = None) -> SearchResult:
         """The neurons whose top examples peak on the tokens ``query`` names
@@ -260,25 +295,33 @@ class ServedAtlas:
 
     @cached_property
     def _model_digest(self) -> str:
-        """Names the cached weight data after the model it was read from."""
-        return hashlib.sha256(str(self._model_name).encode()).hexdigest()[:8]
+        """Names the cached data after the model it came from: its folder (resolved) or hub
+        id, and the revision the atlas records for it."""
+        name = str(self._model_name)
+        if Path(name).is_dir():
+            name = str(Path(name).resolve())
+        revision = None if self.model else self.atlas.meta.model.revision
+        return hashlib.sha256(f"{name}@{revision}".encode()).hexdigest()[:8]
 
     def _open_weights(self) -> ModelWeights | None:
-        """The model's weights, opened once (call under ``_weights_lock``); None, with
-        :attr:`weights_problem` set, when they cannot be read."""
+        """The model's weights, opened once; None, with :attr:`weights_problem` set, when
+        they cannot be read."""
         from gatescope.weights import ModelWeights
 
-        if self._weights is None and self.weights_problem is None:
-            name = self._model_name
-            revision = None if self.model else self.atlas.meta.model.revision
-            try:
-                if not name:
-                    raise GatescopeError("the atlas does not name its model: pass --model.")
-                self._weights = ModelWeights.open(
-                    name, revision=revision, refactor_glu=self.atlas.meta.options.refactor_glu
-                )
-            except GatescopeError as error:
-                self.weights_problem = str(error)
+        if self._weights is not None or self.weights_problem is not None:
+            return self._weights
+        with self._open_lock:
+            if self._weights is None and self.weights_problem is None:
+                name = self._model_name
+                revision = None if self.model else self.atlas.meta.model.revision
+                try:
+                    if not name:
+                        raise GatescopeError("the atlas does not name its model: pass --model.")
+                    self._weights = ModelWeights.open(
+                        name, revision=revision, refactor_glu=self.atlas.meta.options.refactor_glu
+                    )
+                except GatescopeError as error:
+                    self.weights_problem = str(error)
         return self._weights
 
     def _lens_tokenizer(self) -> PreTrainedTokenizerBase:

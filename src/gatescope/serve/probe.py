@@ -1,7 +1,8 @@
 """The probe: any text through the model, read at one layer.
 
 The text is tokenized as a corpus text is (the model's BOS first), cut to the model's
-context with a note when longer, and run up to the layer (:func:`gatescope.recompute.probe`).
+context (at most :data:`MAX_PROBE_TOKENS`) with a note when longer, and run up to the layer
+(:func:`gatescope.recompute.probe`).
 The answer holds one neuron's four quantities on every token (the page colors them, each
 token with its sign case), and, at one chosen token, the neurons of the layer most
 activated there per sign case (by |hook_post|).
@@ -22,10 +23,13 @@ if TYPE_CHECKING:
 
     from gatescope.loading import LoadedModel
 
-__all__ = ["MAX_PROBE_CHARS", "ProbeResult", "TopNeuron", "run_probe"]
+__all__ = ["MAX_PROBE_CHARS", "MAX_PROBE_TOKENS", "ProbeResult", "TopNeuron", "run_probe"]
 
 #: The longest probe text accepted, in characters (longer requests are refused).
 MAX_PROBE_CHARS = 100_000
+#: The most tokens probed (a longer text is cut, with a note): the model's context, or this
+#: if less; the forward's memory grows with the square of the length.
+MAX_PROBE_TOKENS = 4096
 #: Neurons listed per case at the chosen token.
 TOP_NEURONS = 10
 
@@ -48,7 +52,7 @@ class ProbeResult:
     position: int  # the chosen token
     top: dict[str, tuple[TopNeuron, ...]]  # per case, at the chosen token, strongest first
     given_tokens: int  # the text's tokens before any cut
-    context: int | None  # the model's context (None: unknown)
+    limit: int  # the most tokens probed: the model's context, or MAX_PROBE_TOKENS if less
 
     @property
     def truncated(self) -> bool:
@@ -83,38 +87,29 @@ def run_probe(
     if not text.strip():
         raise GatescopeError("type a text to probe.")
     context = getattr(loaded.model.config, "max_position_embeddings", None)
-    ids, given = _tokens(tokenizer, text, context)
-    values = probe(loaded, ids, layer, refactor_glu=refactor_glu)  # [quantity, pos, neuron]
-    if not 0 <= neuron < values.shape[2]:
-        raise GatescopeError(f"layer {layer} has neurons 0-{values.shape[2] - 1}, not {neuron}.")
-    post = QUANTITIES.index("hook_post")
-    if position is None:
-        position = int(np.argmax(np.abs(values[post, :, neuron])))
-    if not 0 <= position < len(ids):
-        raise GatescopeError(f"the text has tokens 0-{len(ids) - 1}, not {position}.")
+    limit = min(context or MAX_PROBE_TOKENS, MAX_PROBE_TOKENS)
+    ids, given = _tokens(tokenizer, text, limit)
+    found = probe(loaded, ids, layer, neuron, position, refactor_glu=refactor_glu)
     return ProbeResult(
         layer=layer,
         neuron=neuron,
         input_ids=tuple(ids),
         tokens=tuple(token_strings(tokenizer, ids)),
-        values=values[:, :, neuron],
-        position=position,
-        top=_top_neurons(values[:, position]),
+        values=found.neuron,
+        position=found.position,
+        top=_top_neurons(found.at_position),
         given_tokens=given,
-        context=context,
+        limit=limit,
     )
 
 
-def _tokens(
-    tokenizer: PreTrainedTokenizerBase, text: str, context: int | None
-) -> tuple[list[int], int]:
-    """The text's token ids as a corpus has them (the start token first), cut to
-    ``context``, and how many there were before the cut."""
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str, limit: int) -> tuple[list[int], int]:
+    """The text's token ids as a corpus has them (the start token first), cut to ``limit``,
+    and how many there were before the cut."""
     from gatescope.corpus import start_token
 
     ids = [start_token(tokenizer), *tokenizer(text, add_special_tokens=False)["input_ids"]]
-    given = len(ids)
-    return (ids[:context] if context else ids), given
+    return ids[:limit], len(ids)
 
 
 def _top_neurons(at: np.ndarray) -> dict[str, tuple[TopNeuron, ...]]:
