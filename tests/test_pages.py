@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import gatescope
 from gatescope.cli import cli
 from gatescope.constants import CASES
+from gatescope.corpus import TokenizedCorpus
 from gatescope.errors import GatescopeError
 from gatescope.pages import PageSource, page_file, parse_neuron, top_neurons, write_pages
 
@@ -172,6 +173,28 @@ def hostile_site(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     pages = write_pages(PageSource.open(hostile_atlas(root)), [(0, 0), (1, 3)], root / "site")
     return pages, root
+
+
+def test_values_stop_after_the_last_window_but_every_token_is_shown(hostile_site):
+    from gatescope.pages import CONTEXT_AFTER
+
+    pages, root = hostile_site
+    corpus = TokenizedCorpus.open(root / "corpus")
+    data = page_data(pages[0])
+    last: dict[int, int] = {}  # of the top and the typical examples
+    for text, position in re.findall(
+        r'data-text="(\d+)" data-position="(\d+)"', pages[0].read_text()
+    ):
+        last[int(text)] = max(last.get(int(text), 0), int(position))
+    assert set(last) == {int(t) for t in data["texts"]}
+    cut = 0
+    for key, text in data["texts"].items():
+        length = int(corpus.lengths[int(key)])
+        assert len(text["tokens"]) == length  # the whole text, to read
+        computed = len(text["values"][0])
+        assert computed == min(length, last[int(key)] + CONTEXT_AFTER + 1)
+        cut += computed < length
+    assert cut  # some texts had tokens after their last window
 
 
 def test_hostile_text_is_escaped_in_the_html(hostile_site):

@@ -57,6 +57,29 @@ def test_recomputed_values_equal_the_atlas(family, refactor):
     assert checked > 3 * 10
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_texts_cut_short_keep_their_values_exactly(family):
+    """A causal model's tokens do not depend on later ones: computing a text only up to a
+    point gives the same values there as computing all of it, up to the rounding that any
+    other shape of forward brings (~1e-7 here, even in float64: as between batch sizes)."""
+    model = tiny_model(family, dtype=torch.float64)
+    corpus = TokenizedCorpus.open(random_corpus(n_texts=9))
+    loaded = load_model(model)
+    texts = list(range(9))
+    whole = recompute(loaded, corpus, 1, [0, 5, 63], texts, batch_size=4)
+    ends = {t: int(corpus.lengths[t]) // (t + 2) + 1 for t in texts}
+    ends[3] = None  # the whole text
+    cut = recompute(loaded, corpus, 1, [0, 5, 63], texts, batch_size=4, ends=ends)
+    for t in texts:
+        length = int(corpus.lengths[t]) if ends[t] is None else ends[t]
+        assert cut[t].input_ids == whole[t].input_ids  # every token, to show
+        assert cut[t].values.shape[-1] == length
+        torch.testing.assert_close(
+            torch.from_numpy(cut[t].values), torch.from_numpy(whole[t].values[..., :length]),
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
+
+
 def test_bad_requests_are_one_sentence():
     model = tiny_model("llama", dtype=torch.float32)
     corpus = TokenizedCorpus.open(random_corpus())

@@ -234,9 +234,10 @@ def layer_pages(
 
     atlas = source.atlas
     summaries = {n: atlas.neuron(layer, n) for n in neurons}
-    texts = sorted({text for s in summaries.values() for text in _texts_shown(s)})
-    acts = recompute(source.loaded, source.corpus, layer, list(neurons), texts,
-                     refactor_glu=atlas.meta.options.refactor_glu)  # fmt: skip
+    ends = _shown_ends(summaries.values())
+    acts = recompute(source.loaded, source.corpus, layer, list(neurons), sorted(ends),
+                     refactor_glu=atlas.meta.options.refactor_glu, ends=ends)  # fmt: skip
+    texts = sorted(ends)
     tokens = {t: token_strings(source.tokenizer, a.input_ids) for t, a in acts.items()}
     sources = source.corpus.source_ids(texts)
     rtol = _relative_precision(source.loaded.dtype)
@@ -474,14 +475,31 @@ def token_strings(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> lis
     return [reads[token] for token in ids]
 
 
-def _texts_shown(summary: NeuronSummary) -> Iterator[int]:
-    """The texts of a page: of its ranked lists and its typical examples."""
-    for lists in summary.top.values():
-        for examples in lists.values():
-            yield from (e.text for e in examples)
-    if summary.distributions is not None:
-        for examples in summary.distributions.typical.values():
-            yield from (e.text for e in examples)
+def _shown_ends(summaries: Iterable[NeuronSummary]) -> dict[int, int | None]:
+    """The texts of some pages (of their ranked lists and typical examples), each with
+    where its values may stop: after the last token a window of its examples shows, or
+    None (the whole text) when an example's position is unknown (GLUScope's data). Later
+    tokens cannot change earlier ones in a causal model, so the cut changes no value (only
+    its rounding, as another batch would); the pages show the rest of the text uncolored."""
+    ends: dict[int, int | None] = {}
+
+    def see(text: int, position: int) -> None:
+        end = None if position < 0 else position + CONTEXT_AFTER + 1
+        if text not in ends:
+            ends[text] = end
+        elif ends[text] is not None:
+            ends[text] = None if end is None else max(end, ends[text] or 0)
+
+    for summary in summaries:
+        for lists in summary.top.values():
+            for examples in lists.values():
+                for e in examples:
+                    see(e.text, e.position)
+        if summary.distributions is not None:
+            for typical in summary.distributions.typical.values():
+                for e in typical:
+                    see(e.text, e.position)
+    return ends
 
 
 def _links(

@@ -10,7 +10,7 @@ in the statistics' dtype, :mod:`gatescope.stats.quantities`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,8 +30,10 @@ class TextActivations:
     """One text's tokens and the activations of the requested neurons on them."""
 
     text: int  # corpus index
-    input_ids: list[int]
-    values: np.ndarray  # [neuron, quantity, pos]: the requested neurons, in the order given
+    input_ids: list[int]  # the whole text
+    # [neuron, quantity, pos]: the requested neurons, in the order given, on the text's
+    # first ``values.shape[-1]`` tokens (all of them unless cut short by ``ends``)
+    values: np.ndarray
 
 
 class _Stop(Exception):
@@ -47,6 +49,7 @@ def recompute(
     *,
     refactor_glu: bool = False,
     batch_size: int = 16,
+    ends: Mapping[int, int | None] | None = None,
 ) -> dict[int, TextActivations]:
     """Activations of ``neurons`` of ``layer`` on every token of ``texts``.
 
@@ -58,6 +61,9 @@ def recompute(
         texts: Corpus indices of the texts (duplicates are computed once).
         refactor_glu: Apply ``--refactor-glu`` as the scan did (undone afterwards).
         batch_size: Texts per forward.
+        ends: Text -> how many of its first tokens to compute (None or absent: all). The
+            model is causal, so a token's values do not depend on later tokens: a cut
+            text's values are those of the whole text (rounded as another batch would be).
 
     Returns:
         Corpus index -> :class:`TextActivations`, values [neuron, quantity, pos] with the
@@ -65,22 +71,27 @@ def recompute(
     """
     wanted = sorted(set(texts))
     corpus.check_texts(wanted)
+    full = {t: int(corpus.lengths[t]) for t in wanted}
+    computed = {t: min(full[t], (ends or {}).get(t) or full[t]) for t in wanted}
     # Longest first, as the scan batches them: little padding.
-    order = sorted(wanted, key=lambda t: -int(corpus.lengths[t]))
+    order = sorted(wanted, key=lambda t: -computed[t])
     result: dict[int, TextActivations] = {}
     with _layer_reader(loaded, layer, neurons, refactor_glu=refactor_glu) as (read, act):
         for start in range(0, len(order), batch_size):
             batch = np.asarray(order[start : start + batch_size])
-            input_ids, attention_mask = corpus.batch(batch, device=loaded.device)
-            g, u = read(input_ids, attention_mask)  # [batch, pos, neuron]
+            input_ids, _ = corpus.batch(batch, device=loaded.device)  # whole texts
+            lengths = [computed[t] for t in batch.tolist()]
+            longest = max(lengths)
+            positions = torch.arange(longest, device=loaded.device)
+            mask = positions[None, :] < torch.tensor(lengths, device=loaded.device)[:, None]
+            g, u = read(input_ids[:, :longest], mask.long())  # [batch, pos, neuron]
             # [batch, neuron, quantity, pos]
             values = gated_quantities(g, u, act).permute(1, 3, 0, 2).cpu().numpy()
             for row, text in enumerate(batch.tolist()):
-                length = int(attention_mask[row].sum())
                 result[text] = TextActivations(
                     text=text,
-                    input_ids=input_ids[row, :length].tolist(),
-                    values=values[row, :, :, :length],
+                    input_ids=input_ids[row, : full[text]].tolist(),
+                    values=values[row, :, :, : lengths[row]],
                 )
     return result
 

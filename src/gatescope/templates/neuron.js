@@ -53,8 +53,18 @@
     const to = full ? text.tokens.length : Math.min(text.tokens.length, position + data.after + 1);
     box.replaceChildren();
     if (from > 0) box.appendChild(document.createTextNode("… "));
+    const computed = text.values[0].length;
     for (let i = from; i < to; i++) {
       const span = document.createElement("span");
+      if (i >= computed) {
+        // After the last token the page's examples show: not computed (a causal model's
+        // earlier tokens do not depend on it).
+        span.className = "tok uncomputed";
+        span.title = `token ${i}: after the examples, not computed`;
+        appendVisible(span, text.tokens[i]);
+        box.appendChild(span);
+        continue;
+      }
       const values = text.values.map((row) => row[i]);
       const v = values[quantity];
       const c = color(v, quantity);
