@@ -184,7 +184,7 @@ def main() -> None:
             fresh = iter(neurons[len(cached) :])
             alone = Phase("uncached page, 1 client")
             run_phase(alone, port, lambda _: ["{}/neuron/{}.{}".format(ATLAS, *next(fresh))
-                                              for _ in range(5)], 1, args.limit)  # fmt: skip
+                                              for _ in range(10)], 1, args.limit)  # fmt: skip
             phases.append((alone, "< 1 s"))
             crowd = Phase(f"uncached page, {args.clients} clients")
             per_client = [[next(fresh) for _ in range(2)] for _ in range(args.clients)]
