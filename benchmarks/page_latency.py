@@ -47,7 +47,7 @@ def fixture_atlas(root: Path) -> gatescope.Atlas | None:
     from gatescope.corpus import build_corpus, save_corpus
 
     corpus = build_corpus(text, model, max_length=256, tokens=100_000, seed=0)
-    save_corpus(corpus, root / "corpus", metadata={"tokenizer": str(model)})
+    save_corpus(corpus, root / "corpus")  # the recipe names the tokenizer
     return gatescope.scan(model, root / "corpus", out=root / "atlas", progress=False)
 
 
