@@ -6,8 +6,11 @@ in this one run:
 
 * the bare forward's tokens/s (the decoder, as the scan runs it: no logits) and with logits;
 * the scan's tokens/s over the same batches, statistics included (float32, float64 sums),
-  with the distributions (the default) and with ``--no-distributions``;
-* scan time / bare forward time, for both;
+  with the distributions (the default) and with ``--no-distributions``, for each statistics
+  backend of ``--backends`` (triton and torch on a GPU);
+* scan time / bare forward time, for each;
+* whether the scan loop synchronises with the host (one scan under
+  ``torch.cuda.set_sync_debug_mode("error")``, on a GPU);
 * the projected hours for 20M tokens (GLUScope: five days on one A100).
 
     python benchmarks/gpu_scan.py                     # needs about 20 GB of GPU memory
@@ -41,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=12, help="batches timed")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda")
+    backends = "comma-separated; default triton,torch on a GPU, numba,torch on a CPU"
+    parser.add_argument("--backends", default=None, help=backends)
     return parser.parse_args()
 
 
@@ -92,10 +97,10 @@ def time_forward(model, corpus, args, *, logits: bool) -> float:
     return time.perf_counter() - start
 
 
-def time_scan(model, corpus, args, *, distributions: bool = True) -> float:
+def time_scan(model, corpus, args, *, backend: str, distributions: bool = True) -> float:
     run = functools.partial(
         gatescope.scan, model, batch_size=args.batch_size, distributions=distributions,
-        progress=False,
+        stats_backend=backend, progress=False,
     )  # fmt: skip
     run(corpus.select(range(args.batch_size)))  # compile, allocate
     synchronize(args.device)
@@ -103,6 +108,18 @@ def time_scan(model, corpus, args, *, distributions: bool = True) -> float:
     run(corpus)
     synchronize(args.device)
     return time.perf_counter() - start
+
+
+def sync_check(model, corpus, args, backend: str) -> str:
+    """Runs one scan with CUDA's sync debug mode at "error": "none", or the first one."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        time_scan(model, corpus.select(range(2 * args.batch_size)), args, backend=backend)
+    except RuntimeError as error:
+        return f"yes: {str(error).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "none"
 
 
 def main() -> None:
@@ -115,31 +132,38 @@ def main() -> None:
     counted = args.batches * args.batch_size * (args.length - 1)  # BOS is not counted
     forward = time_forward(model, corpus, args, logits=False)
     with_logits = time_forward(model, corpus, args, logits=True)
-    scan = time_scan(model, corpus, args)
-    bare_scan = time_scan(model, corpus, args, distributions=False)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    on_gpu = args.device.startswith("cuda")
+    backends = (args.backends or ("triton,torch" if on_gpu else "numba,torch")).split(",")
+    scans = {
+        backend: (time_scan(model, corpus, args, backend=backend),
+                  time_scan(model, corpus, args, backend=backend, distributions=False))
+        for backend in backends
+    }  # fmt: skip
+    device = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(
         f"device: {device}; model: {args.layers} layers x d_mlp {args.d_mlp}, "
         f"d_model {args.hidden}, vocab {args.vocab}, {args.dtype}"
     )
     print(
         f"batches: {args.batches} x {args.batch_size} texts x {args.length} tokens "
-        f"= {tokens:,} tokens"
+        f"= {tokens:,} tokens ({counted:,} counted)"
     )
     print(f"bare forward (decoder): {tokens / forward:,.0f} tokens/s")
     print(f"bare forward (with logits): {tokens / with_logits:,.0f} tokens/s")
-    print(f"scan: {tokens / scan:,.0f} tokens/s ({counted:,} tokens counted)")
-    print(f"scan --no-distributions: {tokens / bare_scan:,.0f} tokens/s")
-    for name, seconds in (("scan", scan), ("scan --no-distributions", bare_scan)):
-        print(
-            f"{name} / bare forward: {seconds / forward:.2f} (decoder), "
-            f"{seconds / with_logits:.2f} (with logits)"
-        )
-    hours = TOKENS_TO_PROJECT / (tokens / scan) / 3600
-    print(
-        f"projected for 20M tokens: {hours:.2f} hours on this device (GLUScope: 120 hours "
-        "on one A100)"
-    )
+    for backend, (scan, bare_scan) in scans.items():
+        for name, seconds in ((f"scan, {backend}", scan),
+                              (f"scan --no-distributions, {backend}", bare_scan)):  # fmt: skip
+            print(
+                f"{name}: {tokens / seconds:,.0f} tokens/s; / bare forward "
+                f"{seconds / forward:.2f} (decoder), {seconds / with_logits:.2f} (with logits); "
+                f"statistics' share {1 - forward / seconds:.0%}"
+            )
+        hours = TOKENS_TO_PROJECT / (tokens / scan) / 3600
+        print(f"projected for 20M tokens, {backend}: {hours:.2f} hours (GLUScope: 120 hours "
+              "on one A100)")  # fmt: skip
+    if on_gpu:
+        found = sync_check(model, corpus, args, backends[0])
+        print(f"host synchronisations in the scan loop ({backends[0]}): {found}")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

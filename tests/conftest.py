@@ -10,6 +10,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Triton kernels run in Triton's interpreter on the tests' CPU tensors (read when a
+# kernel is defined, so before gatescope.stats.triton_pass is imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = (
     Path(os.environ["GATESCOPE_FIXTURES"])

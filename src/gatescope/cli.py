@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from gatescope.errors import GatescopeError
-from gatescope.options import DEVICE_MAPS, DTYPES, ScanOptions
+from gatescope.options import DEVICE_MAPS, DTYPES, STATS_BACKENDS, ScanOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -171,6 +171,7 @@ def corpus(
 @_scan_option("refactor_glu")
 @_scan_option("distributions")
 @_scan_option("seed", type=click.IntRange(min=0, max=2**32 - 1))
+@_scan_option("stats_backend", type=click.Choice(STATS_BACKENDS))
 @click.option("--resume", is_flag=True, help="Continue the unfinished scan in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace the atlas or unfinished scan in --out.")
 @_scan_option("checkpoint_every", type=click.FloatRange(min=0))
@@ -194,6 +195,7 @@ def scan(
     refactor_glu,
     distributions,
     seed,
+    stats_backend,
     resume,
     overwrite,
     checkpoint_every,
@@ -224,6 +226,7 @@ def scan(
         refactor_glu=refactor_glu,
         distributions=distributions,
         seed=seed,
+        stats_backend=stats_backend,
         checkpoint_every=checkpoint_every,
     )
     atlas = run_scan(model, corpus_path, options, out=out, resume=resume, overwrite=overwrite,

@@ -14,13 +14,17 @@ from typing import Any
 from gatescope.constants import DEFAULT_K
 from gatescope.errors import GatescopeError
 
-__all__ = ["DEVICE_MAPS", "DTYPES", "ScanOptions"]
+__all__ = ["DEVICE_MAPS", "DTYPES", "STATS_BACKENDS", "ScanOptions"]
 
 #: Model dtypes: ``auto`` keeps the checkpoint's on a GPU and uses float32 on a CPU.
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16", "float64")
 
 #: accelerate's strategies for spreading a model's layers over several devices.
 DEVICE_MAPS: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+
+#: The statistics passes: ``auto`` is triton on CUDA (when importable), numba on a CPU,
+#: torch otherwise. They compute the same numbers.
+STATS_BACKENDS: tuple[str, ...] = ("auto", "triton", "numba", "torch")
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -59,6 +63,9 @@ class ScanOptions:
         "Collect per-case histograms, the joint (x_gate, x_in) histogram and typical examples.",
     )
     seed: int = _option(0, "Seed of the typical examples' draw.")
+    stats_backend: str = _option(
+        "auto", "Statistics pass: auto (triton on CUDA, numba on a CPU), triton, numba or torch."
+    )
     checkpoint_every: float = _option(300.0, "Seconds between checkpoints.")
 
     def __post_init__(self) -> None:
@@ -70,6 +77,11 @@ class ScanOptions:
             raise GatescopeError(f"--seed must be in 0 to 2**32 - 1, not {self.seed}.")
         if self.checkpoint_every < 0:
             raise GatescopeError("--checkpoint-every must not be negative.")
+        if self.stats_backend not in STATS_BACKENDS:
+            raise GatescopeError(
+                f"--stats-backend must be one of {', '.join(STATS_BACKENDS)}, "
+                f"not '{self.stats_backend}'."
+            )
         if self.dtype not in DTYPES:
             raise GatescopeError(f"--dtype must be one of {', '.join(DTYPES)}, not '{self.dtype}'.")
         if not _DEVICE.fullmatch(self.device):

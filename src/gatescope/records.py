@@ -194,6 +194,9 @@ class AtlasOptions:
     # seed of the typical examples' draw.
     distributions: bool = False
     seed: int | None = None
+    # The statistics pass that ran: triton, numba or torch (does not change the result;
+    # None: not recorded, before format 3's second release).
+    stats_backend: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -269,6 +269,7 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     for index, mlp in enumerate(mlps):
         device = _execution_device(mlp)
         layers.append(NeuronStats(mlp.d_mlp, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
+                                  kernel=_KERNELS[opts.stats_backend],
                                   workspace=workspaces[device], distributions=opts.distributions,
                                   seed=opts.seed, layer=index))  # fmt: skip
     return _Prepared(loaded, mlps, layers)
@@ -352,6 +353,7 @@ def _describe(
             refactored_neurons=flipped,
             distributions=opts.distributions,
             seed=identity.seed,
+            stats_backend=_backend_of(layers),
         ),
         shards=shards,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -409,6 +411,15 @@ class _Feed:
         if device not in self._on_device:
             self._on_device[device] = (self._batch[0].to(device), self._batch[1].to(device))
         return self._on_device[device]
+
+
+#: --stats-backend -> NeuronStats's kernel, and back (what the atlas records).
+_KERNELS = {"auto": "auto", "triton": "triton", "numba": "cpu", "torch": "torch"}
+
+
+def _backend_of(layers: Sequence[NeuronStats]) -> str:
+    """The statistics pass that ran (the first layer's: they all choose alike)."""
+    return {kernel: name for name, kernel in _KERNELS.items() if name != "auto"}[layers[0].kernel]
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ N_LISTS = len(TOP_LISTS)
 #: Text indices are packed into 31 bits of the ranking key.
 MAX_TEXTS = 2**31 - 1
 
-KERNELS = ("auto", "cpu", "torch")
+KERNELS = ("auto", "cpu", "torch", "triton")
 
 #: The histograms count in int32.
 MAX_HISTOGRAM_TOKENS = 2**31 - 1
@@ -49,8 +49,10 @@ class NeuronStats:
         dtype: Floating type of the computation and of the stored top-k values: float32 for
             float32/bfloat16/float16 models, float64 for float64 models. Sums are float64.
         kernel: ``"cpu"`` (the fused CPU pass and numba's merges), ``"torch"`` (torch
-            operations, any device) or ``"auto"``: the CPU kernel on a CPU, torch elsewhere.
-            The attribute ``kernel`` holds the one chosen, ``"cpu"`` or ``"torch"``.
+            operations, any device), ``"triton"`` (the fused Triton kernel: CUDA, or CPU
+            tensors under ``TRITON_INTERPRET=1``) or ``"auto"``: the CPU kernel on a CPU,
+            Triton on CUDA where it is installed and computes the activation, torch
+            elsewhere. The attribute ``kernel`` holds the one chosen.
         chunk_elements: Workspace size of the torch pass; ``None`` picks one per device.
         workspace: The pass's scratch buffers, to share with the other layers.
         distributions: Whether to collect the histograms and typical examples
@@ -82,6 +84,9 @@ class NeuronStats:
         self.device: torch.device = torch.device(device)
         self.dtype = dtype
         self.kernel = self._resolve_kernel(kernel)
+        # Triton chosen by "auto" falls back to the torch pass if its first batch fails.
+        self._auto_triton = kernel == "auto" and self.kernel == "triton"
+        self._chunk_elements, self._workspace = chunk_elements, workspace
         self._pass = self._choose_pass(chunk_elements, workspace)
 
         self.tokens: Tensor = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -131,11 +136,16 @@ class NeuronStats:
         )
 
     def _resolve_kernel(self, kernel: str) -> str:
-        """``"cpu"`` (numba's pass and merges) or ``"torch"``, for the one asked."""
+        """``"cpu"`` (numba's pass and merges), ``"triton"`` or ``"torch"``, for the one
+        asked."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
         if kernel == "auto":
-            return "cpu" if self.device.type == "cpu" and _numba_works() else "torch"
+            if self.device.type == "cpu":
+                return "cpu" if _numba_works() else "torch"
+            if self.device.type == "cuda" and _triton_computes(self.act, self.dtype):
+                return "triton"
+            return "torch"
         if kernel == "cpu" and self.device.type != "cpu":
             raise ValueError(f"the cpu kernel cannot run on {self.device}")
         return kernel
@@ -149,6 +159,10 @@ class NeuronStats:
 
             scratch = workspace if workspace is not None else Workspace()
             return functools.partial(cpu_pass, act=act, workspace=scratch)
+        if self.kernel == "triton":
+            from gatescope.stats.triton_pass import TritonPass
+
+            return TritonPass(act, device=self.device, dtype=self.dtype)
         return TorchPass(
             act,
             device=self.device,
@@ -195,10 +209,20 @@ class NeuronStats:
             )
         if swish is not None and swish.dtype != self.dtype:
             swish = None
-        gate, up = gate.to(self.dtype), up.to(self.dtype)
+        if self.kernel != "triton":  # the Triton kernel reads the model's dtype itself
+            gate, up = gate.to(self.dtype), up.to(self.dtype)
         totals = Totals(self.count, self.sum, self._weakest, self.histogram, self.joint)
         priority = self._text_priority(text_index) if self.distributions else None
-        per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish)
+        try:
+            per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish)
+        except Exception as error:  # e.g. Triton cannot compile for this GPU: before any update
+            if not self._auto_triton:
+                raise
+            warnings.warn(f"the Triton kernel failed ({error}); using the torch pass", stacklevel=2)
+            self.kernel, self._auto_triton = "torch", False
+            self._pass = self._choose_pass(self._chunk_elements, self._workspace)
+            gate, up = gate.to(self.dtype), up.to(self.dtype)
+            per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish)
         if priority is not None:
             self._add_typical_candidates(per_text, priority, text_index)
         # [case * 4 + quantity, text, neuron]: each text's strongest token (-inf: the case
@@ -498,6 +522,24 @@ def _numba_works() -> bool:
         import gatescope.stats.cpu_pass  # noqa: F401
     except ImportError as error:  # numba missing or broken: slower, same results
         warnings.warn(f"numba is unavailable ({error}); using the slower torch pass", stacklevel=4)
+        return False
+    return True
+
+
+def _triton_computes(act: Callable[[Tensor], Tensor] | None, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel can take this layer: triton installed, float32 statistics
+    and an activation it computes itself (SiLU, GELU, GELU-tanh); warns once if not."""
+    try:
+        from gatescope.stats.triton_pass import activation_kind
+    except ImportError:  # no triton (pip install gatescope[gpu]): the torch pass
+        return False
+    if act is None or dtype != torch.float32:
+        return False
+    if activation_kind(act) is None:
+        warnings.warn(
+            "the Triton kernel computes SiLU, GELU and GELU-tanh only: using the torch pass",
+            stacklevel=4,
+        )
         return False
     return True
 
