@@ -146,3 +146,29 @@ def test_stats_backend_is_an_option_of_the_scan_command():
     assert "--stats-backend [auto|triton|numba|torch]" in help_text
     bad = CliRunner().invoke(cli, ["scan", "m", "c", "--out", "o", "--stats-backend", "cuda"])
     assert bad.exit_code == 2 and "cuda" in bad.output
+
+
+def test_an_automatic_triton_choice_falls_back_to_torch_if_the_kernel_fails(monkeypatch):
+    """A GPU whose Triton cannot compile the kernel still scans (with a warning)."""
+    from gatescope.stats import NeuronStats
+
+    g, u, valid = batch(torch.float32, seed=3)
+    stats = NeuronStats(g.shape[2], torch.nn.functional.silu, k=3, kernel="triton")
+    stats._auto_triton = True  # as "auto" sets it on CUDA
+
+    def broken(*_, **__):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(stats, "_pass", broken)
+    reference = NeuronStats(g.shape[2], torch.nn.functional.silu, k=3, kernel="torch")
+    texts = torch.arange(g.shape[0])
+    with pytest.warns(UserWarning, match="Triton kernel failed"):
+        stats.update(g, u, texts, valid)
+    reference.update(g, u, texts, valid)
+    assert stats.kernel == "torch"
+    assert torch.equal(stats.count, reference.count)
+    assert torch.equal(stats.top_position, reference.top_position)
+    stats._auto_triton = False
+    monkeypatch.setattr(stats, "_pass", broken)
+    with pytest.raises(RuntimeError, match="cannot compile"):  # asked for: no fallback
+        stats.update(g, u, texts, valid)
