@@ -59,7 +59,7 @@ def test_atlas_meta_round_trips_and_is_checked(folders):
     assert meta.model.name == str((folders / "model").resolve()) and meta.model.dtype == "float32"
     assert meta.corpus.meta is not None and meta.corpus.meta.num_texts == 12
     assert meta.options == AtlasOptions(
-        batch_size=16, refactored_neurons=0, distributions=True, seed=0
+        batch_size=16, refactored_neurons=0, distributions=True, seed=0, stats_backend="numba"
     )
     parts = dataclasses.replace(meta, shards=ShardSet(4, (3, 1)))
     assert AtlasMeta.from_dict(parts.to_dict()).shards == ShardSet(4, (1, 3))
