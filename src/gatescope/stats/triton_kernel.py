@@ -54,7 +54,8 @@ def stats_kernel(
     for start in range(0, length, BLOCK_P):
         offs_p = start + tl.arange(0, BLOCK_P)
         in_p = offs_p < length
-        tile = (text * length + offs_p[:, None]) * neurons + offs_n[None, :]
+        # int64: a batch of g may hold more than 2**31 elements.
+        tile = (text.to(tl.int64) * length + offs_p[:, None]) * neurons + offs_n[None, :]
         mask = in_p[:, None] & in_n[None, :]
         counted = tl.load(valid_ptr + text * length + offs_p, mask=in_p, other=0) != 0
         g = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
