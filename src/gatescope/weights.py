@@ -227,17 +227,24 @@ class ModelWeights:
     def matrix(self, layer: int, which: str) -> Tensor:
         """One of layer ``layer``'s weights, float32, refactored when ``refactor_glu``:
         ``"gate"`` or ``"in"`` ``[d_mlp, d_model]``, ``"out"`` ``[d_model, d_mlp]``."""
+        if which == "gate":
+            return self._stored(layer, "gate")
+        if which == "in":
+            return self._stored(layer, "in") * self._signs(layer)[:, None]
+        if which == "out":
+            return self._stored(layer, "out") * self._signs(layer)[None, :]
+        raise ValueError(f"no weight '{which}': gate, in or out")
+
+    def _stored(self, layer: int, which: str) -> Tensor:
+        """A weight as the checkpoint stores it (float32, signs unchanged)."""
         gate_key, in_key, out_key = self._layout.mlps[layer]
         d = self.d_mlp
         fused = gate_key == in_key  # one gate_up_proj: the gate's rows first
         if which == "gate":
             return self._tensors.get(gate_key, rows=slice(0, d) if fused else None)
         if which == "in":
-            w_in = self._tensors.get(in_key, rows=slice(d, 2 * d) if fused else None)
-            return w_in * self._signs(layer)[:, None]
-        if which == "out":
-            return self._tensors.get(out_key) * self._signs(layer)[None, :]
-        raise ValueError(f"no weight '{which}': gate, in or out")
+            return self._tensors.get(in_key, rows=slice(d, 2 * d) if fused else None)
+        return self._tensors.get(out_key)
 
     def _signs(self, layer: int) -> Tensor:
         """[d_mlp] +1, or -1 for the neurons ``refactor_glu`` flips (exact: a product by
@@ -247,15 +254,10 @@ class ModelWeights:
 
             signs = torch.ones(self.d_mlp)
             if self.refactor_glu:
-                w_gate, w_in = self.matrix(layer, "gate"), self._unsigned_in(layer)
-                signs = 1 - 2 * glu_flips(w_gate, w_in).float()
+                flips = glu_flips(self._stored(layer, "gate"), self._stored(layer, "in"))
+                signs = 1 - 2 * flips.float()
             self._sign_cache[layer] = signs
         return self._sign_cache[layer]
-
-    def _unsigned_in(self, layer: int) -> Tensor:
-        gate_key, in_key, _ = self._layout.mlps[layer]
-        d = self.d_mlp
-        return self._tensors.get(in_key, rows=slice(d, 2 * d) if gate_key == in_key else None)
 
     def layers(self) -> Iterator[LayerWeights]:
         return (self.layer(layer) for layer in range(self.num_layers))

@@ -118,11 +118,11 @@ def _top_neurons(at: np.ndarray) -> dict[str, tuple[TopNeuron, ...]]:
     from gatescope.stats.quantities import sign_cases
 
     cases = sign_cases(at[0], at[1])
-    strength = np.abs(at[QUANTITIES.index("hook_post")])
+    post = at[QUANTITIES.index("hook_post")]
+    strength = np.abs(post)
     top = {}
     for c, case in enumerate(CASES):
         members = np.flatnonzero(cases == c)
         best = members[np.argsort(-strength[members], kind="stable")[:TOP_NEURONS]]
-        post = at[QUANTITIES.index("hook_post")]
         top[case] = tuple(TopNeuron(int(n), float(post[n])) for n in best)
     return top
