@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gatescope.constants import CASES, QUANTITIES
+from gatescope.stats import distributions
 from gatescope.stats.batch import Totals
 from gatescope.stats.torch_pass import TorchPass
 
@@ -20,12 +21,26 @@ ACTS = {
 }
 
 
-def totals(neurons: int) -> Totals:
+def totals(neurons: int, with_distributions: bool = False) -> Totals:
+    cases, quantities = len(CASES), len(QUANTITIES)
+    bins, joint = distributions.N_BINS, distributions.N_JOINT_BINS
     return Totals(
-        torch.zeros(len(CASES), neurons, dtype=torch.int64),
-        torch.zeros(len(CASES), len(QUANTITIES), neurons, dtype=torch.float64),
-        torch.full((len(CASES), len(QUANTITIES), neurons), float("inf")),
-    )
+        torch.zeros(cases, neurons, dtype=torch.int64),
+        torch.zeros(cases, quantities, neurons, dtype=torch.float64),
+        torch.full((cases, quantities, neurons), float("inf")),
+        torch.zeros(cases, quantities, bins, neurons, dtype=torch.int32)
+        if with_distributions else None,
+        torch.zeros(cases, joint, joint, neurons, dtype=torch.int32)
+        if with_distributions else None,
+    )  # fmt: skip
+
+
+def salts(texts: int, neurons: int, seed: int = 0) -> torch.Tensor:
+    """[case, text, neuron] random token-draw salts below 2**32, a quarter -1 (not drawn)."""
+    generator = torch.Generator().manual_seed(seed)
+    salt = torch.randint(0, 2**32, (len(CASES), texts, neurons), generator=generator)
+    drop = torch.rand(salt.shape, generator=generator) < 0.25
+    return salt.masked_fill_(drop, -1)
 
 
 def batch(dtype: torch.dtype, texts=3, length=37, neurons=20, seed=0):
@@ -94,6 +109,104 @@ def test_the_models_own_act_is_read_when_given():
     )
     assert torch.equal(got.position, expected.position)
     torch.testing.assert_close(ours.sums, theirs.sums, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf and NaN
+def test_the_kernels_bins_are_those_of_the_edges():
+    """Every bin edge, its float32 neighbours, zero, subnormals, inf and NaN, as g (u = 1)
+    and as u (g = 1): each counted value lands in its bin of g's (u's) histogram and of the
+    joint; zero and NaN in no case."""
+    from tests.reference import BIN_EDGES, JOINT_EDGES, bin_of
+    from tests.test_distributions import edge_values
+
+    values = edge_values(torch.float32)
+    counted = (values != 0) & ~values.isnan()
+    magnitude = values[counted].abs().double().numpy()
+    bins = torch.from_numpy(bin_of(BIN_EDGES, magnitude))
+    joint_bins = torch.from_numpy(bin_of(JOINT_EDGES, magnitude))
+    one_bin = int(bin_of(JOINT_EDGES, torch.ones(1, dtype=torch.float64).numpy())[0])
+    negative = (values[counted] < 0).long()
+    for quantity, (g, u) in enumerate([(values, torch.ones_like(values)),
+                                        (torch.ones_like(values), values)]):  # fmt: skip
+        ours = totals(1, with_distributions=True)
+        valid = torch.ones(1, len(values), dtype=torch.bool)
+        triton_pass.TritonPass(ACTS["silu"], device=g.device, dtype=torch.float32)(
+            g.view(1, -1, 1), u.view(1, -1, 1), valid, ours, None
+        )
+        case = negative * 2 if quantity == 0 else negative  # g < 0: cases 2, 3; u < 0: 1, 3
+        expected = torch.zeros(len(CASES), distributions.N_BINS, dtype=torch.int32)
+        expected.index_put_((case, bins), torch.ones_like(bins, dtype=torch.int32),
+                            accumulate=True)  # fmt: skip
+        assert ours.histogram is not None and ours.joint is not None
+        assert torch.equal(ours.histogram[:, quantity, :, 0], expected)
+        expected_joint = torch.zeros(len(CASES), distributions.N_JOINT_BINS,
+                                     distributions.N_JOINT_BINS, dtype=torch.int32)  # fmt: skip
+        cell = (joint_bins, torch.full_like(joint_bins, one_bin))[:: 1 if quantity == 0 else -1]
+        expected_joint.index_put_((case, *cell), torch.ones_like(case, dtype=torch.int32),
+                                  accumulate=True)  # fmt: skip
+        assert torch.equal(ours.joint[..., 0], expected_joint)
+
+
+def near_bin_edges(x: torch.Tensor) -> int:
+    """How many of ``x`` lie within a relative 1e-6 of a magnitude bin's edge (where act(g)
+    computed by the kernel and by torch, a few ulps apart, may fall in neighbouring bins)."""
+    edges = torch.from_numpy(distributions.bin_edges()[1:-1])
+    relative = (x.abs().double().unsqueeze(-1) / edges - 1).abs()
+    return int((relative < 1e-6).any(dim=-1).sum())
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_distributions_equal_the_torch_pass(act, dtype):
+    """Histograms, joint histograms and the typical draw (positions identical, values
+    within the rounding of act(g)); with the model's own act(g), histograms identical."""
+    g, u, valid = batch(dtype, texts=4, length=45, neurons=37, seed=4)
+    fn, salt = ACTS[act], salts(4, 37, seed=5)
+    g32 = g.float()
+    for swish in (None, fn(g32)):
+        ours, theirs = totals(37, True), totals(37, True)
+        got = triton_pass.TritonPass(fn, device=g.device, dtype=torch.float32)(
+            g, u, valid, ours, salt, swish
+        )
+        expected = TorchPass(fn, device=g.device, dtype=torch.float32)(
+            g32, u.float(), valid, theirs, salt, swish
+        )
+        assert torch.equal(ours.joint, theirs.joint)
+        assert torch.equal(ours.histogram[:, :2], theirs.histogram[:, :2])  # g and u
+        a = fn(g32 * valid.unsqueeze(-1))
+        near = 0 if swish is not None else near_bin_edges(a) + near_bin_edges(a * u.float())
+        assert int((ours.histogram - theirs.histogram).abs().sum()) <= 2 * near
+        assert int(ours.histogram.sum()) == int(theirs.histogram.sum())
+        assert torch.equal(got.typical_position, expected.typical_position)
+        torch.testing.assert_close(got.typical_value, expected.typical_value, rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    drawn = got.typical_position >= 0
+    assert drawn.any() and (salt[~drawn] == -1).sum() > 0  # some drawn, some not asked for
+
+
+def test_the_kernels_draw_is_the_documented_hash():
+    """Each drawn token has the smallest token priority (then position) among its case's
+    tokens, by the contract's hash (tests.reference), brute force over one neuron."""
+    from tests.reference import token_priority
+
+    g, u, valid = batch(torch.float32, neurons=3, seed=6)  # 3 texts of 37 tokens
+    priority = salts(3, 3, seed=7)  # the texts' draw priorities (-1: not drawn)
+    salt = torch.where(priority >= 0, distributions.token_salt(priority), -1)
+    got = triton_pass.TritonPass(ACTS["gelu"], device=g.device, dtype=torch.float32)(
+        g, u, valid, totals(3), salt
+    )
+    for c in range(len(CASES)):
+        for text in range(3):
+            for neuron in range(3):
+                gs, us = g[text, :, neuron], u[text, :, neuron]
+                case = (gs < 0).long() * 2 + (us < 0).long()
+                tokens = [p for p in range(37) if valid[text, p] and gs[p] != 0 and us[p] != 0
+                          and case[p] == c]  # fmt: skip
+                text_priority = int(priority[c, text, neuron])
+                keys = [(token_priority(text_priority, p), p) for p in tokens]
+                keys = keys if text_priority >= 0 else []
+                expected = min(keys)[1] if keys else -1
+                assert int(got.typical_position[c, text, neuron]) == expected
 
 
 def test_other_activations_and_float64_are_refused():

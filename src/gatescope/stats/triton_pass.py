@@ -8,8 +8,9 @@ GELU-tanh, recognized by what it computes), and keeps per (case, quantity) the s
 It writes them per text; torch then reduces the texts (float64 sums, int64 counts) into the
 layer's totals on the device, without a host synchronisation.
 
-The distributions (histograms, typical draws) are still computed by the torch pass's
-functions on this batch's quantities: correct, not yet fused (issue 14's next step).
+The distributions are fused too: every token adds to its bins with an atomic add, and per
+(case, text, neuron) the kernel keeps the smallest draw key of the typical examples; only
+the drawn tokens' four values are gathered afterwards (four per text and neuron).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 """
@@ -24,6 +25,7 @@ import triton
 from torch import Tensor
 
 from gatescope.constants import CASES, QUANTITIES
+from gatescope.stats import distributions
 from gatescope.stats.batch import PerText, Totals
 from gatescope.stats.triton_kernel import stats_kernel
 
@@ -32,6 +34,21 @@ __all__ = ["ACTIVATIONS", "TritonPass", "activation_kind"]
 N_CASES = len(CASES)
 N_QUANTITIES = len(QUANTITIES)
 PAIRS = N_CASES * N_QUANTITIES
+
+#: Positions per tile and neurons per program (at most).
+BLOCK_P, BLOCK_N = 16, 128
+
+assert distributions.BINS_PER_OCTAVE == 2 and distributions.JOINT_OCTAVES == 2, "out of date"
+#: The kernel's copy of the distributions' rules.
+_DISTRIBUTION_CONSTANTS = {
+    "LOWEST": distributions.LOWEST,
+    "HALF_OCTAVE": distributions.HALF_OCTAVE,
+    "N_BINS": distributions.N_BINS,
+    "JOINT_LOWEST": distributions.JOINT_LOWEST,
+    "N_JOINT": distributions.N_JOINT_BINS,
+    "MIX_MULTIPLIER": distributions.MIX_MULTIPLIER,
+    "KEY_LOW_BITS": distributions.KEY_LOW_BITS,
+}
 
 #: The activations the kernel computes itself, by name: its ``ACT`` constant.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -88,22 +105,26 @@ class TritonPass:
         ``swish`` may be in the model's dtype (bf16, fp16, fp32): they are read as they are."""
         texts, length, neurons = gate.shape
         gate, up = gate.contiguous(), up.contiguous()
-        has_swish = swish is not None
-        swish = swish.contiguous() if swish is not None else gate  # unread when absent
+        swish = swish.contiguous() if swish is not None else None
         empty = lambda *shape, dtype: torch.empty(*shape, dtype=dtype, device=gate.device)  # noqa: E731
         strength = empty(PAIRS, texts, neurons, dtype=torch.float32)
         position = empty(PAIRS, texts, neurons, dtype=torch.int32)
         weakest = empty(PAIRS, texts, neurons, dtype=torch.float32)
         sums = empty(PAIRS, texts, neurons, dtype=torch.float64)
         count = empty(N_CASES, texts, neurons, dtype=torch.int32)
-        block_n = min(128, triton.next_power_of_2(neurons))
-        grid = (texts, triton.cdiv(neurons, block_n))
+        key = empty(N_CASES, texts, neurons, dtype=torch.int64) if salt is not None else count
+        histograms = totals.histogram is not None and totals.joint is not None
+        unused = count  # the pointer of an output the kernel does not touch
+        block_n = min(BLOCK_N, triton.next_power_of_2(neurons))
         kernel: Any = stats_kernel  # a Triton kernel: launched by its grid
-        kernel[grid](
-            gate, up, swish, valid.to(torch.uint8).contiguous(),
+        kernel[(texts, triton.cdiv(neurons, block_n))](
+            gate, up, swish if swish is not None else unused, valid.to(torch.uint8).contiguous(),
             strength, position, weakest, sums, count,
+            totals.histogram if histograms else unused, totals.joint if histograms else unused,
+            salt.contiguous() if salt is not None else unused, key,
             texts, length, neurons,
-            ACT=ACTIVATIONS[self.kind], HAS_SWISH=has_swish, BLOCK_P=16, BLOCK_N=block_n,
+            ACT=ACTIVATIONS[self.kind], HAS_SWISH=swish is not None, HISTOGRAMS=histograms,
+            TYPICAL=salt is not None, **_DISTRIBUTION_CONSTANTS, BLOCK_P=BLOCK_P, BLOCK_N=block_n,
         )  # fmt: skip
         # The texts' partials into the layer's totals, on the device.
         totals.count.add_(count.sum(dim=1, dtype=torch.int64))
@@ -114,34 +135,23 @@ class TritonPass:
             out=totals.weakest,
         )
         per_text = PerText(strength.to(self.dtype), position.to(torch.int64))
-        if totals.histogram is None and salt is None:
-            return per_text
-        return self._distributions(gate, up, valid, totals, salt, swish if has_swish else None,
-                                   per_text)  # fmt: skip
-
-    def _distributions(
-        self, gate: Tensor, up: Tensor, valid: Tensor, totals: Totals, salt: Tensor | None,
-        swish: Tensor | None, per_text: PerText,
-    ) -> PerText:  # fmt: skip
-        """The histograms and typical draws, by the torch pass's functions on this batch's
-        quantities (not yet in the kernel)."""
-        from gatescope.stats.torch_pass import _add_histograms, _draw_typical
-
-        counted = valid.unsqueeze(-1)
-        g = gate.to(self.dtype) * counted  # uncounted tokens: g = 0, in no case
-        u = up.to(self.dtype)
-        a = self.act(g) if swish is None else swish.to(self.dtype) * counted
-        q = torch.stack([g, u, a, a * u])  # [quantity, text, pos, neuron]
-        in_case = (q[0] != 0) & (q[1] != 0) & ~q[0].isnan() & ~q[1].isnan()
-        case = ((q[0] < 0).to(torch.int64) * 2 + (q[1] < 0).to(torch.int64)) * in_case
-        if totals.histogram is not None and totals.joint is not None:
-            _add_histograms(q, case, in_case, totals.histogram, totals.joint)
         if salt is None:
             return per_text
-        texts, _, neurons = gate.shape
-        typical_position = torch.empty(N_CASES, texts, neurons, dtype=torch.int64,
-                                       device=gate.device)  # fmt: skip
-        typical_value = torch.empty(N_CASES, N_QUANTITIES, texts, neurons, dtype=self.dtype,
-                                    device=gate.device)  # fmt: skip
-        _draw_typical(q, case, in_case, salt, typical_position, typical_value)
+        typical_position, typical_value = self._typical(gate, up, swish, key)
         return PerText(per_text.strength, per_text.position, typical_position, typical_value)
+
+    def _typical(
+        self, gate: Tensor, up: Tensor, swish: Tensor | None, key: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The drawn tokens from the kernel's smallest keys [case, text, neuron]: their
+        positions (-1: none) and [case, quantity, text, neuron] four values (0: none),
+        gathered from ``gate`` and ``up`` (a few values per text: act(g) as the other passes
+        compute it)."""
+        found = key != distributions.NO_KEY
+        position = torch.where(found, key & (2**distributions.KEY_LOW_BITS - 1), -1)
+        # [text, case, neuron]: each text's g, u (and act(g)) at its four drawn tokens
+        at = position.clamp(min=0).transpose(0, 1)
+        g, u = gate.gather(1, at).to(self.dtype), up.gather(1, at).to(self.dtype)
+        a = self.act(g) if swish is None else swish.gather(1, at).to(self.dtype)
+        value = torch.stack([g, u, a, a * u]).transpose(1, 2)  # [quantity, case, text, neuron]
+        return position, value.transpose(0, 1).where(found.unsqueeze(1), 0)
