@@ -9,8 +9,10 @@ in this one run:
   with the distributions (the default) and with ``--no-distributions``, for each statistics
   backend of ``--backends`` (triton and torch on a GPU);
 * scan time / bare forward time, for each;
-* whether the scan loop synchronises with the host (one scan under
-  ``torch.cuda.set_sync_debug_mode("error")``, on a GPU);
+* where the scan loop makes the host wait for the GPU, once per batch (on a GPU: scans of
+  2 and of 4 batches under ``torch.cuda.set_sync_debug_mode("warn")``; the source lines
+  whose warnings grow with the batches), for the first backend;
+* the attention implementation the model runs (``--attn``: sdpa, the default, or eager);
 * the projected hours for 20M tokens (GLUScope: five days on one A100).
 
     python benchmarks/gpu_scan.py                     # needs about 20 GB of GPU memory
@@ -23,6 +25,9 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+import warnings
+from collections import Counter
+from pathlib import Path
 
 import datasets
 import torch
@@ -46,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     backends = "comma-separated; default triton,torch on a GPU, numba,torch on a CPU"
     parser.add_argument("--backends", default=None, help=backends)
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
     return parser.parse_args()
 
 
@@ -66,7 +72,9 @@ def make_model(args: argparse.Namespace):
     )
     torch.manual_seed(0)
     with torch.device(args.device):  # initialized where it runs: no host copy of 7B
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, args.dtype), attn_implementation=args.attn
+        )
     return model.eval()
 
 
@@ -110,16 +118,30 @@ def time_scan(model, corpus, args, *, backend: str, distributions: bool = True) 
     return time.perf_counter() - start
 
 
-def sync_check(model, corpus, args, backend: str) -> str:
-    """Runs one scan with CUDA's sync debug mode at "error": "none", or the first one."""
-    torch.cuda.set_sync_debug_mode("error")
+def sync_sites(model, corpus, args, backend: str, batches: int) -> Counter[str]:
+    """How often each source line made the host wait for the GPU in a scan of ``batches``."""
+    torch.cuda.set_sync_debug_mode("warn")
     try:
-        time_scan(model, corpus.select(range(2 * args.batch_size)), args, backend=backend)
-    except RuntimeError as error:
-        return f"yes: {str(error).splitlines()[0]}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            time_scan(model, corpus.select(range(batches * args.batch_size)), args,
+                      backend=backend)  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return "none"
+    return Counter(
+        "/".join(Path(w.filename).parts[-2:]) + f":{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+    )
+
+
+def sync_check(model, corpus, args, backend: str) -> str:
+    """The lines that synchronise once per batch ("none" if none): those whose count grows
+    from a scan of 2 batches to one of 4 (the end of a scan synchronises, once)."""
+    few, more = (sync_sites(model, corpus, args, backend, n) for n in (2, 4))
+    per_batch = sorted(site for site in more if more[site] > few[site])
+    found = [f"{site} ({more[site] - few[site]} per 2 batches)" for site in per_batch]
+    return ", ".join(found) or "none"
 
 
 def main() -> None:
@@ -142,7 +164,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
     print(
         f"device: {device}; model: {args.layers} layers x d_mlp {args.d_mlp}, "
-        f"d_model {args.hidden}, vocab {args.vocab}, {args.dtype}"
+        f"d_model {args.hidden}, vocab {args.vocab}, {args.dtype}, "
+        f"attention {model.config._attn_implementation}"
     )
     print(
         f"batches: {args.batches} x {args.batch_size} texts x {args.length} tokens "
@@ -163,7 +186,7 @@ def main() -> None:
               "on one A100)")  # fmt: skip
     if on_gpu:
         found = sync_check(model, corpus, args, backends[0])
-        print(f"host synchronisations in the scan loop ({backends[0]}): {found}")
+        print(f"host synchronisations per batch in the scan loop ({backends[0]}): {found}")
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

@@ -857,6 +857,8 @@ class TokenizedCorpus:
         """Right-padded ``input_ids`` and ``attention_mask`` [batch, longest] of some texts."""
         import torch
 
+        from gatescope.loading import to_device
+
         rows = self.dataset[indices.tolist()][INPUT_IDS]
         longest = max(len(row) for row in rows)
         input_ids = torch.zeros(len(rows), longest, dtype=torch.int64)
@@ -864,7 +866,7 @@ class TokenizedCorpus:
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = torch.as_tensor(row)
             attention_mask[i, : len(row)] = 1
-        return input_ids.to(device), attention_mask.to(device)
+        return to_device(input_ids, device), to_device(attention_mask, device)
 
     def tokens_at(self, texts: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """The token ids at pairs of (text index, position), vectorized: [pairs] int64.

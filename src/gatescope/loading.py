@@ -32,6 +32,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, without the host waiting for the GPU: a plain copy from the
+    CPU to CUDA synchronises the stream (once per batch in a scan); a copy from pinned
+    memory does not (torch's host allocator keeps the pinned block until it is done)."""
+    if tensor.device.type != "cpu" or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def resolve_dtype(
     dtype: str, device: torch.device, checkpoint_dtype: torch.dtype | None
 ) -> torch.dtype:

@@ -158,14 +158,12 @@ class TorchPass:
             torch.minimum(weakest, magnitude.amin(dim=(1, 2)), out=weakest)
             pairs = slice(c * N_QUANTITIES, (c + 1) * N_QUANTITIES)
             present = count_per_text[c] > 0  # [text, neuron]
-            case_strength, case_position = self._strongest(masked, cases[c], present, c)
+            case_strength, case_position = self._strongest(masked, cases[c], c)
             strength[pairs] = torch.where(present, case_strength, float("-inf"))
             position[pairs] = case_position
         return q, cases
 
-    def _strongest(
-        self, masked: Tensor, case_mask: Tensor, present: Tensor, case: int
-    ) -> tuple[Tensor, Tensor]:
+    def _strongest(self, masked: Tensor, case_mask: Tensor, case: int) -> tuple[Tensor, Tensor]:
         """Each text's strongest token of one case, for each quantity.
 
         Two levels, because argmax kernels are several times slower than amax ones: the
@@ -177,7 +175,6 @@ class TorchPass:
             masked: [quantity, text, pos, neuron] the quantities on the case's tokens, else 0;
                 pos is a multiple of BLOCK.
             case_mask: [text, pos, neuron] 0/1 membership of the case.
-            present: [text, neuron] bool, whether the case occurs in the text.
             case: The case index.
 
         Returns:
@@ -195,14 +192,11 @@ class TorchPass:
         window = block.unsqueeze(2) * BLOCK + self._block_offsets  # [quantity, text, BLOCK, neuron]
         position = block * BLOCK + _first_max(masked.gather(2, window) * sign, dim=2)
         # A strongest value of exactly 0 (act underflow, as GELU-tanh does far out) is also
-        # the fill value of other cases' tokens: search those columns among the case's tokens.
-        zero = (strength == 0) & present
-        if zero.any():
-            quantity, text, neuron = zero.nonzero(as_tuple=True)
-            in_case = case_mask[text, :, neuron] > 0  # [candidate, pos]
-            hit = (masked[quantity, text, :, neuron] == 0) & in_case
-            position[quantity, text, neuron] = hit.to(torch.uint8).argmax(dim=1)  # first hit
-        return strength, position
+        # the fill value of other cases' tokens; then every token of the case is 0 and the
+        # first of them is the strongest. (No test of whether any is 0: it would make the
+        # host wait for the GPU.)
+        first = _first_max(case_mask, dim=1)  # [text, neuron]
+        return strength, torch.where(strength == 0, first, position)
 
     def _buffers(self, texts: int, length: int, neurons: int) -> tuple[Tensor, Tensor, Tensor]:
         """Workspace buffers q, cases, masked for ``texts`` texts of ``length``."""
