@@ -253,3 +253,17 @@ def test_existing_output_folder(tiny, tiny_corpus, tmp_path):
 def test_model_that_does_not_exist(tiny_corpus, tmp_path):
     fail("scan", "--model", tmp_path / "no-model", "--corpus", tiny_corpus, "--out", tmp_path / "a",
          match="could not load")  # fmt: skip
+
+
+def test_a_stats_backend_that_cannot_run_here_is_one_sentence(tiny, tiny_corpus, tmp_path,
+                                                              monkeypatch):  # fmt: skip
+    """Before the weights load and before any output: no kernel traceback, no folder."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no GPU here: Triton cannot run
+    out = tmp_path / "atlas"
+    fail("scan", "--model", tiny, "--corpus", tiny_corpus, "--out", out,
+         "--stats-backend", "triton", match="runs on CUDA GPUs, not on cpu")  # fmt: skip
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton can run, but not in float64
+    fail("scan", "--model", tiny, "--corpus", tiny_corpus, "--out", out, "--dtype", "float64",
+         "--stats-backend", "triton", match="computes in float32")  # fmt: skip
+    assert not out.exists()

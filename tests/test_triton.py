@@ -250,6 +250,23 @@ def test_an_atlas_scanned_with_triton_equals_numba_and_torch(family):
                                        msg=message)  # fmt: skip
 
 
+def test_what_each_kernel_cannot_do_is_one_sentence(monkeypatch):
+    import sys
+
+    from gatescope.stats.accumulator import kernel_problem
+
+    cpu, cuda, silu = torch.device("cpu"), torch.device("cuda"), ACTS["silu"]
+    assert "runs on the CPU, not on cuda" in kernel_problem("cpu", cuda, torch.float32)
+    assert kernel_problem("torch", cuda, torch.float64) is None
+    assert kernel_problem("triton", cpu, torch.float32, silu) is None  # TRITON_INTERPRET=1
+    assert "float32" in kernel_problem("triton", cuda, torch.float64, silu)
+    assert "SiLU, GELU and GELU-tanh" in kernel_problem("triton", cuda, torch.float32, torch.relu)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "CUDA GPUs, not on cpu" in kernel_problem("triton", cpu, torch.float32, silu)
+    monkeypatch.setitem(sys.modules, "gatescope.stats.triton_pass", None)  # not installed
+    assert "pip install gatescope[gpu]" in kernel_problem("triton", cuda, torch.float32, silu)
+
+
 def test_stats_backend_is_an_option_of_the_scan_command():
     from click.testing import CliRunner
 

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +36,7 @@ from gatescope.constants import ATLAS_JSON, CHECKPOINT_DIR
 from gatescope.corpus import TokenizedCorpus
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, Found, claim_output, remove_path, write_atomic
+from gatescope.loading import dtype_name, resolve_model, to_device
 from gatescope.options import ScanOptions
 from gatescope.progress import progress_bar
 from gatescope.records import AtlasMeta, AtlasOptions, ModelRecord, RunIdentity, ShardSet
@@ -111,8 +112,6 @@ def _scan(
     resume: bool, overwrite: bool, progress: bool,
 ) -> Atlas:  # fmt: skip
     """The scan, as this process's part of it (the whole of it when ``ranks`` is None)."""
-    from gatescope.loading import resolve_model
-
     shard = _own_shard(shard, ranks, opts)
     texts = TokenizedCorpus.open(corpus)
     _check_distributions_fit(texts, opts)
@@ -120,6 +119,7 @@ def _scan(
     spec = resolve_model(model, dtype=opts.dtype, device=_device(opts, ranks),
                          device_map=opts.device_map)  # fmt: skip
     identity = _identity(spec, texts, opts)
+    _check_backend(opts, spec.device, spec.dtype)  # before the weights load
     if out is not None:
         # One rank looks at the folder (and clears it with overwrite), then all go on.
         claim = functools.partial(_claim_folder, out, identity, _shards(shard, ranks),
@@ -165,6 +165,20 @@ def _own_shard(
     return Shard(ranks.rank, ranks.world)
 
 
+def _check_backend(
+    opts: ScanOptions, device: torch.device, model_dtype: torch.dtype,
+    act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:  # fmt: skip
+    """Refuses a --stats-backend that cannot run on ``device`` for a model of ``model_dtype``
+    (and activation ``act``, once loaded), in one sentence."""
+    from gatescope.stats import stats_dtype
+    from gatescope.stats.accumulator import kernel_problem
+
+    problem = kernel_problem(_KERNELS[opts.stats_backend], device, stats_dtype(model_dtype), act)
+    if problem is not None:
+        raise GatescopeError(f"--stats-backend {opts.stats_backend}: {problem}.")
+
+
 def _check_distributions_fit(texts: TokenizedCorpus, opts: ScanOptions) -> None:
     """Refuses, before any work, a corpus of more tokens than the int32 histograms count."""
     from gatescope.stats.accumulator import MAX_HISTOGRAM_TOKENS
@@ -202,8 +216,6 @@ def _device(opts: ScanOptions, ranks: distributed.Ranks | None) -> str:
 
 
 def _identity(spec: ModelSpec, texts: TokenizedCorpus, opts: ScanOptions) -> RunIdentity:
-    from gatescope.loading import dtype_name
-
     return RunIdentity(
         model=spec.name,
         revision=spec.revision,
@@ -268,6 +280,7 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     layers = []
     for index, mlp in enumerate(mlps):
         device = _execution_device(mlp)
+        _check_backend(opts, device, loaded.dtype, mlp.act_fn)
         layers.append(NeuronStats(mlp.d_mlp, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
                                   kernel=_KERNELS[opts.stats_backend],
                                   workspace=workspaces[device], distributions=opts.distributions,
@@ -409,7 +422,8 @@ class _Feed:
         """The batch's tensors on ``device`` (copied once per batch and device)."""
         assert self._batch is not None, "a forward ran before its batch was set"
         if device not in self._on_device:
-            self._on_device[device] = (self._batch[0].to(device), self._batch[1].to(device))
+            self._on_device[device] = (to_device(self._batch[0], device),
+                                       to_device(self._batch[1], device))  # fmt: skip
         return self._on_device[device]
 
 

@@ -12,6 +12,7 @@ candidates one by one (:mod:`~gatescope.stats.cpu_merge`); elsewhere ``topk`` se
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -143,11 +144,12 @@ class NeuronStats:
         if kernel == "auto":
             if self.device.type == "cpu":
                 return "cpu" if _numba_works() else "torch"
-            if self.device.type == "cuda" and _triton_computes(self.act, self.dtype):
+            if self.device.type == "cuda" and _triton_computes(self.act, self.dtype, self.device):
                 return "triton"
             return "torch"
-        if kernel == "cpu" and self.device.type != "cpu":
-            raise ValueError(f"the cpu kernel cannot run on {self.device}")
+        problem = kernel_problem(kernel, self.device, self.dtype, self.act)
+        if problem is not None:
+            raise ValueError(problem)
         return kernel
 
     def _choose_pass(
@@ -526,22 +528,44 @@ def _numba_works() -> bool:
     return True
 
 
-def _triton_computes(act: Callable[[Tensor], Tensor] | None, dtype: torch.dtype) -> bool:
-    """Whether the Triton kernel can take this layer: triton installed, float32 statistics
-    and an activation it computes itself (SiLU, GELU, GELU-tanh); warns once if not."""
+def kernel_problem(
+    kernel: str, device: torch.device, dtype: torch.dtype,
+    act: Callable[[Tensor], Tensor] | None = None,
+) -> str | None:  # fmt: skip
+    """Why ``kernel`` (cpu, torch or triton) cannot compute statistics in ``dtype`` on
+    ``device`` (with the activation ``act``, when known), or None if it can."""
+    if kernel == "cpu" and device.type != "cpu":
+        return f"the numba kernel runs on the CPU, not on {device}"
+    if kernel != "triton":
+        return None
     try:
         from gatescope.stats.triton_pass import activation_kind
-    except ImportError:  # no triton (pip install gatescope[gpu]): the torch pass
+    except ImportError:
+        return "the Triton kernel needs Triton (pip install gatescope[gpu])"
+    if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+        return f"the Triton kernel runs on CUDA GPUs, not on {device}"
+    if dtype != torch.float32:
+        return f"the Triton kernel computes in float32, not for a {dtype} model"
+    if act is not None and activation_kind(act) is None:
+        return UNKNOWN_ACTIVATION
+    return None
+
+
+#: kernel_problem's answer for an activation other than SiLU, GELU and GELU-tanh.
+UNKNOWN_ACTIVATION = "the Triton kernel computes SiLU, GELU and GELU-tanh only"
+
+
+def _triton_computes(
+    act: Callable[[Tensor], Tensor] | None, dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether "auto" takes the Triton kernel: it can compute this layer (no Triton is no
+    error; an activation it does not compute warns, once)."""
+    if act is None:  # statistics that are only merged
         return False
-    if act is None or dtype != torch.float32:
-        return False
-    if activation_kind(act) is None:
-        warnings.warn(
-            "the Triton kernel computes SiLU, GELU and GELU-tanh only: using the torch pass",
-            stacklevel=4,
-        )
-        return False
-    return True
+    problem = kernel_problem("triton", device, dtype, act)
+    if problem == UNKNOWN_ACTIVATION:
+        warnings.warn(f"{problem}: using the torch pass", stacklevel=4)
+    return problem is None
 
 
 def _no_activation(gate: Tensor) -> Tensor:
