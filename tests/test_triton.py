@@ -4,6 +4,8 @@ and input dtype, then whole scans against the other passes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -302,3 +304,21 @@ def test_an_automatic_triton_choice_falls_back_to_torch_if_the_kernel_fails(monk
     monkeypatch.setattr(stats, "_pass", broken)
     with pytest.raises(RuntimeError, match="cannot compile"):  # asked for: no fallback
         stats.update(g, u, texts, valid)
+
+
+def test_every_tuned_tile_compiles_for_hopper_without_spilling():
+    """What the interpreter cannot show: the kernel compiles for the GPU it is tuned on
+    (sm_90, ahead of time with Triton's own ptxas), for every tile, activation and with or
+    without the distributions, and its state fits in registers (a spill would send it
+    through local memory)."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "kernel_resources.py"
+    out = subprocess.run([sys.executable, script, "--all"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    from gatescope.stats.triton_kernel import TILES
+
+    assert len(lines) == len(TILES) * len(triton_pass.ACTIVATIONS) * 2
+    assert all("stack    0 B" in line for line in lines), out.stdout

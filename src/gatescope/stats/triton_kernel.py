@@ -2,10 +2,12 @@
 Python, so pyright leaves this file alone).
 
 One program per (text, block of ``BLOCK_N`` neurons) walks the text's positions in tiles of
-``BLOCK_P``. Its state lives in registers as [pair, neuron] tensors (pair = case * 4 +
-quantity, 16 rows) updated row by row with masks, since a program cannot index a list of
-tensors: the strongest |value| and its first position, the weakest |value|, float64 sums,
-[case, neuron] counts and, for the typical examples, the smallest draw key per case.
+``BLOCK_P``. Its state lives in registers, per quantity as [case, neuron] tensors: the
+strongest |value| and its first position, the weakest |value|, float64 sums; and [case,
+neuron] counts and, for the typical examples, the smallest draw key per case. A tile is
+spread over the four cases as a [case, pos, neuron] mask, so that each reduction over the
+tile serves all four cases and the state is updated element-wise (no row of it is picked
+out with masks: that cost more instructions than the statistics).
 Histogram counts go straight to global memory with relaxed atomic adds: a program's share
 of a neuron's 1,008 bins is too large for registers.
 
@@ -18,7 +20,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["stats_kernel"]
+__all__ = ["TILES", "stats_kernel", "tuned_stats_kernel"]
+
+#: The tiles (BLOCK_P positions x BLOCK_N neurons, warps) a GPU tries, keeping the fastest
+#: per neuron count. Compiled for sm_90 none spills registers (a test checks); they trade
+#: instructions per activation (about 520 for 4 x 64 or 4 x 128 with the distributions)
+#: against registers per thread (167 for 2 x 128, 136 for 16 x 32: more warps in flight).
+TILES = ((4, 128, 4), (4, 64, 2), (2, 128, 4), (16, 32, 4), (8, 32, 2))
 
 
 @triton.jit
@@ -66,6 +74,36 @@ def _mix32(x, MULTIPLIER: tl.constexpr):
 
 
 @triton.jit
+def _add_quantity(x, in_case, offs_p, strength, position, weakest, sums):
+    """One quantity's tile [pos, neuron] into its [case, neuron] state, all four cases at
+    once (``in_case`` [case, pos, neuron]): the strongest |x| and its first position, the
+    weakest |x|, the float64 sum."""
+    magnitude = tl.abs(x)[None, :, :]
+    candidate = tl.where(in_case, magnitude, float("-inf"))
+    tile_best = tl.max(candidate, 1)  # [case, neuron]
+    first = tl.where(candidate == tile_best[:, None, :], offs_p[None, :, None], 2147483647)
+    better = tile_best > strength  # strictly: an earlier position keeps a tie
+    strength = tl.where(better, tile_best, strength)
+    position = tl.where(better, tl.min(first, 1), position)
+    weakest = tl.minimum(weakest, tl.min(tl.where(in_case, magnitude, float("inf")), 1))
+    sums += tl.sum(tl.where(in_case, x.to(tl.float64)[None, :, :], 0.0), 1)
+    return strength, position, weakest, sums
+
+
+@triton.jit
+def _store_quantity(
+    q: tl.constexpr, strength, position, weakest, sums,
+    strength_ptr, position_ptr, weakest_ptr, sums_ptr, texts, text, neurons, offs_n, keep,
+):  # fmt: skip
+    """One quantity's [case, neuron] state into the outputs' rows pair = case * 4 + q."""
+    out = ((tl.arange(0, 4)[:, None] * 4 + q) * texts + text) * neurons + offs_n[None, :]
+    tl.store(strength_ptr + out, strength, mask=keep)
+    tl.store(position_ptr + out, position, mask=keep)
+    tl.store(weakest_ptr + out, weakest, mask=keep)
+    tl.store(sums_ptr + out, sums, mask=keep)
+
+
+@triton.jit
 def stats_kernel(
     g_ptr, u_ptr, s_ptr, valid_ptr,
     strength_ptr, position_ptr, weakest_ptr, sums_ptr, count_ptr,
@@ -87,15 +125,20 @@ def stats_kernel(
     text = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < neurons
-    pair_rows = tl.arange(0, 16)[:, None]  # [pair, 1]
     case_rows = tl.arange(0, 4)[:, None]  # [case, 1]
+    cases = tl.arange(0, 4)[:, None, None]  # [case, 1, 1]
     out_case = (case_rows * texts + text) * neurons + offs_n[None, :]  # [case, neuron]
-    keep_case = in_n[None, :] & (case_rows < 4)
+    keep = in_n[None, :] & (case_rows < 4)
 
-    strength = tl.full([16, BLOCK_N], float("-inf"), tl.float32)
-    position = tl.zeros([16, BLOCK_N], tl.int32)
-    weakest = tl.full([16, BLOCK_N], float("inf"), tl.float32)
-    sums = tl.zeros([16, BLOCK_N], tl.float64)
+    # Per quantity (g, u, act(g), product) its [case, neuron] state.
+    lowest = tl.full([4, BLOCK_N], float("-inf"), tl.float32)
+    highest = tl.full([4, BLOCK_N], float("inf"), tl.float32)
+    first = tl.zeros([4, BLOCK_N], tl.int32)
+    zero = tl.zeros([4, BLOCK_N], tl.float64)
+    g_strength, g_position, g_weakest, g_sums = lowest, first, highest, zero
+    u_strength, u_position, u_weakest, u_sums = lowest, first, highest, zero
+    a_strength, a_position, a_weakest, a_sums = lowest, first, highest, zero
+    p_strength, p_position, p_weakest, p_sums = lowest, first, highest, zero
     count = tl.zeros([4, BLOCK_N], tl.int32)
     no_key = 9223372036854775807
     best_key = tl.full([4, BLOCK_N], no_key, tl.int64)
@@ -123,6 +166,17 @@ def stats_kernel(
         # A token is in a case when counted and g, u are both nonzero (and not NaN).
         in_any = mask & counted[:, None] & (g != 0) & (u != 0) & (g == g) & (u == u)
         case = (g < 0).to(tl.int32) * 2 + (u < 0).to(tl.int32)
+        in_case = in_any[None, :, :] & (case[None, :, :] == cases)  # [case, pos, neuron]
+        count += tl.sum(in_case.to(tl.int32), 1)
+
+        g_strength, g_position, g_weakest, g_sums = _add_quantity(
+            g, in_case, offs_p, g_strength, g_position, g_weakest, g_sums)  # fmt: skip
+        u_strength, u_position, u_weakest, u_sums = _add_quantity(
+            u, in_case, offs_p, u_strength, u_position, u_weakest, u_sums)  # fmt: skip
+        a_strength, a_position, a_weakest, a_sums = _add_quantity(
+            a, in_case, offs_p, a_strength, a_position, a_weakest, a_sums)  # fmt: skip
+        p_strength, p_position, p_weakest, p_sums = _add_quantity(
+            p, in_case, offs_p, p_strength, p_position, p_weakest, p_sums)  # fmt: skip
 
         if HISTOGRAMS:  # each token adds 1 to its case's bin of each quantity, and of the joint
             ones = tl.full([BLOCK_P, BLOCK_N], 1, tl.int32)
@@ -149,46 +203,26 @@ def stats_kernel(
             at = offs_p[:, None].to(tl.uint32)
             priority = _mix32(token_salt.to(tl.uint32) ^ at, MIX_MULTIPLIER)
             key = (priority.to(tl.int64) << KEY_LOW_BITS) | offs_p[:, None].to(tl.int64)
-            key = tl.where(in_any & (token_salt >= 0), key, no_key)
+            key = tl.where(token_salt >= 0, key, no_key)
+            best_key = tl.minimum(best_key, tl.min(tl.where(in_case, key[None, :, :], no_key), 1))
 
-        for c in tl.static_range(4):
-            in_case = in_any & (case == c)
-            count = tl.where(
-                case_rows == c, count + tl.sum(in_case.to(tl.int32), 0)[None, :], count
-            )
-            if TYPICAL:
-                tile_key = tl.min(tl.where(in_case, key, no_key), 0)  # [neuron]
-                best_key = tl.where(case_rows == c, tl.minimum(best_key, tile_key[None, :]),
-                                    best_key)  # fmt: skip
-            for q in tl.static_range(4):
-                if q == 0:
-                    x = g
-                elif q == 1:
-                    x = u
-                elif q == 2:
-                    x = a
-                else:
-                    x = p
-                this = pair_rows == c * 4 + q  # [pair, 1]: the state's row of (c, q)
-                magnitude = tl.abs(x)
-                tile_best = tl.max(tl.where(in_case, magnitude, float("-inf")), 0)  # [neuron]
-                hit = in_case & (magnitude == tile_best[None, :])
-                tile_at = tl.min(tl.where(hit, offs_p[:, None], 2147483647), 0)
-                best = tl.max(tl.where(this, strength, float("-inf")), 0)
-                better = this & (tile_best > best)[None, :]  # strictly: first position wins
-                strength = tl.where(better, tile_best[None, :], strength)
-                position = tl.where(better, tile_at[None, :], position)
-                tile_weak = tl.min(tl.where(in_case, magnitude, float("inf")), 0)
-                weakest = tl.where(this, tl.minimum(weakest, tile_weak[None, :]), weakest)
-                tile_sum = tl.sum(tl.where(in_case, x, 0.0).to(tl.float64), 0)
-                sums = tl.where(this, sums + tile_sum[None, :], sums)
-
-    out = (pair_rows * texts + text) * neurons + offs_n[None, :]
-    keep = in_n[None, :] & (pair_rows < 16)
-    tl.store(strength_ptr + out, strength, mask=keep)
-    tl.store(position_ptr + out, position, mask=keep)
-    tl.store(weakest_ptr + out, weakest, mask=keep)
-    tl.store(sums_ptr + out, sums, mask=keep)
-    tl.store(count_ptr + out_case, count, mask=keep_case)
+    outputs = (strength_ptr, position_ptr, weakest_ptr, sums_ptr, texts, text, neurons, offs_n,
+               keep)  # fmt: skip
+    _store_quantity(0, g_strength, g_position, g_weakest, g_sums, *outputs)
+    _store_quantity(1, u_strength, u_position, u_weakest, u_sums, *outputs)
+    _store_quantity(2, a_strength, a_position, a_weakest, a_sums, *outputs)
+    _store_quantity(3, p_strength, p_position, p_weakest, p_sums, *outputs)
+    tl.store(count_ptr + out_case, count, mask=keep)
     if TYPICAL:
-        tl.store(key_ptr + out_case, best_key, mask=keep_case)
+        tl.store(key_ptr + out_case, best_key, mask=keep)
+
+
+#: The kernel on a GPU: each tile of :data:`TILES` timed once per neuron count, the fastest
+#: kept. The histograms are added to in place, so each trial restores them.
+tuned_stats_kernel = triton.autotune(
+    configs=[triton.Config({"BLOCK_P": p, "BLOCK_N": n}, num_warps=w) for p, n, w in TILES],
+    key=["neurons"],
+    restore_value=["histogram_ptr", "joint_ptr"],
+    warmup=5,
+    rep=20,
+)(stats_kernel)

@@ -18,7 +18,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the te
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import triton
@@ -27,7 +27,7 @@ from torch import Tensor
 from gatescope.constants import CASES, QUANTITIES
 from gatescope.stats import distributions
 from gatescope.stats.batch import PerText, Totals
-from gatescope.stats.triton_kernel import stats_kernel
+from gatescope.stats.triton_kernel import stats_kernel, tuned_stats_kernel
 
 __all__ = ["ACTIVATIONS", "TritonPass", "activation_kind"]
 
@@ -35,8 +35,8 @@ N_CASES = len(CASES)
 N_QUANTITIES = len(QUANTITIES)
 PAIRS = N_CASES * N_QUANTITIES
 
-#: Positions per tile and neurons per program (at most).
-BLOCK_P, BLOCK_N = 16, 128
+#: The interpreter's tile: positions, and neurons per program at most.
+INTERPRETED_BLOCK_P, INTERPRETED_BLOCK_N = 16, 128
 
 assert distributions.BINS_PER_OCTAVE == 2 and distributions.JOINT_OCTAVES == 2, "out of date"
 #: The kernel's copy of the distributions' rules.
@@ -115,16 +115,21 @@ class TritonPass:
         key = empty(N_CASES, texts, neurons, dtype=torch.int64) if salt is not None else count
         histograms = totals.histogram is not None and totals.joint is not None
         unused = count  # the pointer of an output the kernel does not touch
-        block_n = min(BLOCK_N, triton.next_power_of_2(neurons))
-        kernel: Any = stats_kernel  # a Triton kernel: launched by its grid
-        kernel[(texts, triton.cdiv(neurons, block_n))](
+        if gate.is_cuda:  # the tile measured fastest for this neuron count
+            launch = tuned_stats_kernel[lambda tile: (texts, triton.cdiv(neurons, tile["BLOCK_N"]))]
+            tile = {}
+        else:  # Triton's interpreter (the tests): one fixed tile
+            block_n = min(INTERPRETED_BLOCK_N, triton.next_power_of_2(neurons))
+            launch = cast(Any, stats_kernel)[(texts, triton.cdiv(neurons, block_n))]
+            tile = {"BLOCK_P": INTERPRETED_BLOCK_P, "BLOCK_N": block_n}
+        launch(
             gate, up, swish if swish is not None else unused, valid.to(torch.uint8).contiguous(),
             strength, position, weakest, sums, count,
             totals.histogram if histograms else unused, totals.joint if histograms else unused,
             salt.contiguous() if salt is not None else unused, key,
             texts, length, neurons,
             ACT=ACTIVATIONS[self.kind], HAS_SWISH=swish is not None, HISTOGRAMS=histograms,
-            TYPICAL=salt is not None, **_DISTRIBUTION_CONSTANTS, BLOCK_P=BLOCK_P, BLOCK_N=block_n,
+            TYPICAL=salt is not None, **_DISTRIBUTION_CONSTANTS, **tile,
         )  # fmt: skip
         # The texts' partials into the layer's totals, on the device.
         totals.count.add_(count.sum(dim=1, dtype=torch.int64))
