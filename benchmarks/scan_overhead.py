@@ -8,7 +8,10 @@ batch 8, float32 on the CPU. Prints, measured in this one run (medians of --repe
   the scan skips the unembedding because it needs no logits); for the default scan (with
   the distributions: histograms and typical examples) and with ``--no-distributions``.
   Each is the median of the repeats' own ratios, then the ratio of the fastest runs;
-* the CPU's vector extensions (AVX2, AVX-512: the kernel's speed depends on them);
+* the CPU's vector extensions (AVX2, AVX-512: the kernel's speed depends on them), and
+  those the run used: torch's kernels (``ATEN_CPU_CAPABILITY=avx2`` limits them) and
+  numba's target CPU (``NUMBA_CPU_NAME=haswell`` compiles for AVX2 alone); with both set,
+  an AVX-512 machine measures what an AVX2-only one would;
 * scan tokens/s;
 * peak memory (resident set) of a scan over the corpus and over a corpus 4x as long: it
   must not grow with corpus length.
@@ -90,6 +93,16 @@ def vector_extensions() -> str:
     return ", ".join(found) or "none of AVX2, AVX-512"
 
 
+def extensions_used() -> str:
+    """The vector extensions this run's kernels were built for: torch's dispatch level and
+    numba's target CPU (the host's unless NUMBA_CPU_NAME says otherwise)."""
+    import llvmlite.binding
+    import numba
+
+    target = numba.config.CPU_NAME or llvmlite.binding.get_host_cpu_name()
+    return f"torch {torch.backends.cpu.get_cpu_capability()}, numba target {target}"
+
+
 def peak_rss_mib_during(fn) -> float:
     """Peak resident memory while ``fn`` runs (Linux: reset the high-water mark first)."""
     status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -149,7 +162,7 @@ def main() -> None:
     )
     print(f"bare forward (logits):    {forward_s:7.3f} s  {tokens / forward_s:9,.0f} tok/s")
     print(f"bare forward (no lm_head):{decoder_s:7.3f} s  {tokens / decoder_s:9,.0f} tok/s")
-    print(f"CPU vector extensions: {vector_extensions()}")
+    print(f"CPU vector extensions: {vector_extensions()}; used: {extensions_used()}")
     print(f"scan:                     {scan_s:7.3f} s  {tokens / scan_s:9,.0f} tok/s")
     print(f"scan --no-distributions:  {bare_s:7.3f} s  {tokens / bare_s:9,.0f} tok/s")
     # Ratios are paired within a repeat (a machine whose speed drifts slows both alike),
