@@ -37,6 +37,20 @@ FAMILIES: tuple[str, ...] = (
 #: Variants beyond FAMILIES: Llama with biases on its MLP projections (``mlp_bias=True``).
 VARIANTS: tuple[str, ...] = ("llama_bias",)
 
+#: The mixture-of-experts families transformers ships (experts as one module of 3-D weights).
+MOE_FAMILIES: tuple[str, ...] = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "granitemoe",
+    "granitemoeshared",
+    "phimoe",
+    "gpt_oss",
+)
+
 #: Models without a gated MLP, for the error paths.
 NON_GATED: tuple[str, ...] = ("gpt2", "gpt_neox")
 
@@ -113,6 +127,14 @@ def _reinit(model: nn.Module, seed: int) -> None:
                 _normal_(module.weight, 1.0 / math.sqrt(fan_in), generator)
                 if module.bias is not None:
                     _normal_(module.bias, 0.1, generator)
+            # Experts' 3-D weights [expert, out, in] ([expert, in, out] where transposed) and
+            # their [expert, out] biases.
+            for name, weight in module.named_parameters(recurse=False):
+                if weight.dim() == 3:
+                    fan_in = weight.shape[1 if getattr(module, "is_transposed", False) else 2]
+                    _normal_(weight, 1.0 / math.sqrt(fan_in), generator)
+                elif weight.dim() == 2 and name.endswith("_bias"):
+                    _normal_(weight, 0.1, generator)
         for module in model.modules():
             if isinstance(module, nn.Embedding):
                 _normal_(module.weight, 0.5, generator)
@@ -165,6 +187,49 @@ def tiny_model(
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     _reinit(model, seed)
     return model.to(dtype).eval()
+
+
+def tiny_moe_model(
+    family: str, *, seed: int = 0, num_layers: int = 2, experts: int = 4, d_ff: int = 32
+):
+    """A tiny random mixture-of-experts ``*ForCausalLM`` of ``family`` (one of
+    :data:`MOE_FAMILIES`): ``experts`` routed experts of ``d_ff`` neurons per layer, two per
+    token; shared experts of 48 neurons where the family has them; DeepSeek's first layer
+    dense (64 neurons), as in the real models. Weights at unit scale, as :func:`tiny_model`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    routed = dict(num_experts_per_tok=2, moe_intermediate_size=d_ff)
+    mla = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+               v_head_dim=8)  # fmt: skip
+    extra = {
+        "mixtral": dict(num_local_experts=experts),
+        "qwen2_moe": dict(num_experts=experts, shared_expert_intermediate_size=48),
+        "qwen3_moe": dict(num_experts=experts),
+        "olmoe": dict(num_experts=experts),
+        "deepseek_v2": dict(n_routed_experts=experts, first_k_dense_replace=1,
+                            n_shared_experts=1, **mla),
+        "deepseek_v3": dict(n_routed_experts=experts, first_k_dense_replace=1, n_group=1,
+                            topk_group=1, n_shared_experts=1, **mla),
+        "granitemoe": dict(num_local_experts=experts),
+        "granitemoeshared": dict(num_local_experts=experts, shared_intermediate_size=48),
+        "phimoe": dict(num_local_experts=experts),
+        "gpt_oss": dict(num_local_experts=experts),
+    }  # fmt: skip
+    if family not in extra:
+        raise ValueError(f"unknown family {family!r}; choose from {MOE_FAMILIES}")
+    # Families without moe_intermediate_size size their experts by intermediate_size.
+    uses_intermediate = family in ("mixtral", "olmoe", "granitemoe", "granitemoeshared",
+                                   "phimoe", "gpt_oss")  # fmt: skip
+    config = AutoConfig.for_model(
+        family, vocab_size=128, hidden_size=32, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        intermediate_size=d_ff if uses_intermediate else 64, bos_token_id=_BOS,
+        eos_token_id=_EOS, pad_token_id=None, **routed, **extra[family],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    _reinit(model, seed)
+    return model.eval()
 
 
 def tiny_non_gated(family: str, *, seed: int = 0, num_layers: int = 2):

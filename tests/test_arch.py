@@ -15,12 +15,21 @@ from torch import nn
 from gatescope.arch import (
     GatedMLP,
     find_gated_mlps,
+    find_routed_experts,
     refactor_glu,
     refactored_glu,
     unembedding,
 )
 from gatescope.errors import GatescopeError
-from tests.models import FAMILIES, NON_GATED, VARIANTS, tiny_model, tiny_non_gated
+from tests.models import (
+    FAMILIES,
+    MOE_FAMILIES,
+    NON_GATED,
+    VARIANTS,
+    tiny_model,
+    tiny_moe_model,
+    tiny_non_gated,
+)
 
 ALL = FAMILIES + VARIANTS
 NUM_LAYERS, HIDDEN, D_MLP, VOCAB = 2, 32, 64, 128
@@ -283,6 +292,31 @@ def test_non_gated_models_raise(family: str, cls: str, layout: str) -> None:
     message = str(info.value)
     assert message.startswith(f"{family} has no gated MLP: its 2 layers use {cls} ({layout})")
     assert "gate_proj" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_mixture_of_experts_models_are_found_and_refused_in_one_sentence(family: str) -> None:
+    """Every MoE family transformers ships: its routed experts are found by structure (3-D
+    weights), and the model is refused rather than scanned as its dense or shared-expert
+    MLPs alone (which Qwen2-MoE's and DeepSeek's layers also have)."""
+    model = tiny_moe_model(family, num_layers=3, experts=4, d_ff=32)
+    experts = find_routed_experts(model)
+    dense_first = family.startswith("deepseek")  # DeepSeek's first layer is a dense MLP
+    assert len(experts) == (2 if dense_first else 3)
+    assert {(e.n_experts, e.d_ff) for e in experts} == {(4, 32)}
+    assert all(e.name.endswith(".experts") for e in experts)
+    with pytest.raises(GatescopeError) as info:
+        find_gated_mlps(model)
+    message = str(info.value)
+    layers = 2 if dense_first else 3
+    assert message.startswith(f"{family} is a mixture-of-experts model ({layers} layers of 4 "
+                              f"experts of 32 neurons, the first in {experts[0].name}")  # fmt: skip
+    assert "does not scan expert neurons yet" in message and "\n" not in message
+
+
+def test_dense_models_have_no_routed_experts() -> None:
+    for family in FAMILIES:
+        assert find_routed_experts(tiny_model(family)) == [], family
 
 
 def test_no_mlp_at_all_raises() -> None:
