@@ -199,7 +199,7 @@ def tiny_moe_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     routed = dict(num_experts_per_tok=2, moe_intermediate_size=d_ff)
-    mla = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+    mla = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                v_head_dim=8)  # fmt: skip
     extra = {
         "mixtral": dict(num_local_experts=experts),
@@ -222,12 +222,16 @@ def tiny_moe_model(
                                    "phimoe", "gpt_oss")  # fmt: skip
     config = AutoConfig.for_model(
         family, vocab_size=128, hidden_size=32, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=4 if family.startswith("deepseek") else 2,
+        head_dim=8, max_position_embeddings=128,
         intermediate_size=d_ff if uses_intermediate else 64, bos_token_id=_BOS,
         eos_token_id=_EOS, pad_token_id=None, **routed, **extra[family],
     )  # fmt: skip
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # transformers' eager experts: the reference implementation, in every dtype (grouped_mm
+    # refuses float64).
+    model.set_experts_implementation("eager")
     _reinit(model, seed)
     return model.eval()
 

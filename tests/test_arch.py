@@ -15,12 +15,12 @@ from torch import nn
 from gatescope.arch import (
     GatedMLP,
     find_gated_mlps,
-    find_routed_experts,
     refactor_glu,
     refactored_glu,
     unembedding,
 )
 from gatescope.errors import GatescopeError
+from gatescope.experts import find_routed_experts
 from tests.models import (
     FAMILIES,
     MOE_FAMILIES,

@@ -24,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from gatescope.errors import GatescopeError
+from gatescope.experts import find_routed_experts
+from gatescope.experts import refusal as experts_refusal
 
 __all__ = [
     "CaptureHandle",
     "GatedMLP",
-    "RoutedExperts",
     "find_gated_mlps",
-    "find_routed_experts",
     "glu_flips",
     "refactor_glu",
     "refactored_glu",
@@ -285,7 +285,7 @@ def find_gated_mlps(model: nn.Module) -> list[GatedMLP]:
     """
     experts = find_routed_experts(model)
     if experts:
-        raise GatescopeError(_mixture_of_experts_message(model, experts))
+        raise GatescopeError(experts_refusal(model, experts))
     mlps: list[GatedMLP] = []
     for name, module in model.named_modules():
         mlp = _as_gated_mlp(len(mlps), name, module)
@@ -306,55 +306,6 @@ def find_gated_mlps(model: nn.Module) -> list[GatedMLP]:
         )
     logger.debug("Found %d gated MLPs, d_mlp=%d.", len(mlps), mlps[0].d_mlp)
     return mlps
-
-
-@dataclass(frozen=True)
-class RoutedExperts:
-    """The routed experts of one mixture-of-experts layer, as transformers 5.x keeps them: one
-    module whose 3-D parameters hold every expert's gated MLP (``gate_up_proj`` [experts,
-    2 x d_ff, d_model], ``down_proj`` [experts, d_model, d_ff]; transposed in gpt-oss)."""
-
-    name: str
-    module: nn.Module = field(repr=False)
-    n_experts: int
-    d_ff: int  # neurons per expert
-
-    def __post_init__(self) -> None:
-        if self.n_experts < 1 or self.d_ff < 1:
-            raise ValueError(f"{self.name}: {self.n_experts} experts of {self.d_ff} neurons")
-
-
-def find_routed_experts(model: nn.Module) -> list[RoutedExperts]:
-    """Every module of ``model`` that holds routed experts: 3-D ``down_proj`` and
-    ``gate_up_proj`` (or ``gate_proj`` and ``up_proj``) parameters, one matrix per expert.
-    Found by structure, as :func:`find_gated_mlps` finds dense MLPs."""
-    found = []
-    for name, module in model.named_modules():
-        weights = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
-        down = weights.get("down_proj")
-        has_gate = "gate_up_proj" in weights or {"gate_proj", "up_proj"} <= weights.keys()
-        if down is None or not has_gate:
-            continue
-        # down_proj maps d_ff -> d_model: [experts, d_model, d_ff], or [experts, d_ff, d_model]
-        # where the module says its weights are transposed.
-        d_ff = down.shape[1] if getattr(module, "is_transposed", False) else down.shape[2]
-        found.append(RoutedExperts(name, module, down.shape[0], int(d_ff)))
-    return found
-
-
-def _mixture_of_experts_message(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
-    """One sentence: the model is a mixture of experts, what its experts are, and that
-    gatescope does not scan them (yet)."""
-    config = getattr(model, "config", None)
-    model_name = getattr(config, "model_type", None) or type(model).__name__
-    first = experts[0]
-    shapes = sorted({(e.n_experts, e.d_ff) for e in experts})
-    sizes = " or ".join(f"{n} experts of {d} neurons" for n, d in shapes)
-    return (
-        f"{model_name} is a mixture-of-experts model ({len(experts)} layers of {sizes}, the "
-        f"first in {first.name}, {type(first.module).__name__}): gatescope does not scan "
-        "expert neurons yet, and its dense or shared-expert MLPs alone would misrepresent it."
-    )
 
 
 def unembedding(model: nn.Module) -> Tensor:
