@@ -100,3 +100,38 @@ def test_the_module_gets_its_own_forward_back():
     with ExpertsCapture(experts, lambda *_: None):
         assert experts.module.forward is not own
     assert experts.module.forward == own and "forward" not in experts.module.__dict__
+
+
+#: Per family: the shared experts' neurons beside 4 routed experts of 32 (0: none), and
+#: whether the first layer is dense (64 neurons).
+SHARED = {"qwen2_moe": 48, "deepseek_v2": 32, "deepseek_v3": 32, "granitemoeshared": 48}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_each_decoder_layer_is_its_experts_and_shared_mlp_or_a_dense_mlp(family):
+    from gatescope.arch import ExpertLayer, GatedMLP, find_expert_layers
+
+    model = tiny_moe_model(family, num_layers=3)
+    layers = find_expert_layers(model)
+    assert [layer.layer for layer in layers] == [0, 1, 2]
+    dense_first = family.startswith("deepseek")
+    if dense_first:
+        assert isinstance(layers[0], GatedMLP) and layers[0].d_mlp == 64
+        assert layers[0].name == "model.layers.0.mlp"
+    for index, layer in enumerate(layers[1:] if dense_first else layers, start=int(dense_first)):
+        assert isinstance(layer, ExpertLayer) and layer.name == f"model.layers.{index}"
+        assert layer.module is model.model.layers[index]
+        assert (layer.routed.n_experts, layer.routed.d_ff) == (4, 32)
+        shared = SHARED.get(family, 0)
+        assert (layer.shared.d_mlp if layer.shared else 0) == shared
+        assert layer.d_mlp == 4 * 32 + shared
+        if layer.shared is not None:
+            assert layer.shared.layer == index and layer.shared.name.startswith(layer.name + ".")
+
+
+def test_a_dense_model_has_no_expert_layers():
+    from gatescope.arch import find_expert_layers
+    from tests.models import tiny_model
+
+    with pytest.raises(GatescopeError, match="no routed experts"):
+        find_expert_layers(tiny_model("llama"))

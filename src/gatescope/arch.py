@@ -24,12 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from gatescope.errors import GatescopeError
-from gatescope.experts import find_routed_experts
+from gatescope.experts import RoutedExperts, find_routed_experts
 from gatescope.experts import refusal as experts_refusal
 
 __all__ = [
     "CaptureHandle",
+    "ExpertLayer",
     "GatedMLP",
+    "find_expert_layers",
     "find_gated_mlps",
     "glu_flips",
     "refactor_glu",
@@ -308,6 +310,70 @@ def find_gated_mlps(model: nn.Module) -> list[GatedMLP]:
     return mlps
 
 
+@dataclass(frozen=True)
+class ExpertLayer:
+    """A decoder layer of a mixture-of-experts model: its routed experts, and the gated MLP
+    beside them that every token goes through (its shared experts), if any."""
+
+    layer: int  # index among the model's MLP layers, dense ones included, in module order
+    name: str  # the decoder layer's module path
+    module: nn.Module = field(repr=False)  # the decoder layer
+    routed: RoutedExperts
+    shared: GatedMLP | None
+
+    @property
+    def d_mlp(self) -> int:
+        """Neurons of the layer: every routed expert's, then the shared experts'."""
+        shared = self.shared.d_mlp if self.shared is not None else 0
+        return self.routed.n_experts * self.routed.d_ff + shared
+
+
+def find_expert_layers(model: nn.Module) -> list[GatedMLP | ExpertLayer]:
+    """The MLP of every decoder layer of a mixture-of-experts model, ordered: an
+    :class:`ExpertLayer` where the layer has routed experts, else its dense gated MLP
+    (DeepSeek's first layers). A decoder layer is an element of a ``nn.ModuleList``.
+
+    Raises:
+        GatescopeError: If the model has no routed experts, or a layer has more than one
+            gated MLP beside them.
+    """
+    lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    routed = {_decoder_layer(lists, e.name): e for e in find_routed_experts(model)}
+    if not routed:
+        raise GatescopeError("the model has no routed experts: use find_gated_mlps.")
+    dense: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if _as_gated_mlp(0, name, module) is not None:
+            dense.setdefault(_decoder_layer(lists, name), []).append((name, module))
+    layers: list[GatedMLP | ExpertLayer] = []
+    for prefix, decoder in model.named_modules():
+        if prefix not in routed and prefix not in dense:
+            continue
+        found = [_as_gated_mlp(len(layers), name, m) for name, m in dense.get(prefix, [])]
+        mlps = [mlp for mlp in found if mlp is not None]
+        if len(mlps) > 1 or (prefix not in routed and not mlps):
+            names = ", ".join(mlp.name for mlp in mlps)
+            raise GatescopeError(f"{prefix} has {len(mlps)} gated MLPs ({names}); gatescope "
+                                 "expects routed experts with at most one shared MLP.")  # fmt: skip
+        if prefix in routed:
+            shared = mlps[0] if mlps else None
+            layers.append(ExpertLayer(len(layers), prefix, decoder, routed[prefix], shared))
+        else:
+            layers.append(mlps[0])
+    return layers
+
+
+def _decoder_layer(lists: set[str], name: str) -> str:
+    """The path of the decoder layer holding module ``name``: its deepest ancestor that is
+    an element of one of the ``nn.ModuleList`` paths ``lists`` ("" if none)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        parent = ".".join(parts[: end - 1])
+        if parent in lists:
+            return ".".join(parts[:end])
+    return ""
+
+
 def unembedding(model: nn.Module) -> Tensor:
     """The unembedding matrix ``[vocab, d_model]``: ``model.get_output_embeddings().weight``.
 
@@ -416,6 +482,8 @@ def _as_gated_mlp(layer: int, name: str, module: nn.Module) -> GatedMLP | None:
     children = dict(module.named_children())
     down = children.get("down_proj")
     gate, up, gate_up = (children.get(k) for k in ("gate_proj", "up_proj", "gate_up_proj"))
+    if down is None and gate_up is None:
+        down, gate_up = _fused_linears(children)
     if down is None or not ((gate is not None and up is not None) or gate_up is not None):
         return None
     projections = [p for p in (down, gate, up, gate_up) if p is not None]
@@ -438,6 +506,18 @@ def _as_gated_mlp(layer: int, name: str, module: nn.Module) -> GatedMLP | None:
         return GatedMLP(layer, name, module, None, None, gate_up, down, act)
     assert isinstance(gate, nn.Linear) and isinstance(up, nn.Linear)
     return GatedMLP(layer, name, module, gate, up, None, down, act)
+
+
+def _fused_linears(children: dict[str, nn.Module]) -> tuple[nn.Module | None, nn.Module | None]:
+    """GraniteMoE's shared-expert naming of a fused gated MLP: ``input_linear`` (d_model ->
+    2 x d_mlp, gate then up) and ``output_linear`` (d_mlp -> d_model), both ``nn.Linear``
+    (JetMoE's ``input_linear`` holds experts: not this)."""
+    into, out = children.get("input_linear"), children.get("output_linear")
+    if not (isinstance(into, nn.Linear) and isinstance(out, nn.Linear)):
+        return None, None
+    if into.out_features != 2 * out.in_features or into.in_features != out.out_features:
+        return None, None
+    return out, into
 
 
 def _activation(module: nn.Module) -> Callable[[Tensor], Tensor] | None:
