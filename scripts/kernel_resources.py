@@ -4,11 +4,15 @@
 then read with its cuobjdump.
 
     python scripts/kernel_resources.py            # every tile, SiLU, with the distributions
-    python scripts/kernel_resources.py --all      # every activation, with and without them
+    python scripts/kernel_resources.py --all      # every activation, with and without them,
+                                                  # computing act(g) or reading the model's
 
+Compiled as a scan launches it: pointers and the sizes (texts, positions, neurons) marked
+16-divisible, as Triton marks them at launch for real shapes (d_mlp 11008, 1024 positions).
 Prints per tile the registers per thread, the stack (a spill goes there: it should be 0)
-and the machine instructions per activation a thread runs (the loop body's static count
-over the activations a thread holds: a proxy for the arithmetic, not a timing).
+and the machine instructions per activation: the whole kernel's static instruction count
+over the activations a thread holds per tile (the loop body dominates it): a proxy for the
+arithmetic, not a timing.
 """
 
 from __future__ import annotations
@@ -38,15 +42,20 @@ POINTERS = {
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def resources(tile: tuple[int, int, int], act: int, distributions: bool) -> dict[str, float]:
+def resources(
+    tile: tuple[int, int, int], act: int, distributions: bool, swish: bool = False
+) -> dict[str, float]:
     """Registers, stack bytes and instructions per activation of one compiled variant."""
     block_p, block_n, warps = tile
-    constants = {"ACT": act, "HAS_SWISH": False, "HISTOGRAMS": distributions,
+    constants = {"ACT": act, "HAS_SWISH": swish, "HISTOGRAMS": distributions,
                  "TYPICAL": distributions, "BLOCK_P": block_p, "BLOCK_N": block_n,
                  **_DISTRIBUTION_CONSTANTS}  # fmt: skip
     signature = POINTERS | dict.fromkeys(("texts", "length", "neurons"), "i32")
     signature |= dict.fromkeys(constants, "constexpr")
-    source = ASTSource(fn=stats_kernel, signature=signature, constexprs=constants)
+    aligned = {*POINTERS, "texts", "length", "neurons"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(stats_kernel.arg_names)
+             if name in aligned}  # fmt: skip
+    source = ASTSource(fn=stats_kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps})  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
@@ -54,7 +63,7 @@ def resources(tile: tuple[int, int, int], act: int, distributions: bool) -> dict
         cubin.write_bytes(compiled.asm["cubin"])
         usage = _run("--dump-resource-usage", cubin)
         sass = _run("-sass", cubin)
-    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.MULTILINE))
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.MULTILINE))
     per_thread = block_p * block_n / (32 * warps)  # activations a thread holds per tile
     return {
         "registers": int(re.search(r"REG:(\d+)", usage)[1]),  # pyright: ignore[reportOptionalSubscript]
@@ -73,14 +82,17 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="every activation, with and without")
     args = parser.parse_args()
     acts = ACTIVATIONS if args.all else {"silu": ACTIVATIONS["silu"]}
+    both = (True, False) if args.all else (False,)
     for p, n, w in TILES:
         for name, act in acts.items():
             for distributions in (True, False) if args.all else (True,):
-                r = resources((p, n, w), act, distributions)
-                print(f"tile {p:>2} x {n:<3} {w} warps, {name:<9} distributions "
-                      f"{'yes' if distributions else 'no ':<3}: {r['registers']:>3} registers, "
-                      f"stack {r['stack']:>4} B, {r['instructions']:>4.0f} instructions per "
-                      "activation")  # fmt: skip
+                for swish in both:
+                    r = resources((p, n, w), act, distributions, swish)
+                    print(f"tile {p:>2} x {n:<3} {w} warps, {name:<9} distributions "
+                          f"{'yes' if distributions else 'no ':<3} model's act(g) "
+                          f"{'yes' if swish else 'no ':<3}: {r['registers']:>3} registers, "
+                          f"stack {r['stack']:>4} B, {r['instructions']:>4.0f} instructions "
+                          "per activation")  # fmt: skip
 
 
 if __name__ == "__main__":

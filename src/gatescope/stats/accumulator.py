@@ -60,6 +60,9 @@ class NeuronStats:
             (:mod:`~gatescope.stats.distributions`).
         seed: The typical examples' draw.
         layer: The layer's index (part of the draw: each layer draws its own texts).
+        experts: Routed experts of a mixture-of-experts layer (0: a dense layer): per expert
+            the counted tokens routed to it and the sum of their router weights
+            (:meth:`add_routing`).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class NeuronStats:
         distributions: bool = True,
         seed: int = 0,
         layer: int = 0,
+        experts: int = 0,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, not {k}")
@@ -119,6 +123,15 @@ class NeuronStats:
         self.joint: Tensor | None = None
         if distributions:
             self._empty_distributions()
+        self.experts = experts
+        self.routed = torch.zeros(experts, dtype=torch.int64, device=self.device)
+        self.router_weight = torch.zeros(experts, dtype=torch.float64, device=self.device)
+
+    def add_routing(self, routed: Tensor, router_weight: Tensor) -> None:
+        """Adds a batch's routing: [experts] counted tokens sent to each expert (int64) and
+        the sum of their router weights."""
+        self.routed += routed.to(self.device, torch.int64)
+        self.router_weight += router_weight.to(self.device, torch.float64)
 
     def _empty_distributions(self) -> None:
         """Histograms at zero and no typical examples (slots: text -1, position -1, value 0)."""
@@ -393,12 +406,14 @@ class NeuronStats:
 
     def merge(self, other: NeuronStats) -> None:
         """Adds the statistics of ``other`` (disjoint texts of the same layer) to these."""
-        mine = (self.d_mlp, self.k, self.distributions, self.seed, self.layer)
-        if (other.d_mlp, other.k, other.distributions, other.seed, other.layer) != mine:
-            raise ValueError(
-                "cannot merge statistics of different shapes, k, distributions, seed or layer"
-            )
+        mine = (self.d_mlp, self.k, self.distributions, self.seed, self.layer, self.experts)
+        theirs = (other.d_mlp, other.k, other.distributions, other.seed, other.layer,
+                  other.experts)  # fmt: skip
+        if theirs != mine:
+            raise ValueError("cannot merge statistics of different shapes, k, distributions, "
+                             "seed, layer or experts")  # fmt: skip
         self.tokens += other.tokens.to(self.device)
+        self.add_routing(other.routed, other.router_weight)
         self.count += other.count.to(self.device)
         self.sum += other.sum.to(self.device)
         torch.maximum(self._strongest, other._strongest.to(self._strongest), out=self._strongest)
@@ -448,11 +463,13 @@ class NeuronStats:
         d_mlp, k = states[0]["count"].shape[-1], states[0]["top_value"].shape[-1]
         dtype = states[0]["top_value"].dtype
         with_distributions = "histogram" in states[0]
+        experts = len(states[0]["routed"]) if "routed" in states[0] else 0
 
         def load(state: dict[str, Tensor]) -> NeuronStats:
             # Never updated, only merged: no activation function, the plain torch pass.
             stats = cls(d_mlp, act=None, k=k, device=device, dtype=dtype, kernel="torch",
-                        distributions=with_distributions, seed=seed, layer=layer)  # fmt: skip
+                        distributions=with_distributions, seed=seed, layer=layer,
+                        experts=experts)  # fmt: skip
             stats.load_state_dict(state)
             return stats
 
@@ -467,7 +484,8 @@ class NeuronStats:
         distributions: ``histogram`` [case, quantity, bin, neuron] and ``joint`` [case,
         |g| bin, |u| bin, neuron] int32, and the typical examples ``typical_text``,
         ``typical_position`` [case, neuron, slot] int32 and ``typical_value`` [case,
-        quantity, neuron, slot], in draw order (text -1: empty)."""
+        quantity, neuron, slot], in draw order (text -1: empty). With experts: ``routed``
+        [expert] int64 and ``router_weight`` [expert] float64."""
         state = {
             "tokens": self.tokens,
             "count": self.count,
@@ -487,6 +505,8 @@ class NeuronStats:
                 "typical_position": self._typical_position,
                 "typical_value": self._typical_value,
             }
+        if self.experts:
+            state |= {"routed": self.routed, "router_weight": self.router_weight}
         return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -516,6 +536,9 @@ class NeuronStats:
             self._typical_position = own(int32(state["typical_position"]))
             self._typical_value = own(state["typical_value"].to(self.device, self.dtype))
             self._typical_key = self._typical_keys_of(self._typical_text)
+        if self.experts:
+            self.routed = state["routed"].to(self.device, torch.int64).clone()
+            self.router_weight = state["router_weight"].to(self.device, torch.float64).clone()
 
 
 def _numba_works() -> bool:
@@ -542,13 +565,18 @@ def kernel_problem(
         from gatescope.stats.triton_pass import activation_kind
     except ImportError:
         return "the Triton kernel needs Triton (pip install gatescope[gpu])"
-    if device.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+    if device.type != "cuda" and not _interpreting():
         return f"the Triton kernel runs on CUDA GPUs, not on {device}"
     if dtype != torch.float32:
         return f"the Triton kernel computes in float32, not for a {dtype} model"
     if act is not None and activation_kind(act) is None:
         return UNKNOWN_ACTIVATION
     return None
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET`` set true)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 #: kernel_problem's answer for an activation other than SiLU, GELU and GELU-tanh.

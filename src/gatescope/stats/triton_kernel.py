@@ -23,10 +23,11 @@ import triton.language as tl
 __all__ = ["TILES", "stats_kernel", "tuned_stats_kernel"]
 
 #: The tiles (BLOCK_P positions x BLOCK_N neurons, warps) a GPU tries, keeping the fastest
-#: per neuron count. Compiled for sm_90 none spills registers (a test checks); they trade
-#: instructions per activation (about 520 for 4 x 64 or 4 x 128 with the distributions)
-#: against registers per thread (167 for 2 x 128, 136 for 16 x 32: more warps in flight).
-TILES = ((4, 128, 4), (4, 64, 2), (2, 128, 4), (16, 32, 4), (8, 32, 2))
+#: per neuron count. Compiled for sm_90 as a scan launches them (scripts/kernel_resources.py)
+#: none spills registers in any variant (a test checks; 4 x 64 and 4 x 128 did, by 8-32
+#: bytes): about 650-690 instructions per activation with the distributions, 440-490
+#: without, with 170-220 registers per thread.
+TILES = ((16, 32, 4), (8, 128, 8), (8, 64, 4), (2, 128, 4), (8, 32, 2))
 
 
 @triton.jit
@@ -223,6 +224,7 @@ tuned_stats_kernel = triton.autotune(
     configs=[triton.Config({"BLOCK_P": p, "BLOCK_N": n}, num_warps=w) for p, n, w in TILES],
     key=["neurons"],
     restore_value=["histogram_ptr", "joint_ptr"],
-    warmup=5,
-    rep=20,
+    do_bench=lambda kernel, quantiles: triton.testing.do_bench(
+        kernel, warmup=5, rep=20, quantiles=quantiles
+    ),
 )(stats_kernel)

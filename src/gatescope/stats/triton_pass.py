@@ -17,6 +17,7 @@ Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the te
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -115,22 +116,26 @@ class TritonPass:
         key = empty(N_CASES, texts, neurons, dtype=torch.int64) if salt is not None else count
         histograms = totals.histogram is not None and totals.joint is not None
         unused = count  # the pointer of an output the kernel does not touch
+        on_device = contextlib.nullcontext()
         if gate.is_cuda:  # the tile measured fastest for this neuron count
             launch = tuned_stats_kernel[lambda tile: (texts, triton.cdiv(neurons, tile["BLOCK_N"]))]
             tile = {}
+            on_device = torch.cuda.device(gate.device)  # Triton launches on the current GPU
         else:  # Triton's interpreter (the tests): one fixed tile
             block_n = min(INTERPRETED_BLOCK_N, triton.next_power_of_2(neurons))
             launch = cast(Any, stats_kernel)[(texts, triton.cdiv(neurons, block_n))]
             tile = {"BLOCK_P": INTERPRETED_BLOCK_P, "BLOCK_N": block_n}
-        launch(
-            gate, up, swish if swish is not None else unused, valid.to(torch.uint8).contiguous(),
-            strength, position, weakest, sums, count,
-            totals.histogram if histograms else unused, totals.joint if histograms else unused,
-            salt.contiguous() if salt is not None else unused, key,
-            texts, length, neurons,
-            ACT=ACTIVATIONS[self.kind], HAS_SWISH=swish is not None, HISTOGRAMS=histograms,
-            TYPICAL=salt is not None, **_DISTRIBUTION_CONSTANTS, **tile,
-        )  # fmt: skip
+        with on_device:
+            launch(
+                gate, up, swish if swish is not None else unused,
+                valid.to(torch.uint8).contiguous(), strength, position, weakest, sums, count,
+                totals.histogram if histograms else unused,
+                totals.joint if histograms else unused,
+                salt.contiguous() if salt is not None else unused, key,
+                texts, length, neurons,
+                ACT=ACTIVATIONS[self.kind], HAS_SWISH=swish is not None, HISTOGRAMS=histograms,
+                TYPICAL=salt is not None, **_DISTRIBUTION_CONSTANTS, **tile,
+            )  # fmt: skip
         # The texts' partials into the layer's totals, on the device.
         totals.count.add_(count.sum(dim=1, dtype=torch.int64))
         totals.sums.add_(sums.sum(dim=1).view(N_CASES, N_QUANTITIES, neurons))
