@@ -135,3 +135,24 @@ def test_a_dense_model_has_no_expert_layers():
 
     with pytest.raises(GatescopeError, match="no routed experts"):
         find_expert_layers(tiny_model("llama"))
+
+
+def test_under_accelerate_its_hook_still_runs_first():
+    """accelerate's hook (a device map) is the module's forward and calls _old_forward: the
+    capture replaces that one, so the hook still moves the weights, and gives it back."""
+    model = tiny_moe_model("qwen3_moe")
+    experts = find_routed_experts(model)[0]
+    module, calls = experts.module, []
+    own = module.forward
+
+    def hook_forward(*args):  # what accelerate's new_forward does around _old_forward
+        calls.append("hook")
+        return module._old_forward(*args)
+
+    module._hf_hook, module._old_forward, module.forward = object(), own, hook_forward
+    seen = []
+    with ExpertsCapture(experts, lambda expert, *_: seen.append(expert)):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+        assert module.forward is hook_forward and calls == ["hook"] and seen
+    assert module._old_forward == own and module.forward is hook_forward

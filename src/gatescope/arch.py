@@ -19,20 +19,23 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from gatescope.errors import GatescopeError
-from gatescope.experts import RoutedExperts, find_routed_experts
+from gatescope.experts import ExpertsCapture, RoutedExperts, find_routed_experts
 from gatescope.experts import refusal as experts_refusal
 
 __all__ = [
     "CaptureHandle",
     "ExpertLayer",
     "GatedMLP",
+    "RoutedForward",
     "find_expert_layers",
     "find_gated_mlps",
+    "find_mlp_layers",
     "glu_flips",
     "refactor_glu",
     "refactored_glu",
@@ -62,7 +65,7 @@ class CaptureHandle:
     Also a context manager: ``with mlp.capture(cb): model(ids)`` removes the hooks on exit.
     """
 
-    def __init__(self, handles: Sequence[torch.utils.hooks.RemovableHandle]) -> None:
+    def __init__(self, handles: Sequence[_Removable]) -> None:
         self._handles = list(handles)
 
     def remove(self) -> None:
@@ -76,6 +79,10 @@ class CaptureHandle:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+class _Removable(Protocol):
+    def remove(self) -> None: ...
 
 
 @dataclass
@@ -327,6 +334,46 @@ class ExpertLayer:
         shared = self.shared.d_mlp if self.shared is not None else 0
         return self.routed.n_experts * self.routed.d_ff + shared
 
+    def capture(self, callback: Callable[[RoutedForward], None]) -> CaptureHandle:
+        """Call ``callback`` once per forward of the decoder layer with what its routed
+        experts (:class:`~gatescope.experts.ExpertsCapture`: exactly the values that
+        produce the output) and its shared experts computed."""
+        current = RoutedForward([], None)
+
+        def routed(expert: int, token: Tensor, gate: Tensor, up: Tensor, _act: Tensor,
+                   weight: Tensor) -> None:  # fmt: skip
+            current.experts.append((expert, token, gate, up, weight))
+
+        def shared(gate: Tensor, up: Tensor) -> None:
+            current.shared = (gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+
+        def start(_module: nn.Module, _inputs: object) -> None:
+            current.experts.clear()
+            current.shared = None
+
+        def done(_module: nn.Module, _inputs: object, _output: object) -> None:
+            callback(RoutedForward(list(current.experts), current.shared))
+            start(_module, _inputs)
+
+        handles: list[_Removable] = [
+            self.module.register_forward_pre_hook(start),
+            ExpertsCapture(self.routed, routed),
+            self.module.register_forward_hook(done),
+        ]
+        if self.shared is not None:
+            handles.append(self.shared.capture(shared))
+        return CaptureHandle(handles)
+
+
+@dataclass
+class RoutedForward:
+    """What an :class:`ExpertLayer` computed in one forward, over the rows of the flattened
+    batch (row = text * positions + position)."""
+
+    # (expert, token [routed], gate [routed, d_ff], up [routed, d_ff], router weight [routed])
+    experts: list[tuple[int, Tensor, Tensor, Tensor, Tensor]]
+    shared: tuple[Tensor, Tensor] | None  # gate, up [rows, shared neurons]
+
 
 def find_expert_layers(model: nn.Module) -> list[GatedMLP | ExpertLayer]:
     """The MLP of every decoder layer of a mixture-of-experts model, ordered: an
@@ -361,6 +408,14 @@ def find_expert_layers(model: nn.Module) -> list[GatedMLP | ExpertLayer]:
         else:
             layers.append(mlps[0])
     return layers
+
+
+def find_mlp_layers(model: nn.Module) -> list[GatedMLP] | list[GatedMLP | ExpertLayer]:
+    """A model's MLP layers: :func:`find_expert_layers` for a mixture of experts, else
+    :func:`find_gated_mlps`."""
+    if find_routed_experts(model):
+        return find_expert_layers(model)
+    return find_gated_mlps(model)
 
 
 def _decoder_layer(lists: set[str], name: str) -> str:

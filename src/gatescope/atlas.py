@@ -77,6 +77,9 @@ __all__ = [
 
 TENSORS = ("count", "sum", "max", "min", "top_value", "top_text", "top_position")
 DISTRIBUTIONS = ("histogram", "joint", "typical_text", "typical_position", "typical_value")
+#: A mixture-of-experts atlas's routing: [layer, expert] counted tokens routed to each expert
+#: (int64) and the sum of their router weights (float64).
+ROUTING = ("routed", "router_weight")
 #: What ``count`` is a multiple of when the token count is unknown (see the module docstring).
 FREQ_SCALE = 2**53
 # The names of the ranked-list tensors; the others are the per-case totals and extremes.
@@ -149,6 +152,10 @@ class LayerStats:
     typical_text: Tensor | None = None  # [d, case, k] int32
     typical_position: Tensor | None = None  # [d, case, k] int32
     typical_value: Tensor | None = None  # [d, case, quantity, k] float32
+    # A mixture of experts' routing (None: a dense model's atlas): per expert the counted
+    # tokens routed to it (int64) and the sum of their router weights (float64).
+    routed: Tensor | None = None  # [expert]
+    router_weight: Tensor | None = None  # [expert]
 
     def strongest(self, quantity: str) -> Tensor:
         """[d] the largest |value| of ``quantity`` over all cases (-inf: never occurs)."""
@@ -195,8 +202,10 @@ class Atlas:
         def ranked(name: str, dtype: torch.dtype) -> Tensor:
             return stack(name).permute(0, 2, 1, 3).to(dtype).contiguous()
 
+        routing = {name: stack(name) for name in ROUTING} if meta.experts is not None else {}
         tensors = {
             **_stacked_distributions(states),
+            **routing,
             "count": stack("count"),
             "sum": stack("sum"),
             "max": stack("max").to(torch.float32),
@@ -217,7 +226,7 @@ class Atlas:
 
     @property
     def _names(self) -> tuple[str, ...]:
-        return TENSORS + DISTRIBUTIONS if self.has_distributions else TENSORS
+        return _stored_names(self.meta)
 
     def layer(self, layer: int) -> LayerStats:
         """Every neuron's statistics of one layer; reads only that layer."""
@@ -278,8 +287,7 @@ class Atlas:
             meta = AtlasMeta.from_dict(data)
         except GatescopeError as error:
             raise GatescopeError(f"{path / ATLAS_JSON} cannot be read: {error}") from error
-        names = TENSORS + DISTRIBUTIONS if meta.options.distributions else TENSORS
-        return cls(meta, _SafetensorsFile(path / STATS_FILE, names))
+        return cls(meta, _SafetensorsFile(path / STATS_FILE, _stored_names(meta)))
 
     # --------------------------------------------------------------- access
 
@@ -321,6 +329,15 @@ class Atlas:
         if isinstance(self._tensors, _SafetensorsFile):
             return self._tensors.shape(name)
         return tuple(self._tensors[name].shape)
+
+    def refuse_experts(self, what: str) -> None:
+        """Refuses, in one sentence, to do ``what`` with a mixture-of-experts atlas (what is
+        not built for expert neurons yet)."""
+        if self.meta.experts is not None:
+            raise GatescopeError(
+                f"{what} does not take mixture-of-experts atlases yet (this one has "
+                f"{self.meta.experts.n_experts} experts per layer); `gatescope scan` made it."
+            )
 
     def check_neuron(self, layer: int, index: int | None = None) -> None:
         """Refuses a layer (and neuron) the atlas does not have, in one sentence."""
@@ -485,6 +502,12 @@ def _by_case(values: list[list]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _stored_names(meta: AtlasMeta) -> tuple[str, ...]:
+    """The tensors an atlas of ``meta`` stores."""
+    names = TENSORS + DISTRIBUTIONS if meta.options.distributions else TENSORS
+    return names + ROUTING if meta.experts is not None else names
+
+
 def _check_shapes(meta: AtlasMeta, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Refuses tensors whose shapes are not those ``meta`` describes."""
     L, d, k = meta.layers, meta.d_mlp, meta.k
@@ -502,6 +525,8 @@ def _check_shapes(meta: AtlasMeta, shapes: Mapping[str, tuple[int, ...]]) -> Non
             "typical_position": (L, d, cases, k),
             "typical_value": (L, d, cases, quantities, k),
         }
+    if meta.experts is not None:
+        expected |= dict.fromkeys(ROUTING, (L, meta.experts.n_experts))
     for name, shape in expected.items():
         if tuple(shapes[name]) != shape:
             raise GatescopeError(

@@ -82,9 +82,25 @@ class RoutedExperts:
         if _gate_kind(self.module) == "clamped":  # gpt-oss
             gate = gate_up[..., ::2].clamp(min=None, max=module.limit)
             up = gate_up[..., 1::2].clamp(min=-module.limit, max=module.limit)
-            return gate, up + 1, gate * torch.sigmoid(gate * module.alpha)
+            return gate, up + 1, self.act(gate)
         gate, up = gate_up.chunk(2, dim=-1)
-        return gate, up, module.act_fn(gate)
+        return gate, up, self.act(gate)
+
+    def act(self, gate: Tensor) -> Tensor:
+        """act(x_gate), as the module's gate applies it (gpt-oss: ``g * sigmoid(alpha g)``
+        of the clamped gate)."""
+        module: Any = self.module
+        if _gate_kind(self.module) == "clamped":
+            return gate * torch.sigmoid(gate * module.alpha)
+        return module.act_fn(gate)
+
+    @property
+    def act_name(self) -> str:
+        """The activation's name, for the atlas: its class, or gpt-oss's clamped SwiGLU."""
+        module: Any = self.module
+        if _gate_kind(self.module) == "clamped":
+            return f"clamped SwiGLU (alpha {module.alpha}, limit {module.limit})"
+        return type(module.act_fn).__name__
 
 
 def find_routed_experts(model: nn.Module) -> list[RoutedExperts]:
@@ -119,8 +135,8 @@ def find_routed_experts(model: nn.Module) -> list[RoutedExperts]:
 
 
 def refusal(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
-    """One sentence: the model is a mixture of experts, what its experts are, and that
-    gatescope does not scan them (yet)."""
+    """One sentence: the model is a mixture of experts, what its experts are, and that only
+    the scan takes expert neurons so far."""
     config = getattr(model, "config", None)
     model_name = getattr(config, "model_type", None) or type(model).__name__
     first = experts[0]
@@ -128,27 +144,36 @@ def refusal(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
     sizes = " or ".join(f"{n} experts of {d} neurons" for n, d in shapes)
     return (
         f"{model_name} is a mixture-of-experts model ({len(experts)} layers of {sizes}, the "
-        f"first in {first.name}, {type(first.module).__name__}): gatescope does not scan "
-        "expert neurons yet, and its dense or shared-expert MLPs alone would misrepresent it."
+        f"first in {first.name}, {type(first.module).__name__}): only `gatescope scan` takes "
+        "expert neurons so far, and its dense or shared-expert MLPs alone would misrepresent it."
     )
 
 
 class ExpertsCapture:
     """Runs an experts module's routed computation with a callback per expert, until
-    :meth:`remove` (or the end of a ``with`` block) gives it back its own forward."""
+    :meth:`remove` (or the end of a ``with`` block) gives it back its own forward.
+
+    Under accelerate (a device map, offloading) the module's ``forward`` is accelerate's
+    hook, which moves the weights and then calls ``_old_forward``: that one is replaced
+    instead, so the weights still arrive where the computation runs."""
 
     def __init__(self, experts: RoutedExperts, callback: ExpertsCallback) -> None:
         self._module = experts.module
+        # nn.Module.__call__ looks an instance attribute up before the class's forward.
+        self._slot = "_old_forward" if hasattr(self._module, "_hf_hook") else "forward"
+        self._saved = self._module.__dict__.get(self._slot)
 
         def forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
             return _routed_forward(experts, hidden, top_k_index, top_k_weights, callback)
 
-        # An instance attribute: nn.Module.__call__ looks it up before the class's forward.
-        self._module.forward = forward
+        setattr(self._module, self._slot, forward)
 
     def remove(self) -> None:
-        """Gives the module its own forward back (calling it twice is harmless)."""
-        self._module.__dict__.pop("forward", None)
+        """Gives the module the forward it had back (calling it twice is harmless)."""
+        if self._saved is not None:
+            setattr(self._module, self._slot, self._saved)
+        else:
+            self._module.__dict__.pop(self._slot, None)
 
     def __enter__(self) -> ExpertsCapture:
         return self
@@ -162,7 +187,8 @@ def _routed_forward(
     callback: ExpertsCallback,
 ) -> Tensor:  # fmt: skip
     """transformers' eager experts computation, one expert at a time, calling ``callback``
-    with each expert's tokens and values.
+    with each expert's tokens (ascending) and values. The tokens are grouped by expert with
+    one sort, and the host learns the group sizes once per call.
 
     Args:
         hidden: [tokens, d_model] the layer's (flattened) input.
@@ -173,12 +199,18 @@ def _routed_forward(
         [tokens, d_model] the weighted sum of each token's experts' outputs.
     """
     module: Any = experts.module
+    k = top_k_index.shape[-1]
+    choice = top_k_index.reshape(-1)  # [tokens * k]: (token, slot) pairs, token-major
+    pairs = torch.argsort(choice, stable=True)  # by expert, then token
+    sizes = torch.bincount(choice, minlength=experts.n_experts).tolist()
     out = torch.zeros_like(hidden)
-    for expert in range(experts.n_experts):
-        token, slot = torch.where(top_k_index == expert)  # [routed]
-        if token.numel() == 0:
+    start = 0
+    for expert, size in enumerate(sizes[: experts.n_experts]):
+        if size == 0:
             continue
-        weight = top_k_weights[token, slot]  # [routed]
+        pair = pairs[start : start + size]
+        start += size
+        token, weight = pair // k, top_k_weights.reshape(-1)[pair]  # [routed]
         gate, up, act = experts.split_gate(experts.gate_up(expert, hidden[token]))
         callback(expert, token, gate, up, act, weight)
         y = experts.down(expert, act * up)
@@ -191,8 +223,10 @@ def _routed_forward(
 def _gate_kind(module: nn.Module) -> str | None:
     """``"default"`` (act(gate) * up of gate_up's two halves), ``"clamped"`` (gpt-oss), or
     None for a gate gatescope does not know."""
-    from transformers.integrations.moe import _default_apply_gate
-
+    try:  # transformers' default gate (5.x)
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return None
     apply_gate = getattr(type(module), "_apply_gate", None)
     if apply_gate is _default_apply_gate and callable(getattr(module, "act_fn", None)):
         return "default"

@@ -131,6 +131,7 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
     import datasets
     import pyarrow as pa
 
+    atlas.refuse_experts("the export (GLUScope's schema)")
     layers, d_mlp, k = atlas.num_layers, atlas.d_mlp, atlas.k
     rows = layers * d_mlp
     count = atlas.tensor("count").numpy()  # [L, case, d]

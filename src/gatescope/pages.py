@@ -69,6 +69,7 @@ class PageSource:
     ) -> PageSource:
         """Loads the atlas's model (unless ``loaded``), corpus and tokenizer
         (``model``/``corpus`` override where they are)."""
+        atlas.refuse_experts("neuron pages")
         model = model or atlas.meta.model.name
         if not model:
             raise GatescopeError("the atlas does not name its model: pass --model.")

@@ -30,6 +30,7 @@ __all__ = [
     "CorpusMeta",
     "CorpusRecipe",
     "CorpusRef",
+    "ExpertsRecord",
     "ModelRecord",
     "RunIdentity",
     "ShardSet",
@@ -207,6 +208,43 @@ class AtlasOptions:
 
 
 @dataclass(frozen=True)
+class ExpertsRecord:
+    """How a mixture-of-experts atlas lays out a layer's neurons: ``n_experts`` routed experts
+    of ``d_ff`` neurons each (expert ``e``'s neuron ``n`` is at ``e * d_ff + n``), then
+    ``shared`` neurons of the shared experts; the ``dense_layers`` have an ordinary MLP of
+    ``dense_d_mlp`` neurons (the first ones; the rest of the layer's width holds nothing).
+    Statistics of an expert's neurons are over the tokens routed to it."""
+
+    n_experts: int
+    d_ff: int
+    shared: int = 0
+    top_k: int = 1  # experts per token
+    dense_layers: tuple[int, ...] = ()
+    dense_d_mlp: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.n_experts >= 1 and self.d_ff >= 1 and self.shared >= 0
+            and 1 <= self.top_k <= self.n_experts,
+            f"{self.n_experts} experts of {self.d_ff} neurons, {self.shared} shared and "
+            f"{self.top_k} per token are not a mixture of experts.",
+        )  # fmt: skip
+
+    @property
+    def width(self) -> int:
+        """Neurons per layer in the atlas (the widest layer's)."""
+        return max(self.n_experts * self.d_ff + self.shared, self.dense_d_mlp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"dense_layers": list(self.dense_layers)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExpertsRecord:
+        record = _known(cls, data)
+        return dataclasses.replace(record, dense_layers=tuple(record.dense_layers))
+
+
+@dataclass(frozen=True)
 class ShardSet:
     """The parts of a corpus (``--shard i/N``) an atlas holds; absent from a whole scan."""
 
@@ -312,6 +350,7 @@ class AtlasMeta:
     scan_seconds: float | None = None
     imported_from: str | None = None  # the dataset an imported atlas came from
     gatescope_version: str | None = None
+    experts: ExpertsRecord | None = None  # a mixture-of-experts model's layout
 
     def __post_init__(self) -> None:
         _check(
@@ -362,6 +401,8 @@ class AtlasMeta:
         }
         if self.shards is not None:
             data["shards"] = self.shards.to_dict()
+        if self.experts is not None:
+            data["experts"] = self.experts.to_dict()
         return data
 
     @classmethod
@@ -382,7 +423,7 @@ class AtlasMeta:
         if layout != (list(CASES), list(QUANTITIES)):
             raise GatescopeError("its cases or quantities are not gatescope's.")
         try:
-            shards = data.get("shards")
+            shards, experts = data.get("shards"), data.get("experts")
             return cls(
                 layers=int(data["layers"]),
                 d_mlp=int(data["d_mlp"]),
@@ -397,6 +438,7 @@ class AtlasMeta:
                 scan_seconds=data.get("scan_seconds"),
                 imported_from=data.get("imported_from"),
                 gatescope_version=data.get("gatescope_version"),
+                experts=ExpertsRecord.from_dict(experts) if experts else None,
             )
         except (KeyError, TypeError, ValueError) as error:
             raise GatescopeError(f"it lacks or mangles the entry {error}.") from error

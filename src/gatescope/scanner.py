@@ -39,14 +39,21 @@ from gatescope.files import ATLAS, Found, claim_output, remove_path, write_atomi
 from gatescope.loading import dtype_name, resolve_model, to_device
 from gatescope.options import ScanOptions
 from gatescope.progress import progress_bar
-from gatescope.records import AtlasMeta, AtlasOptions, ModelRecord, RunIdentity, ShardSet
+from gatescope.records import (
+    AtlasMeta,
+    AtlasOptions,
+    ExpertsRecord,
+    ModelRecord,
+    RunIdentity,
+    ShardSet,
+)
 from gatescope.shards import Shard
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel
 
-    from gatescope.arch import CaptureActCallback, GatedMLP
+    from gatescope.arch import CaptureActCallback, ExpertLayer, GatedMLP, RoutedForward
     from gatescope.loading import LoadedModel, ModelSpec
     from gatescope.stats import NeuronStats
 
@@ -254,38 +261,83 @@ def _claim_folder(
 
 @dataclass
 class _Prepared:
-    """A loaded model ready to scan: its gated MLPs and an accumulator for each."""
+    """A loaded model ready to scan: its MLP layers (gated MLPs, or routed experts with
+    their shared MLP) and an accumulator for each."""
 
     loaded: LoadedModel
-    mlps: list[GatedMLP]
-    layers: list[NeuronStats]  # one per MLP, on its layer's device
+    mlps: list[GatedMLP] | list[GatedMLP | ExpertLayer]
+    layers: list[NeuronStats]  # one per MLP layer, on its layer's device
+    experts: ExpertsRecord | None = None  # a mixture of experts' layout
 
 
 def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> _Prepared:
-    """Finds the model's gated MLPs, checks the corpus fits it, and makes a fresh
-    accumulator for each MLP on its layer's device."""
-    from gatescope.arch import find_gated_mlps
+    """Finds the model's MLP layers, checks the corpus fits it, and makes a fresh
+    accumulator for each layer on its device (a mixture of experts: every layer as wide as
+    its widest, see :mod:`gatescope.stats.routed`)."""
+    from gatescope.arch import find_mlp_layers
     from gatescope.stats import NeuronStats, Workspace, stats_dtype
 
-    mlps = find_gated_mlps(loaded.model)
+    mlps = find_mlp_layers(loaded.model)
     config = loaded.model.config
     # transformers annotates the input embeddings as any nn.Module; this one has a vocabulary.
     vocab = cast("int", loaded.model.get_input_embeddings().num_embeddings)
     texts.check_fits(int(vocab), getattr(config, "max_position_embeddings", None))
-    d_mlps = {mlp.d_mlp for mlp in mlps}
-    if len(d_mlps) != 1:
-        raise GatescopeError(f"the model's layers have different MLP sizes {sorted(d_mlps)}.")
+    experts = _experts_record(mlps, config)
+    if experts is None and len({mlp.d_mlp for mlp in mlps}) != 1:
+        sizes = sorted({mlp.d_mlp for mlp in mlps})
+        raise GatescopeError(f"the model's layers have different MLP sizes {sizes}.")
+    if experts is not None and opts.refactor_glu:
+        raise GatescopeError("--refactor-glu does not take mixture-of-experts models yet.")
+    width = experts.width if experts is not None else mlps[0].d_mlp
     dtype = stats_dtype(loaded.dtype)
     workspaces: dict[torch.device, Workspace] = defaultdict(Workspace)  # layers take turns
     layers = []
     for index, mlp in enumerate(mlps):
-        device = _execution_device(mlp)
-        _check_backend(opts, device, loaded.dtype, mlp.act_fn)
-        layers.append(NeuronStats(mlp.d_mlp, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
+        device, act = _execution_device(mlp), _activation(mlp)
+        _check_backend(opts, device, loaded.dtype, act)
+        layers.append(NeuronStats(width, act, k=opts.k, device=device, dtype=dtype,
                                   kernel=_KERNELS[opts.stats_backend],
                                   workspace=workspaces[device], distributions=opts.distributions,
-                                  seed=opts.seed, layer=index))  # fmt: skip
-    return _Prepared(loaded, mlps, layers)
+                                  seed=opts.seed, layer=index,
+                                  experts=experts.n_experts if experts else 0))  # fmt: skip
+    return _Prepared(loaded, mlps, layers, experts)
+
+
+def _experts_record(mlps: Sequence[GatedMLP | ExpertLayer], config: Any) -> ExpertsRecord | None:
+    """The layout of a mixture of experts' layers (None for a dense model); refuses one
+    whose MoE layers differ in shape or activation."""
+    from gatescope.arch import ExpertLayer
+
+    moe = [mlp for mlp in mlps if isinstance(mlp, ExpertLayer)]
+    if not moe:
+        return None
+    shapes = {(m.routed.n_experts, m.routed.d_ff, m.shared.d_mlp if m.shared else 0) for m in moe}
+    acts = {m.routed.act_name for m in moe} | {
+        type(m.shared.act_fn).__name__ for m in moe if m.shared is not None
+    }
+    if len(shapes) != 1 or len(acts) != 1:
+        raise GatescopeError(
+            f"the model's expert layers differ (experts, neurons, shared: {sorted(shapes)}; "
+            f"activations {sorted(acts)}): gatescope needs them alike."
+        )
+    (n_experts, d_ff, shared), dense = shapes.pop(), [m for m in mlps if m not in moe]
+    if len({m.d_mlp for m in dense}) > 1:
+        raise GatescopeError("the model's dense layers have different MLP sizes.")
+    return ExpertsRecord(
+        n_experts=n_experts,
+        d_ff=d_ff,
+        shared=shared,
+        top_k=int(getattr(config, "num_experts_per_tok", 1)),
+        dense_layers=tuple(m.layer for m in dense),
+        dense_d_mlp=dense[0].d_mlp if dense else 0,
+    )
+
+
+def _activation(mlp: GatedMLP | ExpertLayer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A layer's act, applied to g by its statistics."""
+    from gatescope.arch import ExpertLayer
+
+    return mlp.routed.act if isinstance(mlp, ExpertLayer) else mlp.act_fn
 
 
 def _feed(
@@ -296,10 +348,11 @@ def _feed(
     """Runs the model over ``order[done:]`` in batches, the statistics hooked on; saves a
     checkpoint when due and stops cleanly when asked to. Returns the neurons that
     ``refactor_glu`` flipped."""
-    from gatescope.arch import refactored_glu
+    from gatescope.arch import GatedMLP, refactored_glu
 
     loaded, layers = model.loaded, model.layers
-    refactor = refactored_glu(model.mlps) if opts.refactor_glu else contextlib.nullcontext(0)
+    dense = [mlp for mlp in model.mlps if isinstance(mlp, GatedMLP)]  # (_prepare: all, here)
+    refactor = refactored_glu(dense) if opts.refactor_glu else contextlib.nullcontext(0)
     lengths = texts.lengths[order]
     bar = progress_bar(total=int(lengths.sum()), initial=int(lengths[:done].sum()), desc="scan",
                        unit="tok", enabled=progress)  # fmt: skip
@@ -356,7 +409,7 @@ def _describe(
             revision=identity.revision,
             class_name=type(model.loaded.model).__name__,
             dtype=identity.dtype,
-            act=type(model.mlps[0].act_fn).__name__,
+            act=_act_name(model.mlps[-1]),
         ),
         corpus=texts.reference(),
         options=AtlasOptions(
@@ -369,6 +422,7 @@ def _describe(
             stats_backend=_backend_of(layers),
         ),
         shards=shards,
+        experts=model.experts,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         scan_seconds=round(seconds, 3),
         gatescope_version=__version__,
@@ -386,10 +440,21 @@ def _publish(atlas: Atlas, out: Path | None, ranks: distributed.Ranks | None) ->
     return Atlas.load(out)
 
 
-def _execution_device(mlp: GatedMLP) -> torch.device:
+def _act_name(mlp: GatedMLP | ExpertLayer) -> str:
+    """The activation's name, for the atlas (the last layer's: a MoE model's first may be
+    dense)."""
+    from gatescope.arch import ExpertLayer
+
+    return mlp.routed.act_name if isinstance(mlp, ExpertLayer) else type(mlp.act_fn).__name__
+
+
+def _execution_device(mlp: GatedMLP | ExpertLayer) -> torch.device:
     """Where a layer's statistics live: on its weights' device. A layer that accelerate
     offloads to disk has its weights on "meta" until it runs; it computes on the first GPU."""
-    device = mlp.down_proj.weight.device
+    from gatescope.arch import ExpertLayer
+
+    weight = mlp.routed.module.down_proj if isinstance(mlp, ExpertLayer) else mlp.down_proj.weight
+    device = cast("torch.Tensor", weight).device
     if device.type == "meta":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     return device
@@ -437,23 +502,18 @@ def _backend_of(layers: Sequence[NeuronStats]) -> str:
 
 
 @contextlib.contextmanager
-def _capture(mlps: Sequence[GatedMLP], layers: Sequence[NeuronStats]) -> Iterator[_Feed]:
-    """Hooks every gated MLP so that each forward updates its layer's statistics."""
+def _capture(
+    mlps: Sequence[GatedMLP | ExpertLayer], layers: Sequence[NeuronStats]
+) -> Iterator[_Feed]:
+    """Hooks every MLP layer so that each forward updates its layer's statistics."""
+    from gatescope.arch import ExpertLayer
+
     feed = _Feed()
-
-    def updater(stats: NeuronStats) -> CaptureActCallback:
-        def update(gate: torch.Tensor, up: torch.Tensor, swish: torch.Tensor | None) -> None:
-            text_index, counted = feed.on(stats.device)
-            # A no-op, except for layers accelerate offloads (they run elsewhere).
-            gate, up = gate.to(stats.device), up.to(stats.device)
-            swish = swish.to(stats.device) if swish is not None else None
-            stats.update(gate, up, text_index, counted, swish)
-
-        return update
-
-    # The model's own act(g) is taken only where the statistics use it (same dtype).
     handles = [
-        mlp.capture_with_act(updater(stats), watch_act=mlp.dtype == stats.dtype)
+        mlp.capture(_routed_updater(feed, stats, mlp.routed.d_ff))
+        if isinstance(mlp, ExpertLayer)
+        # The model's own act(g) is taken only where the statistics use it (same dtype).
+        else mlp.capture_with_act(_updater(feed, stats), watch_act=mlp.dtype == stats.dtype)
         for mlp, stats in zip(mlps, layers, strict=True)
     ]
     try:
@@ -462,6 +522,35 @@ def _capture(mlps: Sequence[GatedMLP], layers: Sequence[NeuronStats]) -> Iterato
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _updater(feed: _Feed, stats: NeuronStats) -> CaptureActCallback:
+    """A gated MLP's forward into its statistics (zero-padded to the layer width of a
+    mixture of experts, for its dense layers)."""
+
+    def update(gate: torch.Tensor, up: torch.Tensor, swish: torch.Tensor | None) -> None:
+        text_index, counted = feed.on(stats.device)
+        # A no-op, except for layers accelerate offloads (they run elsewhere).
+        gate, up = gate.to(stats.device), up.to(stats.device)
+        swish = swish.to(stats.device) if swish is not None else None
+        missing = stats.d_mlp - gate.shape[-1]
+        if missing:  # padded neurons: g = 0 is in no case
+            gate, up = (torch.nn.functional.pad(x, (0, missing)) for x in (gate, up))
+            swish = torch.nn.functional.pad(swish, (0, missing)) if swish is not None else None
+        stats.update(gate, up, text_index, counted, swish)
+
+    return update
+
+
+def _routed_updater(feed: _Feed, stats: NeuronStats, d_ff: int) -> Callable[[RoutedForward], None]:
+    """An expert layer's forward into its statistics (:mod:`gatescope.stats.routed`)."""
+    from gatescope.stats.routed import add_routed
+
+    def update(forward: RoutedForward) -> None:
+        text_index, counted = feed.on(stats.device)
+        add_routed(stats, forward, d_ff, text_index, counted)
+
+    return update
 
 
 # ------------------------------------------------------------------------------ stopping

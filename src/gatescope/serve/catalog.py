@@ -352,7 +352,9 @@ class Catalog:
         served: list[ServedAtlas] = []
         for path in map(Path, paths):
             name = _unique(_slug(path.resolve().name), {a.name for a in served})
-            served.append(ServedAtlas(name, path, Atlas.load(path), model, corpus))
+            atlas = Atlas.load(path)
+            atlas.refuse_experts("gatescope serve")
+            served.append(ServedAtlas(name, path, atlas, model, corpus))
         return cls(served)
 
     def __iter__(self):

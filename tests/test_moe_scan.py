@@ -1,0 +1,167 @@
+"""Scans of mixture-of-experts models against a brute force: each expert's MLP run on the
+tokens its router chose (from the router's own choice, the raw 3-D weights), the shared
+experts' and dense layers' MLPs on every token; statistics of an expert's neurons over its
+routed tokens only; routing frequencies summing to the experts per token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gatescope
+from gatescope.arch import ExpertLayer, GatedMLP, find_expert_layers
+from tests.models import MOE_FAMILIES, tiny_moe_model
+from tests.test_experts import brute_force
+from tests.test_scan import assert_atlas_matches, random_corpus
+
+K = 4
+
+
+def dense_values(mlp: GatedMLP, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """g, u, act(g) of a gated MLP on rows ``x``, from its weights."""
+    g, u = x @ mlp.w_gate().double().T, x @ mlp.w_in().double().T
+    return g, u, mlp.act_fn(g)
+
+
+def expert_layer_values(layer: ExpertLayer, routed_inputs, shared_input, width: int):
+    """[tokens, width] g, u, act(g) of one text: each expert's columns on its routed tokens,
+    the shared experts' on all; and per expert its counted routed tokens and weights' sum."""
+    hidden, top_k_index, top_k_weights = routed_inputs
+    values = [torch.zeros(len(hidden), width, dtype=torch.float64) for _ in range(3)]
+    routed, weight = np.zeros(layer.routed.n_experts, np.int64), np.zeros(layer.routed.n_experts)
+    d_ff = layer.routed.d_ff
+    for expert in range(layer.routed.n_experts):
+        token, slot = torch.where(top_k_index == expert)
+        brute = brute_force(layer.routed, hidden[token], expert)
+        for value, expert_value in zip(values, brute, strict=True):
+            value[token, expert * d_ff : (expert + 1) * d_ff] = expert_value
+        counted = token > 0  # BOS is not counted
+        routed[expert] = int(counted.sum())
+        weight[expert] = float(top_k_weights[token, slot][counted].sum())
+    if layer.shared is not None:
+        start = layer.routed.n_experts * d_ff
+        x = shared_input.reshape(len(hidden), -1).double()
+        for value, shared in zip(values, dense_values(layer.shared, x), strict=True):
+            value[:, start : start + layer.shared.d_mlp] = shared
+    return values, routed, weight
+
+
+def per_text_moe_activations(model, corpus, width: int):
+    """Brute force input, each text alone: per layer the texts' quantities (as
+    tests.test_scan.per_text_activations), [layer, expert] counted routed tokens and the sums
+    of their router weights."""
+    layers = find_expert_layers(model)
+    inputs: dict[tuple[int, str], tuple] = {}
+
+    def keep(key):
+        return lambda _module, args: inputs.__setitem__(key, args)
+
+    handles = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, ExpertLayer):
+            handles.append(layer.routed.module.register_forward_pre_hook(keep((i, "routed"))))
+            if layer.shared is not None:
+                handles.append(layer.shared.module.register_forward_pre_hook(keep((i, "mlp"))))
+        else:
+            handles.append(layer.module.register_forward_pre_hook(keep((i, "mlp"))))
+    n_experts = next(layer.routed.n_experts for layer in layers if isinstance(layer, ExpertLayer))
+    routed = np.zeros((len(layers), n_experts), np.int64)
+    router_weight = np.zeros((len(layers), n_experts))
+    texts_per_layer = [[] for _ in layers]
+    try:
+        for text_index, ids in enumerate(corpus["input_ids"]):
+            with torch.no_grad():
+                model(torch.tensor([ids]))
+                for i, layer in enumerate(layers):
+                    shared_input = inputs[i, "mlp"][0] if (i, "mlp") in inputs else None
+                    if isinstance(layer, ExpertLayer):
+                        values, counts, weights = expert_layer_values(
+                            layer, inputs[i, "routed"], shared_input, width)  # fmt: skip
+                        routed[i] += counts
+                        router_weight[i] += weights
+                    else:
+                        x = shared_input.reshape(len(ids), -1).double()
+                        values = [torch.zeros(len(ids), width, dtype=torch.float64)
+                                  for _ in range(3)]  # fmt: skip
+                        for value, dense in zip(values, dense_values(layer, x), strict=True):
+                            value[:, : layer.d_mlp] = dense
+                    g, u, a = (value[1:].numpy() for value in values)
+                    texts_per_layer[i].append((text_index, {
+                        "hook_pre": g, "hook_pre_linear": u, "swish": a, "hook_post": a * u,
+                        "position": np.arange(1, len(ids)),
+                    }))  # fmt: skip
+            inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return texts_per_layer, routed, router_weight
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_an_moe_scan_matches_the_brute_force(family):
+    model = tiny_moe_model(family, num_layers=2).double()
+    corpus = random_corpus(n_texts=7)
+    atlas = gatescope.scan(model, corpus, batch_size=3, k=K, progress=False)
+    experts = atlas.meta.experts
+    assert experts is not None and (experts.n_experts, experts.d_ff, experts.top_k) == (4, 32, 2)
+    texts, routed, router_weight = per_text_moe_activations(model, corpus, atlas.d_mlp)
+    # Routers weigh the experts in float32 even in a float64 model: a batch (padding) moves
+    # the next layer's input, hence its values, by float32 rounding. Counts, texts and
+    # positions stay exact.
+    assert_atlas_matches(atlas, texts, K, rtol=1e-4)
+    np.testing.assert_array_equal(atlas.tensor("routed").numpy(), routed)
+    # Routers take their softmax in float32 (a batch with padding moves it by an ulp or so).
+    np.testing.assert_allclose(atlas.tensor("router_weight").numpy(), router_weight, rtol=1e-6)
+    moe_layers = [layer for layer in range(2) if layer not in experts.dense_layers]
+    shares = atlas.tensor("routed")[moe_layers].sum(dim=1).double() / atlas.tokens
+    assert torch.allclose(shares, torch.full_like(shares, experts.top_k))
+
+
+def test_an_moe_scan_in_shards_merges_into_the_whole_scan(tmp_path):
+    """Shards (and so torchrun ranks, resumes) carry the routing too; the merged atlas, saved
+    and loaded, is the whole scan's."""
+    from gatescope.atlas import Atlas
+    from gatescope.merge import merge_atlases
+    from tests.test_scale import assert_same_atlas
+
+    model = tiny_moe_model("qwen2_moe", num_layers=2)  # routed and shared experts
+    corpus = random_corpus(n_texts=9)
+    whole = gatescope.scan(model, corpus, batch_size=2, k=K, progress=False)
+    parts = [gatescope.scan(model, corpus, batch_size=3, k=K, progress=False, shard=f"{i}/3")
+             for i in range(3)]  # fmt: skip
+    merged = Atlas.load(merge_atlases(parts).save(tmp_path / "merged"))
+    assert merged.meta.experts == whole.meta.experts
+    assert_same_atlas(merged, whole, values_rtol=1e-5)
+    assert torch.equal(merged.tensor("routed"), whole.tensor("routed"))
+    torch.testing.assert_close(merged.tensor("router_weight"), whole.tensor("router_weight"),
+                               rtol=1e-6, atol=0)  # fmt: skip
+    layer = merged.layer(1)
+    assert layer.routed is not None and int(layer.routed.sum()) == 2 * merged.tokens
+
+
+def test_what_is_not_built_for_experts_yet_says_so_in_one_sentence(tmp_path):
+    """`gatescope scan` writes an MoE atlas; export, pages and serve refuse it (one sentence,
+    exit 1, nothing written), as they refuse the MoE model itself."""
+    from click.testing import CliRunner
+
+    from gatescope.cli import cli
+    from gatescope.corpus import save_corpus
+
+    tiny_moe_model("olmoe", num_layers=2).save_pretrained(tmp_path / "model")
+    save_corpus(random_corpus(seed=3, n_texts=6), tmp_path / "corpus")
+    run = CliRunner().invoke
+    atlas = tmp_path / "atlas"
+    scan = run(cli, ["scan", "--model", str(tmp_path / "model"), "--corpus",
+                     str(tmp_path / "corpus"), "--out", str(atlas), "--k", "2"])  # fmt: skip
+    assert scan.exit_code == 0, scan.output
+    for args, what in (
+        (["export", str(atlas), str(tmp_path / "export")], "the export"),
+        (["page", str(atlas), "--neurons", "1.5", "--out", str(tmp_path / "site")],
+         "neuron pages"),
+        (["serve", str(atlas)], "gatescope serve"),
+    ):  # fmt: skip
+        result = run(cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"{what}" in result.output and "mixture-of-experts atlases" in result.output
+    assert not (tmp_path / "export").exists() and not (tmp_path / "site").exists()
