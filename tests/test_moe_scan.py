@@ -165,3 +165,26 @@ def test_what_is_not_built_for_experts_yet_says_so_in_one_sentence(tmp_path):
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert f"{what}" in result.output and "mixture-of-experts atlases" in result.output
     assert not (tmp_path / "export").exists() and not (tmp_path / "site").exists()
+
+
+def test_an_expert_neurons_address_and_its_place_in_the_layer():
+    """layer.expert.neuron <-> the atlas's index, for routed, shared and dense neurons."""
+    from gatescope.errors import GatescopeError
+    from gatescope.records import ExpertsRecord
+
+    record = ExpertsRecord(n_experts=4, d_ff=32, shared=48, top_k=2, dense_layers=(0,),
+                           dense_d_mlp=64)  # fmt: skip
+    assert record.width == 4 * 32 + 48
+    places = {(layer, index): record.address(layer, index)
+              for layer in (0, 1) for index in range(record.width)}  # fmt: skip
+    assert places[1, 0] == (0, 0) and places[1, 33] == (1, 1) and places[1, 127] == (3, 31)
+    assert places[1, 128] == ("shared", 0) and places[1, 175] == ("shared", 47)
+    assert places[0, 63] == ("dense", 63) and places[0, 64] is None  # padding
+    for (layer, index), address in places.items():
+        if address is not None:
+            assert record.index(layer, *address) == index
+    for layer, expert, neuron in ((1, 4, 0), (1, 0, 32), (1, "shared", 48), (0, 0, 0),
+                                  (0, "dense", 64), (1, "dense", 0)):  # fmt: skip
+        with pytest.raises(GatescopeError, match=f"layer {layer} has no neuron"):
+            record.index(layer, expert, neuron)
+    assert ExpertsRecord.from_dict(record.to_dict()) == record

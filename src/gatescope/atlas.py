@@ -25,6 +25,15 @@ typical_position  [L, d, case, k]             int32  their drawn token (-1 if em
 typical_value     [L, d, case, quantity, k]   float  the token's four values (0 if empty)
 ================  ==========================  =====  =====================================
 
+A mixture-of-experts atlas (``meta.experts``, :class:`~gatescope.records.ExpertsRecord`:
+``d`` is every routed expert's neurons in turn, then the shared experts'; an expert's
+statistics are over its routed tokens) adds, for ``E`` routed experts:
+
+================  ==========================  =======  ===================================
+routed            [L, E]                      int64    counted tokens routed to the expert
+router_weight     [L, E]                      float64  the sum of their router weights
+================  ==========================  =======  ===================================
+
 (*) An atlas whose token count is unknown (``meta.tokens`` None: a dataset imported without
 its corpus) holds ``round(freq * FREQ_SCALE)`` there instead: its frequencies to float64
 precision, and sums that divide by the same numbers into the means.

@@ -235,6 +235,33 @@ class ExpertsRecord:
         """Neurons per layer in the atlas (the widest layer's)."""
         return max(self.n_experts * self.d_ff + self.shared, self.dense_d_mlp)
 
+    def address(self, layer: int, index: int) -> tuple[int | str, int] | None:
+        """(expert, neuron) of a layer's neuron ``index``: ``expert`` is the routed expert's
+        number, ``"shared"`` or ``"dense"``; None for a dense layer's padding."""
+        if layer in self.dense_layers:
+            return ("dense", index) if index < self.dense_d_mlp else None
+        routed = self.n_experts * self.d_ff
+        if index < routed:
+            return divmod(index, self.d_ff)
+        return ("shared", index - routed) if index < routed + self.shared else None
+
+    def index(self, layer: int, expert: int | str, neuron: int) -> int:
+        """The inverse of :meth:`address`.
+
+        Raises:
+            GatescopeError: For an address the layer does not have.
+        """
+        where = f"layer {layer} has no neuron {expert}.{neuron}"
+        if layer in self.dense_layers:
+            _check(expert == "dense" and 0 <= neuron < self.dense_d_mlp, f"{where} (dense).")
+            return neuron
+        if expert == "shared":
+            _check(0 <= neuron < self.shared, f"{where}.")
+            return self.n_experts * self.d_ff + neuron
+        _check(isinstance(expert, int) and 0 <= expert < self.n_experts
+               and 0 <= neuron < self.d_ff, f"{where}.")  # fmt: skip
+        return int(expert) * self.d_ff + neuron
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"dense_layers": list(self.dense_layers)}
 
