@@ -141,8 +141,8 @@ def test_an_moe_scan_in_shards_merges_into_the_whole_scan(tmp_path):
 
 
 def test_what_is_not_built_for_experts_yet_says_so_in_one_sentence(tmp_path):
-    """`gatescope scan` writes an MoE atlas; export, pages and serve refuse it (one sentence,
-    exit 1, nothing written), as they refuse the MoE model itself."""
+    """`gatescope scan` writes an MoE atlas; GLUScope's exact schema, pages and serve refuse
+    it (one sentence, exit 1, nothing written), as they refuse the MoE model itself."""
     from click.testing import CliRunner
 
     from gatescope.cli import cli
@@ -156,7 +156,8 @@ def test_what_is_not_built_for_experts_yet_says_so_in_one_sentence(tmp_path):
                      str(tmp_path / "corpus"), "--out", str(atlas), "--k", "2"])  # fmt: skip
     assert scan.exit_code == 0, scan.output
     for args, what in (
-        (["export", str(atlas), str(tmp_path / "export")], "the export"),
+        (["export", str(atlas), str(tmp_path / "export"), "--format", "gluscope"],
+         "--format gluscope"),
         (["page", str(atlas), "--neurons", "1.5", "--out", str(tmp_path / "site")],
          "neuron pages"),
         (["serve", str(atlas)], "gatescope serve"),
@@ -188,3 +189,48 @@ def test_an_expert_neurons_address_and_its_place_in_the_layer():
         with pytest.raises(GatescopeError, match=f"layer {layer} has no neuron"):
             record.index(layer, expert, neuron)
     assert ExpertsRecord.from_dict(record.to_dict()) == record
+
+
+@pytest.mark.parametrize("fmt", ["hf", "parquet"])
+def test_an_moe_atlas_exports_with_an_expert_column_and_imports_back(tmp_path, fmt):
+    """Rows named layer.expert.neuron (no rows for the padding of DeepSeek's dense first
+    layer), the expert's routed tokens and frequencies among them; the import is the atlas."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from gatescope.atlas import TENSORS
+    from gatescope.export import export_atlas, from_hf_dataset
+
+    model = tiny_moe_model("deepseek_v3", num_layers=2)  # dense layer 0, shared experts
+    atlas = gatescope.scan(model, random_corpus(n_texts=6), batch_size=3, k=K, progress=False)
+    out = export_atlas(atlas, tmp_path / f"export.{fmt}", format=fmt)
+    dataset = datasets.load_from_disk(str(out)) if fmt == "hf" else pq.read_table(out)
+    table = dataset.data.table if fmt == "hf" else dataset
+    record = atlas.meta.experts
+    assert record is not None
+    assert table.num_rows == record.dense_d_mlp + record.width  # no padding rows
+    expert = table.column("expert").cast("string").to_pylist()
+    neuron, layer = table.column("neuron").to_pylist(), table.column("layer").to_pylist()
+    routed = atlas.tensor("routed")
+    for row in (0, 63, 64, 64 + 33, 64 + 4 * 32, table.num_rows - 1):
+        index = record.index(layer[row], *_parse(expert[row]), neuron[row])
+        assert record.address(layer[row], index) == (_parse(expert[row])[0], neuron[row])
+        count = atlas.tensor("count")[layer[row], :, index]
+        own = int(routed[layer[row], int(expert[row])]) if expert[row].isdigit() else atlas.tokens
+        assert table.column("routed")[row].as_py() == own
+        for c, case in enumerate(("gate+_in+", "gate+_in-", "gate-_in+", "gate-_in-")):
+            assert table.column(f"{case}_routed_freq")[row].as_py() == pytest.approx(
+                int(count[c]) / own if own else float("nan"), nan_ok=True
+            )
+    assert expert[:64] == ["dense"] * 64 and expert[64] == "0" and expert[-1] == "shared"
+    back = from_hf_dataset(dataset)
+    assert back.meta.experts == record and back.tokens == atlas.tokens
+    for name in TENSORS:
+        torch.testing.assert_close(back.tensor(name), atlas.tensor(name), equal_nan=True,
+                                   rtol=1e-12, atol=0, msg=name)  # fmt: skip
+    assert torch.equal(back.tensor("routed"), routed)
+    torch.testing.assert_close(back.tensor("router_weight"), atlas.tensor("router_weight"))
+
+
+def _parse(expert: str) -> tuple[int | str]:
+    return (int(expert),) if expert.isdigit() else (expert,)

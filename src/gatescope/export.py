@@ -18,6 +18,15 @@ One row per neuron, layer-major (row ``layer * d_mlp + neuron``), with the colum
   lower is 0; NaN when the case never occurs).
   ``--format gluscope`` never has them; the histograms themselves stay in the atlas.
 
+A mixture-of-experts atlas (``meta.experts``) names its rows ``layer``, ``expert`` ("0",
+"1", ..., "shared", or "dense" for the dense layers of models like DeepSeek) and ``neuron``
+(within the expert), leaves the padding of dense layers out, and adds ``routed`` (int64: the
+counted tokens routed to the row's expert; all counted tokens for shared and dense rows),
+``<case>_routed_freq`` (float64: tokens of the case / ``routed``, the frequency among the
+tokens the expert saw; ``<case>_freq`` stays relative to all counted tokens) and
+``router_weight_mean`` (float64: the mean router weight of the expert's tokens, NaN for
+shared and dense rows). ``--format gluscope`` refuses it: GLUScope's schema has no experts.
+
 The atlas metadata (token count, k, model, corpus, options, ...) travels as JSON in the
 dataset's ``info.description`` (and, in a parquet file, in the schema metadata, since
 ``datasets`` does not keep the description there), so an export imports back exactly.
@@ -44,11 +53,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gatescope.atlas import FREQ_SCALE, Atlas
+from gatescope.atlas import FREQ_SCALE, ROUTING, Atlas
 from gatescope.constants import CASES, QUANTILES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, DATASET, claim_output, staged
-from gatescope.records import AtlasMeta, AtlasOptions
+from gatescope.records import AtlasMeta, AtlasOptions, ExpertsRecord
 from gatescope.stats.distributions import bracket_estimates
 
 if TYPE_CHECKING:
@@ -86,6 +95,8 @@ _LIST_FILL = {
 }
 # Our extreme columns, named by the atlas tensor they hold.
 _EXTREMES = ("max", "min")
+# A mixture of experts' slot codes beside the routed experts' numbers (_expert_layout).
+SHARED, DENSE, PADDING = -1, -2, -3
 
 
 def schema_columns(*, extras: bool = True, quantiles: bool = False) -> list[str]:
@@ -131,7 +142,6 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
     import datasets
     import pyarrow as pa
 
-    atlas.refuse_experts("the export (GLUScope's schema)")
     layers, d_mlp, k = atlas.num_layers, atlas.d_mlp, atlas.k
     rows = layers * d_mlp
     count = atlas.tensor("count").numpy()  # [L, case, d]
@@ -161,12 +171,65 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
         columns |= _quantile_columns(atlas)
     names = schema_columns(quantiles=atlas.has_distributions)
     table = pa.table({name: columns[name] for name in names})
+    if atlas.meta.experts is not None:
+        table = _with_experts(table, atlas, atlas.meta.experts)
     from datasets.fingerprint import generate_random_fingerprint
 
     info = datasets.DatasetInfo(description=_describe(atlas.meta))
     # The default fingerprint pickles and hashes the whole table: seconds and gigabytes for
     # a 7B model, for an in-memory dataset that is never cached on disk.
     return datasets.Dataset(table, info=info, fingerprint=generate_random_fingerprint())
+
+
+def _expert_layout(record: ExpertsRecord, layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """[layers * width] each slot's expert code (its number; SHARED, DENSE, or PADDING) and
+    its neuron within the expert, layer-major (:meth:`ExpertsRecord.address`, vectorized)."""
+    index = np.arange(record.width, dtype=np.int64)
+    routed = record.n_experts * record.d_ff
+    moe_code = np.select([index < routed, index < routed + record.shared],
+                         [index // record.d_ff, SHARED], PADDING)  # fmt: skip
+    moe_neuron = np.where(index < routed, index % record.d_ff, index - routed)
+    dense_code = np.where(index < record.dense_d_mlp, DENSE, PADDING)
+    dense = np.isin(np.arange(layers), record.dense_layers)[:, None]  # [layer, 1]
+    code = np.where(dense, dense_code, moe_code).reshape(-1)
+    neuron = np.where(dense, index, moe_neuron).reshape(-1)
+    return code, neuron
+
+
+def _with_experts(table: pa.Table, atlas: Atlas, record: ExpertsRecord) -> pa.Table:
+    """A mixture of experts' export: ``expert`` ("0", "1", ..., "shared", "dense") and the
+    neuron within it, the expert's routed tokens, the case frequencies among them and its
+    mean router weight; the padding of dense layers left out."""
+    import pyarrow as pa
+
+    layers, width = atlas.num_layers, atlas.d_mlp
+    code, neuron = _expert_layout(record, layers)
+    kept = code != PADDING
+    routed = atlas.tensor("routed").numpy()  # [layer, expert]
+    weight = atlas.tensor("router_weight").numpy()
+    layer = np.repeat(np.arange(layers), width)
+    expert = np.maximum(code, 0)
+    own = np.where(code >= 0, routed[layer, expert], atlas.denominator)  # shared, dense: all
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_weight = np.where(code >= 0, weight[layer, expert] / routed[layer, expert], np.nan)
+        count = atlas.tensor("count").numpy()  # [L, case, d]
+        routed_freq = {case: count[:, c].reshape(-1) / own for c, case in enumerate(CASES)}
+    names = [str(e) for e in range(record.n_experts)] + ["shared", "dense"]
+    labels = pa.array(np.where(code >= 0, code, np.where(code == SHARED, record.n_experts,
+                                                          record.n_experts + 1))[kept])  # fmt: skip
+    columns = {
+        "expert": pa.DictionaryArray.from_arrays(labels.cast(pa.int32()), pa.array(names)),
+        "neuron": pa.array(neuron[kept].astype(np.int32)),
+        "routed": pa.array(own[kept].astype(np.int64)),
+        "router_weight_mean": pa.array(mean_weight[kept]),
+        **{f"{case}_routed_freq": pa.array(f[kept]) for case, f in routed_freq.items()},
+    }
+    table = table.filter(pa.array(kept))
+    table = table.set_column(table.column_names.index("neuron"), "neuron", columns.pop("neuron"))
+    table = table.add_column(1, "expert", columns.pop("expert"))
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
 
 
 def _quantile_columns(atlas: Atlas) -> dict[str, pa.Array]:
@@ -294,8 +357,19 @@ def from_hf_dataset(
         raise GatescopeError("the dataset has no rows: there are no neurons to import.")
     layer = _integers(table, "layer")
     neuron = _integers(table, "neuron")
-    layers, d_mlp = int(layer.max()) + 1, int(neuron.max()) + 1
-    place = _places(layer, neuron, layers, d_mlp)  # [row] -> layer * d_mlp + neuron
+    experts = restored.experts if restored is not None else None
+    routing: dict[str, torch.Tensor] = {}
+    if experts is None:
+        layers, d_mlp = int(layer.max()) + 1, int(neuron.max()) + 1
+        place = _places(layer, neuron, layers, d_mlp)  # [row] -> layer * d_mlp + neuron
+    else:  # a mixture of experts: rows named by (layer, expert, neuron), no padding rows
+        assert restored is not None
+        layers, d_mlp = restored.layers, experts.width
+        code = _expert_codes(table, experts)
+        index = _expert_index(experts, layer, code, neuron, layers)
+        present = _expert_layout(experts, layers)[0] != PADDING
+        place = _places(layer, index, layers, d_mlp, present)
+        routing = _imported_routing(table, experts, layer, code, layers)
 
     if tokens is None and restored is not None:
         tokens = restored.tokens
@@ -340,6 +414,7 @@ def from_hf_dataset(
         "count": neuron_last(count),
         "sum": neuron_last(sums),
         **{name: neuron_last(array) for name, array in extremes.items()},
+        **routing,
         **{
             name: torch.from_numpy(array.reshape(layers, d_mlp, *array.shape[1:]))
             for name, array in ranked.items()
@@ -553,10 +628,68 @@ def _floats(table: pa.Table, name: str) -> np.ndarray:
     return column.to_numpy()
 
 
-def _places(layer: np.ndarray, neuron: np.ndarray, layers: int, d_mlp: int) -> np.ndarray:
-    """[row] index ``layer * d_mlp + neuron``, checking that every neuron is there once."""
+def _expert_codes(table: pa.Table, record: ExpertsRecord) -> np.ndarray:
+    """[row] the ``expert`` column as codes: the routed expert's number, SHARED or DENSE."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if "expert" not in table.column_names:
+        raise GatescopeError("the dataset is of a mixture-of-experts atlas but has no column "
+                             "expert.")  # fmt: skip
+    names = [str(e) for e in range(record.n_experts)] + ["shared", "dense"]
+    labels = table.column("expert").cast(pa.string())
+    position = pc.index_in(labels, value_set=pa.array(names))  # pyright: ignore[reportAttributeAccessIssue]
+    if position.null_count:
+        raise GatescopeError(f"the column expert has values other than 0-"
+                             f"{record.n_experts - 1}, shared and dense.")  # fmt: skip
+    code = position.to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.select([code < record.n_experts, code == record.n_experts], [code, SHARED], DENSE)
+
+
+def _expert_index(
+    record: ExpertsRecord, layer: np.ndarray, code: np.ndarray, neuron: np.ndarray, layers: int
+) -> np.ndarray:
+    """[row] the place in its layer of each row's (expert, neuron), refusing any the layer
+    does not have (:meth:`ExpertsRecord.index`, vectorized)."""
+    routed = record.n_experts * record.d_ff
+    index = np.select([code >= 0, code == SHARED], [code * record.d_ff + neuron, routed + neuron],
+                      neuron)  # fmt: skip
+    layout_code, layout_neuron = _expert_layout(record, layers)
+    slot = layer * record.width + np.minimum(index, record.width - 1)
+    valid = (layer < layers) & (index < record.width) & (layout_code[slot] == code)
+    valid &= layout_neuron[slot] == neuron
+    if not valid.all():
+        row = int(np.argmin(valid))
+        label = "shared" if code[row] == SHARED else "dense" if code[row] == DENSE else code[row]
+        raise GatescopeError(f"layer {layer[row]} of the atlas has no neuron "
+                             f"{label}.{neuron[row]} (row {row}).")  # fmt: skip
+    return index
+
+
+def _imported_routing(
+    table: pa.Table, record: ExpertsRecord, layer: np.ndarray, code: np.ndarray, layers: int
+) -> dict[str, torch.Tensor]:
+    """[layer, expert] routed tokens and the sums of their router weights, from the rows of
+    each expert's neurons."""
+    routed = np.zeros((layers, record.n_experts), np.int64)
+    weight = np.zeros((layers, record.n_experts))
+    rows = code >= 0
+    routed[layer[rows], code[rows]] = _integers(table, "routed")[rows]
+    mean = np.nan_to_num(_floats(table, "router_weight_mean")[rows])
+    weight[layer[rows], code[rows]] = mean * routed[layer[rows], code[rows]]
+    return dict(zip(ROUTING, (torch.from_numpy(routed), torch.from_numpy(weight)), strict=True))
+
+
+def _places(
+    layer: np.ndarray, neuron: np.ndarray, layers: int, d_mlp: int,
+    present: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """[row] index ``layer * d_mlp + neuron``, checking that every neuron is there once
+    (every one where ``present`` [layers * d_mlp] is true, when given)."""
     place = layer * d_mlp + neuron
     seen = np.bincount(place, minlength=layers * d_mlp)
+    if present is not None:
+        seen = np.where(present, seen, 1)  # slots that hold nothing need no row
     if (seen > 1).any():
         first = int(np.argmax(seen > 1))
         raise GatescopeError(

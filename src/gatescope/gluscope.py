@@ -87,6 +87,8 @@ def to_gluscope_dataset(atlas: Atlas) -> datasets.Dataset:
 
     from gatescope.export import to_hf_dataset
 
+    atlas.refuse_experts("--format gluscope (GLUScope's exact schema has no expert column)")
+
     ours = to_hf_dataset(atlas)  # the superset; GLUScope's columns are among them
     table = ours.data.table
     rows, k = table.num_rows, atlas.k
