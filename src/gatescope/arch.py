@@ -129,6 +129,16 @@ class GatedMLP:
         return self.w_gate().dtype
 
     @property
+    def weight_device(self) -> torch.device:
+        """Where the weights are ("meta" for a layer accelerate offloads until it runs)."""
+        return self.down_proj.weight.device
+
+    @property
+    def act_name(self) -> str:
+        """The activation's name, for the atlas."""
+        return type(self.act_fn).__name__
+
+    @property
     def fused(self) -> bool:
         """Whether gate and up come from one fused ``gate_up_proj``."""
         return self.gate_up_proj is not None
@@ -333,6 +343,19 @@ class ExpertLayer:
         """Neurons of the layer: every routed expert's, then the shared experts'."""
         shared = self.shared.d_mlp if self.shared is not None else 0
         return self.routed.n_experts * self.routed.d_ff + shared
+
+    def act_fn(self, gate: Tensor) -> Tensor:
+        """act(x_gate) of the routed experts (the shared ones' is checked to be the same)."""
+        return self.routed.act(gate)
+
+    @property
+    def act_name(self) -> str:
+        return self.routed.act_name
+
+    @property
+    def weight_device(self) -> torch.device:
+        down = self.routed.module.get_parameter("down_proj")  # [expert, d_model, d_ff]
+        return down.device
 
     def capture(self, callback: Callable[[RoutedForward], None]) -> CaptureHandle:
         """Call ``callback`` once per forward of the decoder layer with what its routed

@@ -49,10 +49,13 @@ class RoutedExperts:
     module: nn.Module = field(repr=False)
     n_experts: int
     d_ff: int  # neurons per expert
+    gate: str = "default"  # "default" or gpt-oss's "clamped" (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.n_experts < 1 or self.d_ff < 1:
             raise ValueError(f"{self.name}: {self.n_experts} experts of {self.d_ff} neurons")
+        if self.gate not in ("default", "clamped"):
+            raise ValueError(f"{self.name}: unknown gate {self.gate!r}")
 
     @property
     def transposed(self) -> bool:
@@ -79,7 +82,7 @@ class RoutedExperts:
         """x_gate, x_in and act(x_gate) [tokens, d_ff] of a ``gate_up`` [tokens, 2 x d_ff],
         as the module's own ``_apply_gate`` forms them (its result is ``act * x_in``)."""
         module: Any = self.module
-        if _gate_kind(self.module) == "clamped":  # gpt-oss
+        if self.gate == "clamped":  # gpt-oss
             gate = gate_up[..., ::2].clamp(min=None, max=module.limit)
             up = gate_up[..., 1::2].clamp(min=-module.limit, max=module.limit)
             return gate, up + 1, self.act(gate)
@@ -90,7 +93,7 @@ class RoutedExperts:
         """act(x_gate), as the module's gate applies it (gpt-oss: ``g * sigmoid(alpha g)``
         of the clamped gate)."""
         module: Any = self.module
-        if _gate_kind(self.module) == "clamped":
+        if self.gate == "clamped":
             return gate * torch.sigmoid(gate * module.alpha)
         return module.act_fn(gate)
 
@@ -98,7 +101,7 @@ class RoutedExperts:
     def act_name(self) -> str:
         """The activation's name, for the atlas: its class, or gpt-oss's clamped SwiGLU."""
         module: Any = self.module
-        if _gate_kind(self.module) == "clamped":
+        if self.gate == "clamped":
             return f"clamped SwiGLU (alpha {module.alpha}, limit {module.limit})"
         return type(module.act_fn).__name__
 
@@ -119,8 +122,8 @@ def find_routed_experts(model: nn.Module) -> list[RoutedExperts]:
         separate = {"gate_proj", "up_proj"} <= weights.keys()
         if down is None or not ("gate_up_proj" in weights or separate):
             continue
-        kind = type(module).__name__
-        if separate or _gate_kind(module) is None:
+        kind, gate = type(module).__name__, _gate_kind(module)
+        if separate or gate is None:
             what = "separate gate_proj and up_proj" if separate else f"{kind}._apply_gate"
             raise GatescopeError(
                 f"{name} ({kind}) holds routed experts whose gate ({what}) gatescope cannot "
@@ -130,7 +133,7 @@ def find_routed_experts(model: nn.Module) -> list[RoutedExperts]:
         # down_proj maps d_ff -> d_model: [experts, d_model, d_ff], or [experts, d_ff, d_model]
         # where the module says its weights are transposed.
         d_ff = down.shape[1] if getattr(module, "is_transposed", False) else down.shape[2]
-        found.append(RoutedExperts(name, module, down.shape[0], int(d_ff)))
+        found.append(RoutedExperts(name, module, down.shape[0], int(d_ff), gate))
     return found
 
 

@@ -215,10 +215,12 @@ def _with_experts(table: pa.Table, atlas: Atlas, record: ExpertsRecord) -> pa.Ta
         count = atlas.tensor("count").numpy()  # [L, case, d]
         routed_freq = {case: count[:, c].reshape(-1) / own for c, case in enumerate(CASES)}
     names = [str(e) for e in range(record.n_experts)] + ["shared", "dense"]
-    labels = pa.array(np.where(code >= 0, code, np.where(code == SHARED, record.n_experts,
-                                                          record.n_experts + 1))[kept])  # fmt: skip
+    # Into ``names``: an expert's number is its own place, "shared" and "dense" follow.
+    labels = np.select([code >= 0, code == SHARED], [code, record.n_experts], record.n_experts + 1)
     columns = {
-        "expert": pa.DictionaryArray.from_arrays(labels.cast(pa.int32()), pa.array(names)),
+        "expert": pa.DictionaryArray.from_arrays(
+            pa.array(labels[kept].astype(np.int32)), pa.array(names)
+        ),
         "neuron": pa.array(neuron[kept].astype(np.int32)),
         "routed": pa.array(own[kept].astype(np.int64)),
         "router_weight_mean": pa.array(mean_weight[kept]),

@@ -293,9 +293,9 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     workspaces: dict[torch.device, Workspace] = defaultdict(Workspace)  # layers take turns
     layers = []
     for index, mlp in enumerate(mlps):
-        device, act = _execution_device(mlp), _activation(mlp)
-        _check_backend(opts, device, loaded.dtype, act)
-        layers.append(NeuronStats(width, act, k=opts.k, device=device, dtype=dtype,
+        device = _execution_device(mlp)
+        _check_backend(opts, device, loaded.dtype, mlp.act_fn)
+        layers.append(NeuronStats(width, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
                                   kernel=_KERNELS[opts.stats_backend],
                                   workspace=workspaces[device], distributions=opts.distributions,
                                   seed=opts.seed, layer=index,
@@ -312,9 +312,7 @@ def _experts_record(mlps: Sequence[GatedMLP | ExpertLayer], config: Any) -> Expe
     if not moe:
         return None
     shapes = {(m.routed.n_experts, m.routed.d_ff, m.shared.d_mlp if m.shared else 0) for m in moe}
-    acts = {m.routed.act_name for m in moe} | {
-        type(m.shared.act_fn).__name__ for m in moe if m.shared is not None
-    }
+    acts = {m.act_name for m in moe} | {m.shared.act_name for m in moe if m.shared is not None}
     if len(shapes) != 1 or len(acts) != 1:
         raise GatescopeError(
             f"the model's expert layers differ (experts, neurons, shared: {sorted(shapes)}; "
@@ -331,13 +329,6 @@ def _experts_record(mlps: Sequence[GatedMLP | ExpertLayer], config: Any) -> Expe
         dense_layers=tuple(m.layer for m in dense),
         dense_d_mlp=dense[0].d_mlp if dense else 0,
     )
-
-
-def _activation(mlp: GatedMLP | ExpertLayer) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A layer's act, applied to g by its statistics."""
-    from gatescope.arch import ExpertLayer
-
-    return mlp.routed.act if isinstance(mlp, ExpertLayer) else mlp.act_fn
 
 
 def _feed(
@@ -409,7 +400,7 @@ def _describe(
             revision=identity.revision,
             class_name=type(model.loaded.model).__name__,
             dtype=identity.dtype,
-            act=_act_name(model.mlps[-1]),
+            act=model.mlps[-1].act_name,  # the last: a MoE model's first layers may be dense
         ),
         corpus=texts.reference(),
         options=AtlasOptions(
@@ -440,21 +431,10 @@ def _publish(atlas: Atlas, out: Path | None, ranks: distributed.Ranks | None) ->
     return Atlas.load(out)
 
 
-def _act_name(mlp: GatedMLP | ExpertLayer) -> str:
-    """The activation's name, for the atlas (the last layer's: a MoE model's first may be
-    dense)."""
-    from gatescope.arch import ExpertLayer
-
-    return mlp.routed.act_name if isinstance(mlp, ExpertLayer) else type(mlp.act_fn).__name__
-
-
 def _execution_device(mlp: GatedMLP | ExpertLayer) -> torch.device:
     """Where a layer's statistics live: on its weights' device. A layer that accelerate
     offloads to disk has its weights on "meta" until it runs; it computes on the first GPU."""
-    from gatescope.arch import ExpertLayer
-
-    weight = mlp.routed.module.down_proj if isinstance(mlp, ExpertLayer) else mlp.down_proj.weight
-    device = cast("torch.Tensor", weight).device
+    device = mlp.weight_device
     if device.type == "meta":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     return device

@@ -116,15 +116,7 @@ class TritonPass:
         key = empty(N_CASES, texts, neurons, dtype=torch.int64) if salt is not None else count
         histograms = totals.histogram is not None and totals.joint is not None
         unused = count  # the pointer of an output the kernel does not touch
-        on_device = contextlib.nullcontext()
-        if gate.is_cuda:  # the tile measured fastest for this neuron count
-            launch = tuned_stats_kernel[lambda tile: (texts, triton.cdiv(neurons, tile["BLOCK_N"]))]
-            tile = {}
-            on_device = torch.cuda.device(gate.device)  # Triton launches on the current GPU
-        else:  # Triton's interpreter (the tests): one fixed tile
-            block_n = min(INTERPRETED_BLOCK_N, triton.next_power_of_2(neurons))
-            launch = cast(Any, stats_kernel)[(texts, triton.cdiv(neurons, block_n))]
-            tile = {"BLOCK_P": INTERPRETED_BLOCK_P, "BLOCK_N": block_n}
+        launch, tile, on_device = _launcher(gate.device, texts, neurons)
         with on_device:
             launch(
                 gate, up, swish if swish is not None else unused,
@@ -165,3 +157,19 @@ class TritonPass:
         a = self.act(g) if swish is None else swish.gather(1, at).to(self.dtype)
         value = torch.stack([g, u, a, a * u]).transpose(1, 2)  # [quantity, case, text, neuron]
         return position, value.transpose(0, 1).where(found.unsqueeze(1), 0)
+
+
+def _launcher(
+    device: torch.device, texts: int, neurons: int
+) -> tuple[Any, dict[str, int], contextlib.AbstractContextManager]:
+    """The kernel launched over its grid, the tile arguments it takes, and the context to
+    launch it in: on a GPU the autotuned kernel (the tile measured fastest for this neuron
+    count) on the tensors' own GPU (Triton launches on the current one); in Triton's
+    interpreter (the tests) one fixed tile."""
+    if device.type == "cuda":
+        grid = lambda tile: (texts, triton.cdiv(neurons, tile["BLOCK_N"]))  # noqa: E731
+        return tuned_stats_kernel[grid], {}, torch.cuda.device(device)
+    block_n = min(INTERPRETED_BLOCK_N, triton.next_power_of_2(neurons))
+    tile = {"BLOCK_P": INTERPRETED_BLOCK_P, "BLOCK_N": block_n}
+    launch = cast(Any, stats_kernel)[(texts, triton.cdiv(neurons, block_n))]
+    return launch, tile, contextlib.nullcontext()
