@@ -141,8 +141,8 @@ def test_an_moe_scan_in_shards_merges_into_the_whole_scan(tmp_path):
 
 
 def test_what_is_not_built_for_experts_yet_says_so_in_one_sentence(tmp_path):
-    """`gatescope scan` writes an MoE atlas; GLUScope's exact schema, pages and serve refuse
-    it (one sentence, exit 1, nothing written), as they refuse the MoE model itself."""
+    """`gatescope scan` writes an MoE atlas; GLUScope's exact schema and serve refuse it (one
+    sentence, exit 1, nothing written)."""
     from click.testing import CliRunner
 
     from gatescope.cli import cli
@@ -158,14 +158,12 @@ def test_what_is_not_built_for_experts_yet_says_so_in_one_sentence(tmp_path):
     for args, what in (
         (["export", str(atlas), str(tmp_path / "export"), "--format", "gluscope"],
          "--format gluscope"),
-        (["page", str(atlas), "--neurons", "1.5", "--out", str(tmp_path / "site")],
-         "neuron pages"),
         (["serve", str(atlas)], "gatescope serve"),
     ):  # fmt: skip
         result = run(cli, args)
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         assert f"{what}" in result.output and "mixture-of-experts atlases" in result.output
-    assert not (tmp_path / "export").exists() and not (tmp_path / "site").exists()
+    assert not (tmp_path / "export").exists()
 
 
 def test_an_expert_neurons_address_and_its_place_in_the_layer():

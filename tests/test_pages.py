@@ -18,7 +18,7 @@ from gatescope.cli import cli
 from gatescope.constants import CASES
 from gatescope.corpus import TokenizedCorpus
 from gatescope.errors import GatescopeError
-from gatescope.pages import PageSource, page_file, parse_neuron, top_neurons, write_pages
+from gatescope.pages import PageSource, page_file, top_neurons, write_pages
 
 ATTACKS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "{{ 7*7 }}"]
 
@@ -135,12 +135,6 @@ def test_top_neurons(fixture_site):
     assert counts[by_case[0]] == counts.max()
     with pytest.raises(GatescopeError, match="cannot rank by"):
         top_neurons(atlas, 2, 2, by="loudest")
-
-
-def test_parse_neuron():
-    assert parse_neuron("31.9634") == (31, 9634)
-    with pytest.raises(GatescopeError, match=r"LAYER\.NEURON"):
-        parse_neuron("31:9634")
 
 
 # ------------------------------------------------------------------ untrusted text

@@ -85,6 +85,17 @@ class _Removable(Protocol):
     def remove(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class GluWeights:
+    """Views of one gated MLP's weights (an MLP, or one expert of a mixture), one row or
+    column per neuron: what :func:`refactor_glu` reads and flips in place."""
+
+    w_gate: Tensor  # [neurons, d_model]
+    w_in: Tensor  # [neurons, d_model]
+    b_in: Tensor | None  # [neurons], the up projection's bias
+    w_out: Tensor  # [d_model, neurons]
+
+
 @dataclass
 class GatedMLP:
     """One gated MLP of a model: its projections, activation and weight views.
@@ -183,6 +194,10 @@ class GatedMLP:
         _, up_proj = self._separate()
         bias = up_proj.bias
         return None if bias is None else bias.detach()
+
+    def glu_weights(self) -> list[GluWeights]:
+        """The MLP's weights as :func:`refactor_glu` flips them (one block)."""
+        return [GluWeights(self.w_gate(), self.w_in(), self.b_in(), self.w_out())]
 
     def capture(self, callback: CaptureCallback) -> CaptureHandle:
         """Call ``callback(gate, up)`` once for every forward of this MLP.
@@ -357,6 +372,16 @@ class ExpertLayer:
         down = self.routed.module.get_parameter("down_proj")  # [expert, d_model, d_ff]
         return down.device
 
+    def glu_weights(self) -> list[GluWeights]:
+        """Every routed expert's weights, then the shared experts', in the layer's neuron
+        order, as :func:`refactor_glu` flips them.
+
+        Raises:
+            GatescopeError: For experts whose x_in is not a projection (gpt-oss).
+        """
+        blocks = [GluWeights(*self.routed.glu_weights(e)) for e in range(self.routed.n_experts)]
+        return blocks + (self.shared.glu_weights() if self.shared is not None else [])
+
     def capture(self, callback: Callable[[RoutedForward], None]) -> CaptureHandle:
         """Call ``callback`` once per forward of the decoder layer with what its routed
         experts (:class:`~gatescope.experts.ExpertsCapture`: exactly the values that
@@ -472,16 +497,17 @@ def unembedding(model: nn.Module) -> Tensor:
     return weight.detach()
 
 
-def refactor_glu(mlps: Sequence[GatedMLP]) -> int:
+def refactor_glu(mlps: Sequence[GatedMLP | ExpertLayer]) -> int:
     """Flip the sign of every neuron whose gate and in weights point apart, in place.
 
     For each neuron with ``cos(w_gate, w_in) < 0``, multiplies its ``w_in`` row (and up bias)
     and its ``w_out`` column by -1. Since ``act(g) * (-u) @ (-w_out) = act(g) * u @ w_out``,
     the model computes the same function, and afterwards ``cos(w_gate, w_in) >= 0`` for every
-    neuron. Negation is exact in floating point, so flipping again restores the weights.
+    neuron. Negation is exact in floating point, so flipping again restores the weights. In a
+    mixture of experts every expert's neurons (and the shared experts') are flipped alike.
 
     Args:
-        mlps: The gated MLPs to refactor, from :func:`find_gated_mlps`.
+        mlps: The MLP layers to refactor, from :func:`find_mlp_layers`.
 
     Returns:
         The number of neurons flipped, over all layers.
@@ -490,11 +516,11 @@ def refactor_glu(mlps: Sequence[GatedMLP]) -> int:
 
 
 @contextlib.contextmanager
-def refactored_glu(mlps: Sequence[GatedMLP]) -> Iterator[int]:
+def refactored_glu(mlps: Sequence[GatedMLP | ExpertLayer]) -> Iterator[int]:
     """Apply :func:`refactor_glu` inside the block and restore the exact weights on exit.
 
     Args:
-        mlps: The gated MLPs to refactor, from :func:`find_gated_mlps`.
+        mlps: The MLP layers to refactor, from :func:`find_mlp_layers`.
 
     Yields:
         The number of neurons flipped.
@@ -523,36 +549,48 @@ def glu_flips(w_gate: Tensor, w_in: Tensor) -> Tensor:
     return cos < 0
 
 
-def _apply_flips(mlps: Sequence[GatedMLP], flips: Sequence[Tensor] | None) -> list[Tensor]:
-    """Negate the in row and out column of flagged neurons, one vectorized step per layer.
+def _apply_flips(
+    mlps: Sequence[GatedMLP | ExpertLayer], flips: Sequence[Tensor] | None
+) -> list[Tensor]:
+    """Negate the in row and out column of flagged neurons, one vectorized step per MLP (or
+    expert).
 
     Args:
-        mlps: The gated MLPs.
-        flips: Per layer a bool mask ``[d_mlp]`` of the neurons to negate; None computes it
-            as ``cos(w_gate, w_in) < 0``.
+        mlps: The MLP layers.
+        flips: Per layer a bool mask ``[d_mlp]`` of the neurons to negate, in the layer's
+            neuron order; None computes it as ``cos(w_gate, w_in) < 0``.
 
     Returns:
         The masks used, per layer.
     """
     used: list[Tensor] = []
+    layers = [mlp.glu_weights() for mlp in mlps]  # before any flip: gpt-oss's are refused
     with torch.no_grad():
-        for i, mlp in enumerate(mlps):
-            w_in = mlp.w_in()
-            flip = glu_flips(mlp.w_gate(), w_in) if flips is None else flips[i].to(w_in.device)
-            # A +-1 factor per neuron: multiplying by 1 or -1 is exact, and one mul_ per
-            # tensor avoids both a per-neuron loop and boolean-index copies.
-            sign = 1 - 2 * flip.to(w_in.dtype)
-            w_in.mul_(sign[:, None])
-            b_in = mlp.b_in()
-            if b_in is not None:
-                b_in.mul_(sign.to(b_in.dtype))
-            w_out = mlp.w_out()
-            w_out.mul_(sign.to(device=w_out.device, dtype=w_out.dtype)[None, :])
-            used.append(flip)
-            logger.debug(
-                "Layer %d: flipped %d of %d neurons.", mlp.layer, int(flip.sum()), len(flip)
-            )
+        for i, (mlp, blocks) in enumerate(zip(mlps, layers, strict=True)):
+            given = None if flips is None else flips[i].split([b.w_in.shape[0] for b in blocks])
+            flip = [
+                _flip(block, None if given is None else given[j]) for j, block in enumerate(blocks)
+            ]
+            used.append(torch.cat([f.cpu() for f in flip]))
+            logger.debug("Layer %d: flipped %d of %d neurons.", mlp.layer, int(used[-1].sum()),
+                         len(used[-1]))  # fmt: skip
     return used
+
+
+def _flip(block: GluWeights, flip: Tensor | None) -> Tensor:
+    """Negates ``block``'s flagged neurons (``flip``, or where ``cos(w_gate, w_in) < 0``);
+    returns the mask used."""
+    w_in = block.w_in
+    flip = glu_flips(block.w_gate, w_in) if flip is None else flip.to(w_in.device)
+    # A +-1 factor per neuron: multiplying by 1 or -1 is exact, and one mul_ per tensor
+    # avoids both a per-neuron loop and boolean-index copies.
+    sign = 1 - 2 * flip.to(w_in.dtype)
+    w_in.mul_(sign[:, None])
+    if block.b_in is not None:
+        block.b_in.mul_(sign.to(block.b_in.dtype))
+    w_out = block.w_out
+    w_out.mul_(sign.to(device=w_out.device, dtype=w_out.dtype)[None, :])
+    return flip
 
 
 def _as_gated_mlp(layer: int, name: str, module: nn.Module) -> GatedMLP | None:

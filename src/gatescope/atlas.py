@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,19 +68,22 @@ from gatescope.constants import (
 )
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, claim_output, write_atomic, write_json_atomic
-from gatescope.records import AtlasMeta
+from gatescope.records import DENSE, SHARED, AtlasMeta
 from gatescope.stats.distributions import N_BINS, N_JOINT_BINS, Bracket, quantile_brackets
 
 if TYPE_CHECKING:
     import datasets
+    import numpy as np
 
     from gatescope.stats import NeuronStats
 
 __all__ = [
     "Atlas",
     "Example",
+    "LayerRouting",
     "LayerStats",
     "NeuronDistributions",
+    "NeuronRouting",
     "NeuronSummary",
     "TypicalExample",
 ]
@@ -124,6 +128,43 @@ class NeuronDistributions:
     typical: dict[str, list[TypicalExample]]  # case -> examples in draw order
 
 
+@dataclass(frozen=True)
+class LayerRouting:
+    """Where each neuron of a mixture-of-experts layer sits, and the tokens it computes."""
+
+    code: np.ndarray  # [d] the routed expert's number, or records.SHARED, DENSE, PADDING
+    neuron: np.ndarray  # [d] the neuron within its expert (or shared or dense MLP)
+    # [d] int64 the counted tokens the neuron computes: its expert's routed tokens; every
+    # counted token for shared and dense neurons (the atlas's denominator); 0 for padding.
+    seen: np.ndarray
+    router_weight_mean: np.ndarray  # [d] float64, NaN outside the routed experts
+
+    def freq(self, count: np.ndarray) -> np.ndarray:
+        """[case, d] each case's frequency among the tokens the neuron computes (NaN where
+        it computes none), from ``count`` [case, d]."""
+        import numpy as np
+
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.seen > 0, count / self.seen, np.nan)
+
+
+@dataclass(frozen=True)
+class NeuronRouting:
+    """A mixture-of-experts neuron's place and the tokens it computes."""
+
+    expert: int | str  # the routed expert's number, "shared" or "dense"
+    neuron: int  # within the expert
+    seen: int  # counted tokens it computes (all counted tokens for shared and dense ones)
+    share: float  # ``seen`` / counted tokens: the expert's routing frequency (1: always on)
+    router_weight_mean: float  # over the expert's tokens (NaN: shared, dense, never routed)
+    freq: dict[str, float]  # case -> its tokens / ``seen`` (NaN: the neuron computed none)
+
+    @property
+    def routed(self) -> bool:
+        """Whether the neuron belongs to a routed expert (not a shared or dense one)."""
+        return isinstance(self.expert, int)
+
+
 @dataclass
 class NeuronSummary:
     """Everything the atlas knows about one neuron. Cases and quantities use GLUScope names."""
@@ -140,6 +181,7 @@ class NeuronSummary:
     # empty slots left out.
     top: dict[str, dict[str, list[Example]]] = field(default_factory=dict)
     distributions: NeuronDistributions | None = None  # None: the atlas has none
+    routing: NeuronRouting | None = None  # None: not a mixture of experts
 
 
 @dataclass(frozen=True)
@@ -358,12 +400,70 @@ class Atlas:
             raise GatescopeError(
                 f"neuron {index} is out of range: layers have neurons 0-{self.d_mlp - 1}."
             )
+        experts = self.meta.experts
+        if index is not None and experts is not None and experts.address(layer, index) is None:
+            raise GatescopeError(
+                f"layer {layer} is dense with neurons 0-{experts.dense_d_mlp - 1}; {index} is "
+                "only padding to the width of its expert layers."
+            )
+
+    def neuron_name(self, layer: int, index: int) -> str:
+        """How the neuron is addressed: ``layer.neuron``, or ``layer.expert.neuron`` in a
+        mixture of experts (``expert`` a number, ``shared`` or ``dense``)."""
+        experts = self.meta.experts
+        address = experts.address(layer, index) if experts is not None else None
+        if address is None:
+            return f"{layer}.{index}"
+        return f"{layer}.{address[0]}.{address[1]}"
+
+    def find_neuron(self, name: str) -> tuple[int, int]:
+        """(layer, index) of a neuron addressed as ``layer.neuron`` (the index within the
+        layer) or, in a mixture of experts, ``layer.expert.neuron``: ``"31.9634"``,
+        ``"3.5.17"``, ``"3.shared.4"``.
+
+        Raises:
+            GatescopeError: For anything else, or a neuron the atlas does not have.
+        """
+        experts = self.meta.experts
+        match = re.fullmatch(r"\s*(\d+)\.(?:(\d+|shared|dense)\.)?(\d+)\s*", name)
+        if not match or (match[2] is not None and experts is None):
+            form = ("LAYER.EXPERT.NEURON, e.g. 3.5.17 or 3.shared.4 (or LAYER.NEURON, its "
+                    "index in the layer)" if experts else "LAYER.NEURON, e.g. 31.9634")  # fmt: skip
+            raise GatescopeError(f"'{name}' is not a neuron of the atlas: write {form}.")
+        layer, neuron = int(match[1]), int(match[3])
+        self.check_neuron(layer)
+        if match[2] is not None:
+            assert experts is not None
+            expert = int(match[2]) if match[2].isdigit() else match[2]
+            neuron = experts.index(layer, expert, neuron)
+        self.check_neuron(layer, neuron)
+        return layer, neuron
+
+    def routing(self, layer: int) -> LayerRouting | None:
+        """Where each neuron of ``layer`` sits and the tokens it computes; None for a dense
+        model's atlas."""
+        import numpy as np
+
+        experts = self.meta.experts
+        if experts is None:
+            return None
+        self.check_neuron(layer)
+        code, neuron = (a[layer] for a in experts.layout(layer + 1))
+        routed = self._read("routed", layer).numpy()  # [expert]
+        weight = self._read("router_weight", layer).numpy()
+        expert = np.maximum(code, 0)
+        inside = code >= 0
+        seen = np.where(inside, routed[expert], np.where(code >= DENSE, self.denominator, 0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(inside, weight[expert] / routed[expert], np.nan)
+        return LayerRouting(code, neuron, seen.astype(np.int64), mean)
 
     def neuron(self, layer: int, index: int) -> NeuronSummary:
         """The summary of neuron ``index`` of layer ``layer``: its ranked lists alone, and its
         column of the layer's small per-case tensors."""
         self.check_neuron(layer, index)
-        count = self._read("count", layer)[:, index].tolist()  # [case]
+        layer_count = self._read("count", layer)  # [case, d]
+        count = layer_count[:, index].tolist()  # [case]
         sums = self._read("sum", layer)[:, :, index].tolist()  # [case][quantity]
         extremes = {
             name: self._read(name, layer)[:, :, index].tolist()  # [case][quantity]
@@ -402,7 +502,25 @@ class Atlas:
             summary.top.setdefault(CASES[c], {})[QUANTITIES[q]] = examples
         if self.has_distributions:
             summary.distributions = self._distributions(layer, index, extremes)
+        summary.routing = self._neuron_routing(layer, index, layer_count.numpy())
         return summary
+
+    def _neuron_routing(self, layer: int, index: int, count: np.ndarray) -> NeuronRouting | None:
+        """Neuron ``index``'s part of :meth:`routing`, with ``count`` [case, d] its layer's."""
+        routing = self.routing(layer)
+        if routing is None:
+            return None
+        code = int(routing.code[index])
+        seen = int(routing.seen[index])
+        freq = routing.freq(count)[:, index]
+        return NeuronRouting(
+            expert=code if code >= 0 else "shared" if code == SHARED else "dense",
+            neuron=int(routing.neuron[index]),
+            seen=seen,
+            share=seen / self.denominator,
+            router_weight_mean=float(routing.router_weight_mean[index]),
+            freq=dict(zip(CASES, freq.tolist(), strict=True)),
+        )
 
     def _distributions(
         self, layer: int, index: int, extremes: dict[str, list[list[float]]]

@@ -341,7 +341,8 @@ def import_(source, out, model, corpus_path, refactor_glu, tokens, overwrite) ->
     "-n",
     multiple=True,
     metavar="L.N ...",
-    help="Neurons as LAYER.NEURON, e.g. --neurons 31.9634 5.10602.",
+    help="Neurons as LAYER.NEURON, e.g. --neurons 31.9634 5.10602; in a mixture of experts "
+    "also LAYER.EXPERT.NEURON (EXPERT a number or shared), e.g. 3.5.17.",
 )
 @click.option("--layer", type=int, default=None, help="With --top: the layer to pick from.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Pick the N top neurons.")
@@ -361,16 +362,14 @@ def page(atlas_path, more_neurons, neurons, layer, top, by, out, model, corpus_p
     """
     from gatescope.atlas import Atlas
     from gatescope.files import SITE, claim_output
-    from gatescope.pages import PageSource, check_ranking, parse_neuron, top_neurons, write_pages
+    from gatescope.pages import PageSource, check_ranking, top_neurons, write_pages
 
     # Every input is checked before the model loads.
-    chosen = [parse_neuron(spec) for spec in (*neurons, *more_neurons)]
     if (layer is None) != (top is None):
         raise GatescopeError("--layer and --top go together: e.g. --layer 3 --top 10.")
     check_ranking(by)
     atlas = Atlas.load(atlas_path)
-    for pair in chosen:
-        atlas.check_neuron(*pair)
+    chosen = [atlas.find_neuron(spec) for spec in (*neurons, *more_neurons)]
     if top is not None:
         chosen += [(layer, n) for n in top_neurons(atlas, layer, top, by)]
     if not chosen:

@@ -78,6 +78,26 @@ class RoutedExperts:
             return x @ weight if bias is None else x @ weight + bias
         return nn.functional.linear(x, weight, bias)
 
+    def glu_weights(self, expert: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Views of expert ``expert``'s weights, one row (or column) per neuron: ``w_gate``
+        and ``w_in`` [d_ff, d_model], the up bias [d_ff] or None, ``w_out`` [d_model, d_ff].
+
+        Raises:
+            GatescopeError: For gpt-oss's clamped gate, whose x_in is not a projection.
+        """
+        if self.gate != "default":
+            raise GatescopeError(
+                f"{self.name} computes x_in = clamp(up) + 1 (gpt-oss), which a flip of up's "
+                "sign does not negate: --refactor-glu cannot refactor its experts."
+            )
+        gate_up = self.module.get_parameter("gate_up_proj").detach()[expert]
+        down = self.module.get_parameter("down_proj").detach()[expert]
+        if self.transposed:  # [d_model, 2 x d_ff] and [d_ff, d_model]
+            gate_up, down = gate_up.T, down.T
+        bias = getattr(self.module, "gate_up_proj_bias", None)
+        b_in = None if bias is None else bias.detach()[expert, self.d_ff :]
+        return gate_up[: self.d_ff], gate_up[self.d_ff :], b_in, down
+
     def split_gate(self, gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x_gate, x_in and act(x_gate) [tokens, d_ff] of a ``gate_up`` [tokens, 2 x d_ff],
         as the module's own ``_apply_gate`` forms them (its result is ``act * x_in``)."""

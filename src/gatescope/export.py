@@ -57,7 +57,7 @@ from gatescope.atlas import FREQ_SCALE, ROUTING, Atlas
 from gatescope.constants import CASES, QUANTILES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, DATASET, claim_output, staged
-from gatescope.records import AtlasMeta, AtlasOptions, ExpertsRecord
+from gatescope.records import DENSE, PADDING, SHARED, AtlasMeta, AtlasOptions, ExpertsRecord
 from gatescope.stats.distributions import bracket_estimates
 
 if TYPE_CHECKING:
@@ -95,8 +95,6 @@ _LIST_FILL = {
 }
 # Our extreme columns, named by the atlas tensor they hold.
 _EXTREMES = ("max", "min")
-# A mixture of experts' slot codes beside the routed experts' numbers (_expert_layout).
-SHARED, DENSE, PADDING = -1, -2, -3
 
 
 def schema_columns(*, extras: bool = True, quantiles: bool = False) -> list[str]:
@@ -181,39 +179,23 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
     return datasets.Dataset(table, info=info, fingerprint=generate_random_fingerprint())
 
 
-def _expert_layout(record: ExpertsRecord, layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """[layers * width] each slot's expert code (its number; SHARED, DENSE, or PADDING) and
-    its neuron within the expert, layer-major (:meth:`ExpertsRecord.address`, vectorized)."""
-    index = np.arange(record.width, dtype=np.int64)
-    routed = record.n_experts * record.d_ff
-    moe_code = np.select([index < routed, index < routed + record.shared],
-                         [index // record.d_ff, SHARED], PADDING)  # fmt: skip
-    moe_neuron = np.where(index < routed, index % record.d_ff, index - routed)
-    dense_code = np.where(index < record.dense_d_mlp, DENSE, PADDING)
-    dense = np.isin(np.arange(layers), record.dense_layers)[:, None]  # [layer, 1]
-    code = np.where(dense, dense_code, moe_code).reshape(-1)
-    neuron = np.where(dense, index, moe_neuron).reshape(-1)
-    return code, neuron
-
-
 def _with_experts(table: pa.Table, atlas: Atlas, record: ExpertsRecord) -> pa.Table:
     """A mixture of experts' export: ``expert`` ("0", "1", ..., "shared", "dense") and the
     neuron within it, the expert's routed tokens, the case frequencies among them and its
     mean router weight; the padding of dense layers left out."""
     import pyarrow as pa
 
-    layers, width = atlas.num_layers, atlas.d_mlp
-    code, neuron = _expert_layout(record, layers)
+    count = atlas.tensor("count").numpy()  # [L, case, d]
+    layers = [atlas.routing(layer) for layer in range(atlas.num_layers)]
+    code, neuron, seen, mean_weight = (
+        np.concatenate([getattr(routing, name) for routing in layers if routing is not None])
+        for name in ("code", "neuron", "seen", "router_weight_mean")
+    )
+    routed_freq = np.concatenate(
+        [routing.freq(count[i]) for i, routing in enumerate(layers) if routing is not None],
+        axis=1,
+    )  # [case, L * d]
     kept = code != PADDING
-    routed = atlas.tensor("routed").numpy()  # [layer, expert]
-    weight = atlas.tensor("router_weight").numpy()
-    layer = np.repeat(np.arange(layers), width)
-    expert = np.maximum(code, 0)
-    own = np.where(code >= 0, routed[layer, expert], atlas.denominator)  # shared, dense: all
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_weight = np.where(code >= 0, weight[layer, expert] / routed[layer, expert], np.nan)
-        count = atlas.tensor("count").numpy()  # [L, case, d]
-        routed_freq = {case: count[:, c].reshape(-1) / own for c, case in enumerate(CASES)}
     names = [str(e) for e in range(record.n_experts)] + ["shared", "dense"]
     # Into ``names``: an expert's number is its own place, "shared" and "dense" follow.
     labels = np.select([code >= 0, code == SHARED], [code, record.n_experts], record.n_experts + 1)
@@ -222,9 +204,9 @@ def _with_experts(table: pa.Table, atlas: Atlas, record: ExpertsRecord) -> pa.Ta
             pa.array(labels[kept].astype(np.int32)), pa.array(names)
         ),
         "neuron": pa.array(neuron[kept].astype(np.int32)),
-        "routed": pa.array(own[kept].astype(np.int64)),
+        "routed": pa.array(seen[kept]),
         "router_weight_mean": pa.array(mean_weight[kept]),
-        **{f"{case}_routed_freq": pa.array(f[kept]) for case, f in routed_freq.items()},
+        **{f"{case}_routed_freq": pa.array(routed_freq[c, kept]) for c, case in enumerate(CASES)},
     }
     table = table.filter(pa.array(kept))
     table = table.set_column(table.column_names.index("neuron"), "neuron", columns.pop("neuron"))
@@ -369,7 +351,7 @@ def from_hf_dataset(
         layers, d_mlp = restored.layers, experts.width
         code = _expert_codes(table, experts)
         index = _expert_index(experts, layer, code, neuron, layers)
-        present = _expert_layout(experts, layers)[0] != PADDING
+        present = experts.layout(layers)[0].reshape(-1) != PADDING
         place = _places(layer, index, layers, d_mlp, present)
         routing = _imported_routing(table, experts, layer, code, layers)
 
@@ -656,7 +638,7 @@ def _expert_index(
     routed = record.n_experts * record.d_ff
     index = np.select([code >= 0, code == SHARED], [code * record.d_ff + neuron, routed + neuron],
                       neuron)  # fmt: skip
-    layout_code, layout_neuron = _expert_layout(record, layers)
+    layout_code, layout_neuron = (a.reshape(-1) for a in record.layout(layers))
     slot = layer * record.width + np.minimum(index, record.width - 1)
     valid = (layer < layers) & (index < record.width) & (layout_code[slot] == code)
     valid &= layout_neuron[slot] == neuron

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from gatescope.corpus import TokenizedCorpus
     from gatescope.loading import LoadedModel
 
-__all__ = ["PageSource", "layer_pages", "page_file", "parse_neuron", "top_neurons", "write_pages"]
+__all__ = ["PageSource", "layer_pages", "page_file", "top_neurons", "write_pages"]
 
 SITE_JSON = "site.json"
 
@@ -69,7 +69,6 @@ class PageSource:
     ) -> PageSource:
         """Loads the atlas's model (unless ``loaded``), corpus and tokenizer
         (``model``/``corpus`` override where they are)."""
-        atlas.refuse_experts("neuron pages")
         model = model or atlas.meta.model.name
         if not model:
             raise GatescopeError("the atlas does not name its model: pass --model.")
@@ -114,14 +113,6 @@ def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(name))
     except (OSError, ValueError) as error:
         raise GatescopeError(f"could not load the tokenizer '{name}'.") from error
-
-
-def parse_neuron(spec: str) -> tuple[int, int]:
-    """``"31.9634"`` -> (31, 9634)."""
-    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", spec)
-    if not match:
-        raise GatescopeError(f"'{spec}' is not a neuron: write LAYER.NEURON, e.g. 31.9634.")
-    return int(match[1]), int(match[2])
 
 
 def top_neurons(atlas: Atlas, layer: int, n: int, by: str = "strongest") -> list[int]:
@@ -245,7 +236,13 @@ def layer_pages(
     for i, neuron in enumerate(neurons):
         values = {t: a.values[i] for t, a in acts.items()}  # text -> [quantity, pos]
         summary = located(summaries[neuron], values, atlas.meta.options.include_bos, rtol)
-        yield neuron, neuron_page(atlas, summary, values, tokens, sources, links=links(neuron))
+        routing = summary.routing
+        weights = None  # text -> [pos] router weights, for a routed expert's neuron
+        if routing is not None and routing.routed:
+            weights = {t: a.router_weight[i] for t, a in acts.items()
+                       if a.router_weight is not None}  # fmt: skip
+        yield neuron, neuron_page(atlas, summary, values, tokens, sources, links=links(neuron),
+                                  router_weights=weights)  # fmt: skip
 
 
 def located(
@@ -328,6 +325,7 @@ def neuron_page(
     sources: dict[int, str],
     *,
     links: dict[str, str | None],
+    router_weights: Mapping[int, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Everything the neuron template shows, as plain data.
 
@@ -337,9 +335,20 @@ def neuron_page(
         sources: Text index -> source id.
         links: "prev_neuron", "next_neuron", "prev_layer", "next_layer" -> file or None;
             optionally "index": where "all neurons" leads (else the site's index.html).
+        router_weights: For a routed expert's neuron, text index -> [pos] the router's
+            weight of each token for the expert (NaN: not routed to it).
     """
     meta = atlas.meta
     shown = summary.distributions
+    routing = summary.routing
+
+    def weight(text: int, position: int) -> float | None:
+        """The router's weight of an example's token (None: not a routed expert's)."""
+        if router_weights is None or text not in router_weights or position < 0:
+            return None
+        found = router_weights[text]
+        return finite(float(found[position])) if position < len(found) else None
+
     cases = []
     for case in CASES:
         occurs = summary.freq[case] > 0
@@ -348,7 +357,7 @@ def neuron_page(
             if examples:  # a list is empty only where the case never occurs
                 sections.append({"quantity": quantity, "examples": [
                     {"rank": r + 1, "value": e.value, "text": e.text, "position": e.position,
-                     "source": sources.get(e.text, "")}
+                     "source": sources.get(e.text, ""), "weight": weight(e.text, e.position)}
                     for r, e in enumerate(examples)
                 ]})  # fmt: skip
         cases.append(
@@ -356,6 +365,8 @@ def neuron_page(
                 "name": case,
                 "occurs": occurs,
                 "freq": summary.freq[case],
+                # Among the tokens the neuron computes: its expert's (None: not an expert's).
+                "routed_freq": routing.freq[case] if routing is not None else None,
                 "stats": {
                     q: {s: finite(getattr(summary, s)[case][q]) for s in ("max", "min", "mean")}
                     for q in QUANTITIES
@@ -369,6 +380,7 @@ def neuron_page(
                         "position": e.position,
                         "values": e.values,
                         "source": sources.get(e.text, ""),
+                        "weight": weight(e.text, e.position),
                     }
                     for e in shown.typical[case]
                 ],
@@ -379,6 +391,7 @@ def neuron_page(
             "tokens": tokens[t],
             "values": _rounded(values[t]).tolist(),
             "source": sources.get(t, ""),
+            **({"weights": _weights(router_weights[t])} if router_weights else {}),
         }
         for t in values
     }
@@ -386,6 +399,16 @@ def neuron_page(
         "model": meta.model.name or "unknown model",
         "layer": summary.layer,
         "neuron": summary.index,
+        "name": atlas.neuron_name(summary.layer, summary.index),
+        "routing": routing
+        and {
+            "expert": routing.expert,
+            "neuron": routing.neuron,
+            "routed": routing.routed,
+            "seen": routing.seen,
+            "share": routing.share,
+            "router_weight_mean": finite(routing.router_weight_mean),
+        },
         "corpus": meta.corpus.path or meta.corpus.fingerprint,
         "tokens": summary.tokens,
         "refactored": meta.options.refactor_glu,
@@ -527,6 +550,12 @@ def _read_site(out: Path) -> SiteMeta:
         return SiteMeta.from_dict(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError, GatescopeError) as error:
         raise GatescopeError(f"{path} cannot be read ({error}): move it away.") from error
+
+
+def _weights(weights: np.ndarray) -> list[float | None]:
+    """Router weights [pos] for the page's data: four significant digits, None where the
+    token was not routed to the expert (JSON has no NaN)."""
+    return [finite(w) for w in _rounded(weights).tolist()]
 
 
 def _rounded(values: np.ndarray) -> np.ndarray:

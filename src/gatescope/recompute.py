@@ -34,6 +34,10 @@ class TextActivations:
     # [neuron, quantity, pos]: the requested neurons, in the order given, on the text's
     # first ``values.shape[-1]`` tokens (all of them unless cut short by ``ends``)
     values: np.ndarray
+    # [neuron, pos] in a mixture-of-experts layer: the router's weight of each token for the
+    # neuron's expert, NaN where the expert did not get the token (its values are 0 there)
+    # and for shared experts' neurons; None in a dense layer.
+    router_weight: np.ndarray | None = None
 
 
 class _Stop(Exception):
@@ -84,14 +88,16 @@ def recompute(
             longest = max(lengths)
             positions = torch.arange(longest, device=loaded.device)
             mask = positions[None, :] < torch.tensor(lengths, device=loaded.device)[:, None]
-            g, u = read(input_ids[:, :longest], mask.long())  # [batch, pos, neuron]
+            g, u, weight = read(input_ids[:, :longest], mask.long())  # [batch, pos, neuron]
             # [batch, neuron, quantity, pos]
             values = gated_quantities(g, u, act).permute(1, 3, 0, 2).cpu().numpy()
+            weights = None if weight is None else weight.transpose(1, 2).cpu().numpy()
             for row, text in enumerate(batch.tolist()):
                 result[text] = TextActivations(
                     text=text,
                     input_ids=input_ids[row, : full[text]].tolist(),
                     values=values[row, :, :, : lengths[row]],
+                    router_weight=None if weights is None else weights[row, :, : lengths[row]],
                 )
     return result
 
@@ -129,7 +135,7 @@ def probe(
     """
     ids = torch.as_tensor([list(input_ids)], device=loaded.device)
     with _layer_reader(loaded, layer, None, refactor_glu=refactor_glu) as (read, act):
-        g, u = read(ids, torch.ones_like(ids))  # [1, pos, neuron]
+        g, u, _ = read(ids, torch.ones_like(ids))  # [1, pos, neuron]
         if not 0 <= neuron < g.shape[-1]:
             raise GatescopeError(f"layer {layer} has neurons 0-{g.shape[-1] - 1}, not {neuron}.")
         own = gated_quantities(g[0, :, neuron], u[0, :, neuron], act)  # [quantity, pos]
@@ -141,19 +147,26 @@ def probe(
     return ProbeValues(own.cpu().numpy(), position, at.cpu().numpy())
 
 
+# read(input_ids, attention_mask) -> g, u [batch, pos, neuron] and, in a mixture of
+# experts, the router's weights [batch, pos, neuron] (see _layer_reader).
+_Values = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+_Read = Callable[[torch.Tensor, torch.Tensor], _Values]
+
+
 @contextlib.contextmanager
 def _layer_reader(
     loaded: LoadedModel, layer: int, neurons: Sequence[int] | None, *, refactor_glu: bool
-) -> Iterator[tuple[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                    Callable[[torch.Tensor], torch.Tensor]]]:  # fmt: skip
+) -> Iterator[tuple[_Read, Callable[[torch.Tensor], torch.Tensor]]]:
     """Yields ``(read, act)``: ``read(input_ids, attention_mask)`` gives ``g`` and ``u``
     [batch, pos, neuron] of ``neurons`` (all when None) of ``layer`` in the statistics'
-    dtype, by a forward that stops after the layer, with the weights refactored while the
-    block runs if ``refactor_glu``; ``act`` is the layer's activation, for
-    :func:`~gatescope.stats.quantities.gated_quantities`."""
-    from gatescope.arch import find_gated_mlps, refactored_glu
+    dtype (and, in a mixture-of-experts layer, each token's router weight for each neuron's
+    expert: :func:`~gatescope.stats.routed.layer_values`), by a forward that stops after the
+    layer, with the weights refactored while the block runs if ``refactor_glu``; ``act`` is
+    the layer's activation, for :func:`~gatescope.stats.quantities.gated_quantities`."""
+    from gatescope.arch import ExpertLayer, RoutedForward, find_mlp_layers, refactored_glu
+    from gatescope.stats.routed import layer_values
 
-    mlps = find_gated_mlps(loaded.model)
+    mlps = find_mlp_layers(loaded.model)
     if not 0 <= layer < len(mlps):
         raise GatescopeError(f"layer {layer} is out of range: the model has {len(mlps)} layers.")
     mlp = mlps[layer]
@@ -164,18 +177,30 @@ def _layer_reader(
         )
     dtype = stats_dtype(loaded.dtype)
     index = None if neurons is None else torch.as_tensor(list(neurons), device=loaded.device)
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    captured: list[_Values] = []
+    batch_shape: list[int] = []  # [texts, positions] of the forward under way
 
     def keep(gate: torch.Tensor, up: torch.Tensor) -> None:
         if index is not None:
             gate, up = gate[..., index], up[..., index]
-        captured.append((gate.to(dtype), up.to(dtype)))
+        captured.append((gate.to(dtype), up.to(dtype), None))
         raise _Stop
 
-    def read(
-        input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep_routed(forward: RoutedForward) -> None:
+        assert isinstance(mlp, ExpertLayer)
+        rows = batch_shape[0] * batch_shape[1]
+        columns = mlp.d_mlp if neurons is None else list(neurons)
+        gate, up, weight = layer_values(forward, mlp.routed.n_experts, mlp.routed.d_ff,
+                                        (0, rows), columns, dtype=dtype, device=loaded.device,
+                                        weights=True)  # fmt: skip
+        assert weight is not None
+        shape = (*batch_shape, -1)
+        captured.append((gate.view(shape), up.view(shape), weight.view(shape)))
+        raise _Stop
+
+    def read(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Values:
         captured.clear()
+        batch_shape[:] = input_ids.shape
         with contextlib.suppress(_Stop):
             loaded.model.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
@@ -183,5 +208,6 @@ def _layer_reader(
         return captured[0]
 
     refactor = refactored_glu(mlps) if refactor_glu else contextlib.nullcontext()
-    with torch.inference_mode(), refactor, mlp.capture(keep):
+    capture = mlp.capture(keep_routed) if isinstance(mlp, ExpertLayer) else mlp.capture(keep)
+    with torch.inference_mode(), refactor, capture:
         yield read, mlp.act_fn

@@ -17,14 +17,20 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gatescope.constants import CASES, QUANTITIES, TOP_LISTS
 from gatescope.errors import GatescopeError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = [
     "ATLAS_FORMAT",
     "ATLAS_FORMAT_VERSION",
+    "DENSE",
+    "PADDING",
+    "SHARED",
     "AtlasMeta",
     "AtlasOptions",
     "CorpusMeta",
@@ -207,6 +213,11 @@ class AtlasOptions:
         return _known(cls, data)
 
 
+#: :meth:`ExpertsRecord.layout`'s codes for neurons outside the routed experts: the shared
+#: experts', a dense layer's, and the padding that widens a dense layer to the atlas's width.
+SHARED, DENSE, PADDING = -1, -2, -3
+
+
 @dataclass(frozen=True)
 class ExpertsRecord:
     """How a mixture-of-experts atlas lays out a layer's neurons: ``n_experts`` routed experts
@@ -261,6 +272,23 @@ class ExpertsRecord:
         _check(isinstance(expert, int) and 0 <= expert < self.n_experts
                and 0 <= neuron < self.d_ff, f"{where}.")  # fmt: skip
         return int(expert) * self.d_ff + neuron
+
+    def layout(self, layers: int) -> tuple[np.ndarray, np.ndarray]:
+        """[layers, width] each neuron's expert code (the routed expert's number, or
+        :data:`SHARED`, :data:`DENSE`, :data:`PADDING`) and its neuron within the expert:
+        :meth:`address` for a whole atlas at once."""
+        import numpy as np
+
+        index = np.arange(self.width, dtype=np.int64)
+        routed = self.n_experts * self.d_ff
+        moe_code = np.select([index < routed, index < routed + self.shared],
+                             [index // self.d_ff, SHARED], PADDING)  # fmt: skip
+        moe_neuron = np.where(index < routed, index % self.d_ff, index - routed)
+        dense_code = np.where(index < self.dense_d_mlp, DENSE, PADDING)
+        dense = np.isin(np.arange(layers), self.dense_layers)[:, None]  # [layer, 1]
+        code = np.where(dense, dense_code, moe_code)
+        neuron = np.where(dense, index, moe_neuron)
+        return code, neuron
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"dense_layers": list(self.dense_layers)}

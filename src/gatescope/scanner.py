@@ -286,8 +286,6 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     if experts is None and len({mlp.d_mlp for mlp in mlps}) != 1:
         sizes = sorted({mlp.d_mlp for mlp in mlps})
         raise GatescopeError(f"the model's layers have different MLP sizes {sizes}.")
-    if experts is not None and opts.refactor_glu:
-        raise GatescopeError("--refactor-glu does not take mixture-of-experts models yet.")
     width = experts.width if experts is not None else mlps[0].d_mlp
     dtype = stats_dtype(loaded.dtype)
     workspaces: dict[torch.device, Workspace] = defaultdict(Workspace)  # layers take turns
@@ -339,11 +337,10 @@ def _feed(
     """Runs the model over ``order[done:]`` in batches, the statistics hooked on; saves a
     checkpoint when due and stops cleanly when asked to. Returns the neurons that
     ``refactor_glu`` flipped."""
-    from gatescope.arch import GatedMLP, refactored_glu
+    from gatescope.arch import refactored_glu
 
     loaded, layers = model.loaded, model.layers
-    dense = [mlp for mlp in model.mlps if isinstance(mlp, GatedMLP)]  # (_prepare: all, here)
-    refactor = refactored_glu(dense) if opts.refactor_glu else contextlib.nullcontext(0)
+    refactor = refactored_glu(model.mlps) if opts.refactor_glu else contextlib.nullcontext(0)
     lengths = texts.lengths[order]
     bar = progress_bar(total=int(lengths.sum()), initial=int(lengths[:done].sum()), desc="scan",
                        unit="tok", enabled=progress)  # fmt: skip

@@ -10,10 +10,14 @@ and sums their router weights (``NeuronStats.add_routing``).
 
 The dense rows are built a few texts at a time (``CHUNK_ELEMENTS``): an expert's rows are
 only ``k / experts`` of a layer's width, but the passes take whole [text, pos, neuron] blocks.
+:func:`layer_values` builds them, and also the few neurons a page recomputes, with each
+token's router weight (:mod:`gatescope.recompute`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +27,7 @@ if TYPE_CHECKING:
     from gatescope.arch import RoutedForward
     from gatescope.stats.accumulator import NeuronStats
 
-__all__ = ["CHUNK_ELEMENTS", "add_routed"]
+__all__ = ["CHUNK_ELEMENTS", "add_routed", "layer_values"]
 
 #: Elements of one dense [texts, pos, neurons] block of g (and of u).
 CHUNK_ELEMENTS = 2**24
@@ -46,7 +50,8 @@ def add_routed(
     per_chunk = max(1, CHUNK_ELEMENTS // (length * stats.d_mlp))
     for first in range(0, texts, per_chunk):
         last = min(first + per_chunk, texts)
-        gate, up = _dense(forward, stats, d_ff, first * length, last * length)
+        gate, up, _ = layer_values(forward, stats.experts, d_ff, (first * length, last * length),
+                                   stats.d_mlp, dtype=stats.dtype, device=stats.device)  # fmt: skip
         shape = (last - first, length, stats.d_mlp)
         stats.update(gate.view(shape), up.view(shape), text_index[first:last],
                      counted[first:last])  # fmt: skip
@@ -63,24 +68,79 @@ def _add_routing(stats: NeuronStats, forward: RoutedForward, counted: Tensor) ->
     stats.add_routing(routed, weight)
 
 
-def _dense(
-    forward: RoutedForward, stats: NeuronStats, d_ff: int, start: int, stop: int
-) -> tuple[Tensor, Tensor]:
-    """[rows, neurons] g and u of rows ``start:stop``: each expert's values on its routed
-    tokens in its columns, the shared experts' in theirs, 0 elsewhere."""
-    rows = stop - start
-    gate = torch.zeros(rows, stats.d_mlp, dtype=stats.dtype, device=stats.device)
+def layer_values(
+    forward: RoutedForward, n_experts: int, d_ff: int, rows: tuple[int, int],
+    columns: int | Sequence[int], *,
+    dtype: torch.dtype, device: torch.device, weights: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """g, u (and the router's weight) of some neurons of a mixture-of-experts layer on rows
+    ``start:stop`` of its batch: each routed expert's values on its routed tokens, the
+    shared experts' on all, 0 elsewhere.
+
+    Args:
+        forward: What the layer computed.
+        n_experts: Routed experts of the layer.
+        d_ff: Neurons per routed expert (expert ``e``'s neuron ``n`` is the layer's
+            ``e * d_ff + n``, the shared experts' follow every routed one's).
+        rows: ``(start, stop)``, rows of the flattened batch.
+        columns: The layer's neurons: a width (all neurons up to it, padding beyond the
+            layer's own as 0) or their indices, in the order wanted.
+        dtype: The values' dtype.
+        device: Where to build them.
+        weights: Also give the router's weight of each (token, neuron): NaN where the
+            neuron's expert did not get the token, and for shared neurons.
+
+    Returns:
+        ``gate``, ``up`` [rows, columns] and the weights [rows, columns] or None.
+    """
+    start, stop = rows
+    width = columns if isinstance(columns, int) else len(columns)
+    gate = torch.zeros(stop - start, width, dtype=dtype, device=device)
     up = torch.zeros_like(gate)
-    for expert, token, expert_gate, expert_up, _weight in forward.experts:
+    weight = torch.full_like(gate, math.nan) if weights else None
+    shared = forward.shared[0].shape[-1] if forward.shared is not None else 0
+    plan = _plan(columns, n_experts, d_ff, shared, device)
+    for expert, token, expert_gate, expert_up, router_weight in forward.experts:
+        if expert not in plan:
+            continue
+        into, taken = plan[expert]
         inside = (token >= start) & (token < stop)
         row = token[inside] - start
-        columns = slice(expert * d_ff, (expert + 1) * d_ff)
-        gate[row, columns] = expert_gate[inside].to(gate.dtype)
-        up[row, columns] = expert_up[inside].to(up.dtype)
-    if forward.shared is not None:
+        rows_of = row if isinstance(into, slice) else row[:, None]
+        gate[rows_of, into] = expert_gate[inside][:, taken].to(dtype)
+        up[rows_of, into] = expert_up[inside][:, taken].to(dtype)
+        if weight is not None:
+            weight[rows_of, into] = router_weight[inside][:, None].to(dtype)
+    if forward.shared is not None and "shared" in plan:
         shared_gate, shared_up = forward.shared  # [rows of the batch, shared]
-        routed = stats.experts * d_ff  # the shared experts' neurons follow the routed ones'
-        columns = slice(routed, routed + shared_gate.shape[-1])
-        gate[:, columns] = shared_gate[start:stop].to(gate.dtype)
-        up[:, columns] = shared_up[start:stop].to(up.dtype)
-    return gate, up
+        into, taken = plan["shared"]
+        gate[:, into] = shared_gate[start:stop][:, taken].to(dtype)
+        up[:, into] = shared_up[start:stop][:, taken].to(dtype)
+    return gate, up, weight
+
+
+# Where each expert's values go: expert (or "shared") -> (the output's columns, the expert's
+# own neurons), slices for whole experts, index tensors for chosen neurons.
+_Plan = dict[int | str, tuple[slice | Tensor, slice | Tensor]]
+
+
+def _plan(
+    columns: int | Sequence[int], n_experts: int, d_ff: int, shared: int, device: torch.device
+) -> _Plan:
+    """For each expert (and "shared", ``shared`` neurons wide), which of ``columns`` it
+    fills from which of its neurons; the shared experts' neurons follow every routed one's."""
+    routed = n_experts * d_ff
+    if isinstance(columns, int):  # whole experts, in place: slices, no gathers
+        plan: _Plan = {e: (slice(e * d_ff, (e + 1) * d_ff), slice(None)) for e in range(n_experts)}
+        plan["shared"] = (slice(routed, routed + shared), slice(None))
+        return plan
+    grouped: dict[int | str, tuple[list[int], list[int]]] = {}
+    for place, neuron in enumerate(columns):
+        expert, own = divmod(int(neuron), d_ff) if neuron < routed else ("shared", neuron - routed)
+        into, taken = grouped.setdefault(expert, ([], []))
+        into.append(place)
+        taken.append(own)
+    return {
+        e: (torch.tensor(into, device=device), torch.tensor(taken, device=device))
+        for e, (into, taken) in grouped.items()
+    }

@@ -45,6 +45,14 @@
     }
   }
 
+  // A routed expert's neuron: the router's weight of the token for the expert, or that
+  // the expert did not get it (its values are 0 there, in no case).
+  function routed(text, i) {
+    if (!text.weights) return "";
+    const w = text.weights[i];
+    return w === null ? "\nnot routed to this expert" : `\nrouter weight ${w}`;
+  }
+
   function render(box) {
     const text = data.texts[box.dataset.text];
     const position = Number(box.dataset.position);
@@ -68,11 +76,12 @@
       const values = text.values.map((row) => row[i]);
       const v = values[quantity];
       const c = color(v, quantity);
-      span.className = "tok" + (v < 0 ? " negative" : "") + (i === position ? " max" : "");
+      span.className = "tok" + (v < 0 ? " negative" : "") + (i === position ? " max" : "")
+        + (text.weights && text.weights[i] === null ? " unrouted" : "");
       span.style.background = c.background;
       if (c.dark) span.style.color = "#fff";
       span.title = `token ${i}: ` + names.map((n, q) => `${n} = ${values[q]}`).join(", ")
-        + `\ncase: ${signCase(values[0], values[1])}`;
+        + `\ncase: ${signCase(values[0], values[1])}` + routed(text, i);
       appendVisible(span, text.tokens[i]);
       box.appendChild(span);
     }

@@ -1,0 +1,238 @@
+"""Mixture-of-experts atlases beyond the scan: recomputed expert neurons with their tokens'
+router weights, --refactor-glu per expert neuron, and neurons addressed layer.expert.neuron;
+each against a brute force from the raw 3-D weights and the router's own choice."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import gatescope
+from gatescope.arch import ExpertLayer, find_expert_layers
+from gatescope.corpus import TokenizedCorpus
+from gatescope.errors import GatescopeError
+from gatescope.loading import load_model
+from gatescope.recompute import recompute
+from tests.models import tiny_model, tiny_moe_model
+from tests.test_moe_scan import per_text_moe_activations
+from tests.test_recompute import assert_recomputed_equals_atlas
+from tests.test_scan import assert_atlas_matches, random_corpus
+
+K = 4
+
+
+def router_weights(model, corpus, layer: int) -> list[np.ndarray]:
+    """Per text [tokens, experts] the router's weight of each expert (NaN: not chosen), as
+    the MoE block hands it to its experts, each text run alone."""
+    experts = find_expert_layers(model)[layer]
+    assert isinstance(experts, ExpertLayer)
+    seen: list[tuple] = []
+    handle = experts.routed.module.register_forward_pre_hook(lambda _m, a: seen.append(a))
+    found = []
+    try:
+        for ids in corpus["input_ids"]:
+            seen.clear()
+            with torch.no_grad():
+                model(torch.tensor([ids]))
+            _hidden, index, weight = seen[0]
+            table = np.full((len(ids), experts.routed.n_experts), np.nan)
+            for slot in range(index.shape[1]):
+                table[np.arange(len(ids)), index[:, slot].numpy()] = weight[:, slot].numpy()
+            found.append(table)
+    finally:
+        handle.remove()
+    return found
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss"])
+def test_recomputed_expert_neurons_carry_their_tokens_router_weights(family):
+    model = tiny_moe_model(family, num_layers=2).double()
+    corpus = random_corpus(n_texts=7)
+    atlas = gatescope.scan(model, corpus, batch_size=3, k=K, progress=False)
+    record = atlas.meta.experts
+    assert record is not None
+    loaded, texts = load_model(model), TokenizedCorpus.open(corpus)
+    neurons = [0, record.d_ff + 5, 3 * record.d_ff + 31]  # experts 0, 1, 3
+    if record.shared:
+        neurons.append(record.n_experts * record.d_ff + 2)
+    # The atlas's top examples recompute to their stored values (routers weigh in float32).
+    assert assert_recomputed_equals_atlas(atlas, loaded, texts, 1, neurons, rtol=1e-4) > 20
+    expected, _, _ = per_text_moe_activations(model, corpus, atlas.d_mlp)
+    weights = router_weights(model, corpus, 1)
+    acts = recompute(loaded, texts, 1, neurons, list(range(7)), batch_size=3)
+    skipped = 0
+    for text, values in acts.items():
+        brute = expected[1][text][1]  # quantity -> [pos (BOS left out), neuron]
+        for i, neuron in enumerate(neurons):
+            for q, quantity in enumerate(("hook_pre", "hook_pre_linear", "swish", "hook_post")):
+                np.testing.assert_allclose(values.values[i, q, 1:], brute[quantity][:, neuron],
+                                           rtol=1e-4, atol=1e-6)  # fmt: skip
+            assert values.router_weight is not None
+            expert, _ = record.address(1, neuron) or (None, None)
+            want = weights[text][:, expert] if isinstance(expert, int) else math.nan
+            np.testing.assert_allclose(values.router_weight[i], np.broadcast_to(
+                want, values.router_weight[i].shape), rtol=1e-6)  # fmt: skip
+            if isinstance(expert, int):  # tokens not routed to the expert: values 0
+                unrouted = np.isnan(values.router_weight[i])
+                assert not values.values[i][:, unrouted].any()
+                skipped += int(unrouted.sum())
+    assert skipped > 0
+
+
+def test_a_dense_layer_of_an_moe_model_recomputes_without_router_weights():
+    model = tiny_moe_model("deepseek_v2", num_layers=2)  # layer 0 is a dense MLP
+    acts = recompute(load_model(model), TokenizedCorpus.open(random_corpus(n_texts=3)), 0,
+                     [0, 63], [0, 1, 2])  # fmt: skip
+    assert all(a.router_weight is None and a.values.shape[0] == 2 for a in acts.values())
+
+
+def flipped_neurons(model) -> int:
+    """Neurons with cos(w_gate, w_in) < 0, counted from the raw parameters: every routed
+    expert's rows of gate_up_proj, and the dense and shared MLPs' gate and up weights."""
+    count = 0
+    for name, parameter in model.named_parameters():
+        if name.endswith("experts.gate_up_proj"):  # [expert, 2 x d_ff, d_model]
+            gate, up = parameter.detach().chunk(2, dim=1)
+            count += int((torch.cosine_similarity(gate, up, dim=-1) < 0).sum())
+        elif name.endswith("gate_proj.weight"):
+            up = dict(model.named_parameters())[name.replace("gate_proj", "up_proj")]
+            count += int((torch.cosine_similarity(parameter, up, dim=-1) < 0).sum())
+    return count
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "olmoe"])
+def test_refactor_glu_flips_every_expert_neuron_and_restores_the_weights(family):
+    """Per expert neuron (and shared and dense ones): the scan's statistics are the brute
+    force's on the flipped weights, the model computes the same function with them, and the
+    weights come back bit for bit."""
+    from gatescope.arch import refactored_glu
+
+    model = tiny_moe_model(family, num_layers=2).double()
+    corpus = random_corpus(n_texts=6)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.tensor([corpus["input_ids"][0]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected_flips = flipped_neurons(model)
+    atlas = gatescope.scan(model, corpus, batch_size=3, k=K, refactor_glu=True, progress=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert atlas.meta.options.refactored_neurons == expected_flips > 0
+    with refactored_glu(find_expert_layers(model)) as flipped:
+        assert flipped == expected_flips and flipped_neurons(model) == 0
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, logits, rtol=1e-10, atol=1e-12)
+        texts, _, _ = per_text_moe_activations(model, corpus, atlas.d_mlp)
+    assert_atlas_matches(atlas, texts, K, rtol=1e-4)
+    loaded = load_model(model)  # pages recompute with the same flips
+    assert assert_recomputed_equals_atlas(atlas, loaded, TokenizedCorpus.open(corpus), 1,
+                                          [0, 40, 127], rtol=1e-4) > 10  # fmt: skip
+
+
+def test_refactor_glu_refuses_gpt_oss_experts_in_one_sentence():
+    model = tiny_moe_model("gpt_oss", num_layers=2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(GatescopeError, match=r"clamp\(up\) \+ 1.*cannot refactor"):
+        gatescope.scan(model, random_corpus(n_texts=3), k=K, refactor_glu=True, progress=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_neurons_are_found_by_layer_expert_neuron():
+    model = tiny_moe_model("deepseek_v3", num_layers=2)  # dense layer 0, 4 x 32 + 32 shared
+    atlas = gatescope.scan(model, random_corpus(n_texts=3), k=K, progress=False)
+    assert atlas.find_neuron("1.2.5") == (1, 69) and atlas.neuron_name(1, 69) == "1.2.5"
+    assert atlas.find_neuron("1.shared.4") == (1, 132) and atlas.neuron_name(1, 132) == "1.shared.4"
+    assert atlas.find_neuron("0.dense.63") == (0, 63) == atlas.find_neuron("0.63")
+    assert atlas.neuron_name(0, 63) == "0.dense.63" and atlas.find_neuron(" 1.69 ") == (1, 69)
+    for name, message in (
+        ("1.4.0", "layer 1 has no neuron 4.0"), ("1.shared.32", "has no neuron shared.32"),
+        ("0.0.1", "layer 0 has no neuron 0.1"), ("2.0.1", "layer 2 is out of range"),
+        ("0.100", "only padding"), ("1.x.3", "EXPERT.NEURON, e.g. 3.5.17"), ("1", "3.shared.4"),
+    ):  # fmt: skip
+        with pytest.raises(GatescopeError, match=message):
+            atlas.find_neuron(name)
+    summary = atlas.neuron(1, 69)
+    routing = summary.routing
+    assert routing is not None and (routing.expert, routing.neuron) == (2, 5) and routing.routed
+    routed = int(atlas.tensor("routed")[1, 2])
+    assert routing.seen == routed and routing.share == pytest.approx(routed / atlas.tokens)
+    assert routing.router_weight_mean == pytest.approx(
+        float(atlas.tensor("router_weight")[1, 2]) / routed
+    )
+    for case in routing.freq:
+        assert routing.freq[case] * routed == pytest.approx(summary.freq[case] * atlas.tokens)
+    shared = atlas.neuron(1, 132).routing
+    assert shared is not None and shared.expert == "shared" and not shared.routed
+    assert shared.seen == atlas.tokens and math.isnan(shared.router_weight_mean)
+    dense = gatescope.scan(tiny_model("llama"), random_corpus(n_texts=2), k=K, progress=False)
+    assert dense.neuron(0, 3).routing is None and dense.find_neuron("0.3") == (0, 3)
+    with pytest.raises(GatescopeError, match=r"write LAYER\.NEURON, e\.g\. 31\.9634"):
+        dense.find_neuron("0.1.3")
+
+
+def test_an_expert_neurons_page_shows_its_routing_and_each_tokens_router_weight(tmp_path):
+    """`gatescope page --neurons 1.2.5 1.shared.3`: the expert's routing, frequencies among its
+    tokens and among all, every example's router weight (that of the router's own choice),
+    its unrouted tokens marked; a shared neuron has none of the expert's."""
+    import datasets
+    from click.testing import CliRunner
+
+    from gatescope.atlas import Atlas
+    from gatescope.cli import cli
+    from gatescope.corpus import save_corpus
+    from gatescope.pages import page_file
+    from gatescope.records import CorpusRecipe
+    from tests.test_pages import page_data, shown_examples
+    from tests.tokenizers import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "model")
+    model = tiny_moe_model("qwen2_moe", num_layers=2)  # routed and shared experts
+    model.save_pretrained(tmp_path / "model")
+    texts = [f"text {i}: the <b>quick</b> fox & {'ab' * i}" for i in range(8)]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    corpus = datasets.Dataset.from_dict({"input_ids": ids, "source_id": [str(i) for i in range(8)]})
+    save_corpus(corpus, tmp_path / "corpus", recipe=CorpusRecipe(tokenizer=str(tmp_path / "model")))
+    run = CliRunner().invoke
+    folders = {name: str(tmp_path / name) for name in ("model", "corpus", "atlas")}
+    scan = run(cli, ["scan", "--model", folders["model"], "--corpus", folders["corpus"],
+                     "--out", folders["atlas"], "--k", "4"])  # fmt: skip
+    assert scan.exit_code == 0, scan.output
+    site = tmp_path / "site"
+    result = run(cli, ["page", str(tmp_path / "atlas"), "--neurons", "1.2.5", "1.shared.3",
+                       "--out", str(site)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    atlas = Atlas.load(tmp_path / "atlas")
+    weights = router_weights(model, corpus, 1)  # per text [token, expert]
+    expert_page = site / page_file(str(tmp_path / "model"), 1, 2 * 32 + 5)
+    html = expert_page.read_text()
+    assert "<h1>Neuron 1.2.5</h1>" in html and "expert 2 · neuron 5" in html
+    assert "frequency among the expert's tokens" in html and "among all tokens" in html
+    routed = int(atlas.tensor("routed")[1, 2])
+    assert f"was routed {routed:,} of the counted tokens" in html
+    data = page_data(expert_page)
+    shown = shown_examples(expert_page)
+    assert shown
+    stated = [float(w) for w in re.findall(r"· router weight ([0-9.e-]+)", html)]
+    assert len(stated) >= len(shown)  # every top example (and typical one) states its weight
+    for text, position, _value in shown:
+        want = weights[text][position, 2]
+        assert not math.isnan(want)  # an expert neuron's examples are tokens routed to it
+        assert data["texts"][str(text)]["weights"][position] == pytest.approx(want, rel=1e-3)
+    for key, text in data["texts"].items():  # null exactly where the expert did not get it
+        got = np.array([np.nan if w is None else w for w in text["weights"]])
+        computed = len(text["values"][0])
+        np.testing.assert_allclose(got[:computed], weights[int(key)][:computed, 2], rtol=1e-3)
+    shared_page = site / page_file(str(tmp_path / "model"), 1, 4 * 32 + 3)
+    html = shared_page.read_text()
+    assert "<h1>Neuron 1.shared.3</h1>" in html and "· router weight" not in html
+    assert "computes every token" in html
+    assert all("weights" not in t for t in page_data(shared_page)["texts"].values())
+    bad = run(cli, ["page", str(tmp_path / "atlas"), "-n", "1.4.0", "--out", str(site)])
+    assert bad.exit_code == 1 and "layer 1 has no neuron 4.0" in bad.output
+    assert "Traceback" not in bad.output
