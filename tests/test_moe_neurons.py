@@ -175,41 +175,52 @@ def test_neurons_are_found_by_layer_expert_neuron():
         dense.find_neuron("0.1.3")
 
 
+def moe_site_folders(root, family: str):
+    """A saved tiny MoE model of ``family`` with a character tokenizer, a corpus of texts
+    with HTML in them, and its atlas scanned through the CLI; returns the model and folders."""
+    import datasets
+    from click.testing import CliRunner
+
+    from gatescope.cli import cli
+    from gatescope.corpus import save_corpus
+    from gatescope.records import CorpusRecipe
+    from tests.tokenizers import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(root / "model")
+    model = tiny_moe_model(family, num_layers=2)
+    model.save_pretrained(root / "model")
+    texts = [f"text {i}: the <b>quick</b> fox & {'ab' * i}" for i in range(8)]
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    corpus = datasets.Dataset.from_dict({"input_ids": ids, "source_id": [str(i) for i in range(8)]})
+    save_corpus(corpus, root / "corpus", recipe=CorpusRecipe(tokenizer=str(root / "model")))
+    folders = {name: str(root / name) for name in ("model", "corpus", "atlas")}
+    args = ["--model", folders["model"], "--corpus", folders["corpus"], "--out", folders["atlas"]]
+    scan = CliRunner().invoke(cli, ["scan", *args, "--k", "4"])
+    assert scan.exit_code == 0, scan.output
+    return model, corpus, folders
+
+
 def test_an_expert_neurons_page_shows_its_routing_and_each_tokens_router_weight(tmp_path):
     """`gatescope page --neurons 1.2.5 1.shared.3`: the expert's routing, frequencies among its
     tokens and among all, every example's router weight (that of the router's own choice),
     its unrouted tokens marked; a shared neuron has none of the expert's."""
-    import datasets
     from click.testing import CliRunner
 
     from gatescope.atlas import Atlas
     from gatescope.cli import cli
-    from gatescope.corpus import save_corpus
     from gatescope.pages import page_file
-    from gatescope.records import CorpusRecipe
     from tests.test_pages import page_data, shown_examples
-    from tests.tokenizers import char_tokenizer
 
-    tokenizer = char_tokenizer()
-    tokenizer.save_pretrained(tmp_path / "model")
-    model = tiny_moe_model("qwen2_moe", num_layers=2)  # routed and shared experts
-    model.save_pretrained(tmp_path / "model")
-    texts = [f"text {i}: the <b>quick</b> fox & {'ab' * i}" for i in range(8)]
-    ids = [tokenizer(t)["input_ids"] for t in texts]
-    corpus = datasets.Dataset.from_dict({"input_ids": ids, "source_id": [str(i) for i in range(8)]})
-    save_corpus(corpus, tmp_path / "corpus", recipe=CorpusRecipe(tokenizer=str(tmp_path / "model")))
+    model, corpus, folders = moe_site_folders(tmp_path, "qwen2_moe")  # routed and shared
     run = CliRunner().invoke
-    folders = {name: str(tmp_path / name) for name in ("model", "corpus", "atlas")}
-    scan = run(cli, ["scan", "--model", folders["model"], "--corpus", folders["corpus"],
-                     "--out", folders["atlas"], "--k", "4"])  # fmt: skip
-    assert scan.exit_code == 0, scan.output
     site = tmp_path / "site"
-    result = run(cli, ["page", str(tmp_path / "atlas"), "--neurons", "1.2.5", "1.shared.3",
+    result = run(cli, ["page", folders["atlas"], "--neurons", "1.2.5", "1.shared.3",
                        "--out", str(site)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    atlas = Atlas.load(tmp_path / "atlas")
+    atlas = Atlas.load(folders["atlas"])
     weights = router_weights(model, corpus, 1)  # per text [token, expert]
-    expert_page = site / page_file(str(tmp_path / "model"), 1, 2 * 32 + 5)
+    expert_page = site / page_file(folders["model"], 1, 2 * 32 + 5)
     html = expert_page.read_text()
     assert "<h1>Neuron 1.2.5</h1>" in html and "expert 2 · neuron 5" in html
     assert "frequency among the expert's tokens" in html and "among all tokens" in html
@@ -228,11 +239,71 @@ def test_an_expert_neurons_page_shows_its_routing_and_each_tokens_router_weight(
         got = np.array([np.nan if w is None else w for w in text["weights"]])
         computed = len(text["values"][0])
         np.testing.assert_allclose(got[:computed], weights[int(key)][:computed, 2], rtol=1e-3)
-    shared_page = site / page_file(str(tmp_path / "model"), 1, 4 * 32 + 3)
+    shared_page = site / page_file(folders["model"], 1, 4 * 32 + 3)
     html = shared_page.read_text()
     assert "<h1>Neuron 1.shared.3</h1>" in html and "· router weight" not in html
     assert "computes every token" in html
     assert all("weights" not in t for t in page_data(shared_page)["texts"].values())
-    bad = run(cli, ["page", str(tmp_path / "atlas"), "-n", "1.4.0", "--out", str(site)])
+    bad = run(cli, ["page", folders["atlas"], "-n", "1.4.0", "--out", str(site)])
     assert bad.exit_code == 1 and "layer 1 has no neuron 4.0" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_the_server_serves_an_moe_atlas_by_layer_expert_neuron(tmp_path):
+    """The table has a row per expert neuron (no padding rows), its expert, routing and
+    frequencies among its tokens, filters by expert (``shared``, ``dense`` by name); pages,
+    probe and search address neurons layer.expert.neuron; what needs dense weights says so."""
+    from fastapi.testclient import TestClient
+
+    from gatescope.serve.app import create_app
+    from gatescope.serve.catalog import Catalog
+
+    _, _, folders = moe_site_folders(tmp_path, "deepseek_v3")  # dense layer 0, 4 x 32 + 32
+    client = TestClient(create_app(Catalog.open([folders["atlas"]])))
+    atlas = Catalog.open([folders["atlas"]]).get("atlas")
+    assert atlas is not None
+    record = atlas.atlas.meta.experts
+    assert record is not None and record.dense_layers == (0,)
+
+    def rows(filter_: str) -> dict:
+        answer = client.get("/api/atlas/atlas/neurons", params={"filter": filter_, "size": 500})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    whole = rows("")
+    assert whole["total"] == 64 + 4 * 32 + 32  # layer 0's padding (64-159) has no rows
+    keys = [c["key"] for c in whole["columns"]]
+    assert {"expert", "routing:share", "routing:weight", "routed:gate-_in-"} <= set(keys)
+    assert whole["names"][:2] == ["0.dense.0", "0.dense.1"] and whole["names"][64] == "1.0.0"
+    assert whole["names"][-1] == "1.shared.31"
+    column = {key: [row[i] for row in whole["rows"]] for i, key in enumerate(keys)}
+    routed = atlas.atlas.tensor("routed")[1]
+    for i in (64, 64 + 33, 64 + 127):
+        expert = (i - 64) // 32
+        assert column["expert"][i] == expert
+        assert column["routing:share"][i] == pytest.approx(int(routed[expert]) / atlas.atlas.tokens)
+        count = atlas.atlas.tensor("count")[1, 3, i - 64]
+        assert column["routed:gate-_in-"][i] == pytest.approx(int(count) / int(routed[expert]))
+    assert rows("expert = shared")["total"] == 32 and rows("expert = dense")["total"] == 64
+    assert rows("expert = 2 and layer = 1")["names"][0] == "1.2.0"
+    assert rows("expert 0-1")["total"] == 64
+    bad = client.get("/api/atlas/atlas/neurons", params={"filter": "expert = banana"})
+    assert bad.status_code == 400 and "named values: shared or dense" in bad.json()["detail"]
+
+    page = client.get("/atlas/atlas/neuron/1.2.5")
+    assert page.status_code == 200 and "<h1>Neuron 1.2.5</h1>" in page.text
+    assert "· router weight" in page.text and "weight lens and weight cosines" in page.text
+    assert 'href="1.2.4"' in page.text and 'href="1.2.6"' in page.text
+    assert client.get("/atlas/atlas/neuron/1.69").text == page.text  # the layer's index
+    shared = client.get("/api/atlas/atlas/neuron/1.shared.3")
+    assert shared.status_code == 200 and shared.json()["name"] == "1.shared.3"
+    assert client.get("/atlas/atlas/neuron/0.63").status_code == 200
+    for spec, says in (("0.100", "only padding"), ("1.4.0", "layer 1 has no neuron 4.0")):
+        answer = client.get(f"/api/atlas/atlas/neuron/{spec}")
+        assert answer.status_code == 404 and says in answer.json()["detail"]
+    probe = client.post("/atlas/atlas/probe", data={"text": "the quick fox", "layer": 1,
+                                                    "neuron": 69, "position": ""})  # fmt: skip
+    assert probe.status_code == 200 and 'href="neuron/1.2.5"' in probe.text
+    assert client.get("/atlas/atlas/search", params={"token": "q"}).status_code == 200
+    layers = client.get("/atlas/atlas/layers")
+    assert layers.status_code == 200 and "weight cosines" in layers.text

@@ -197,9 +197,9 @@ def test_hostile_corpus_text_stays_inert_on_a_served_page(client):
     ("path", "status", "says"),
     [
         ("/atlas/nope/", 404, "no atlas 'nope'"),
-        ("/atlas/atlas/neuron/1000000000.0", 404, "is not a neuron"),
-        ("/atlas/atlas/neuron/999999999.0", 404, "has no neuron 999999999.0"),
-        ("/atlas/atlas/neuron/0.99999", 404, "has no neuron 0.99999"),
+        ("/atlas/atlas/neuron/1000000000.0", 404, "layer 1000000000 is out of range"),
+        ("/atlas/atlas/neuron/999999999.0", 404, "layer 999999999 is out of range"),
+        ("/atlas/atlas/neuron/0.99999", 404, "neuron 99999 is out of range"),
         ("/atlas/atlas/neuron/-1.5", 404, "is not a neuron"),
         ("/atlas/atlas/neuron/abc", 404, "is not a neuron"),
         ("/api/atlas/atlas/neuron/3", 404, "is not a neuron"),
@@ -564,8 +564,8 @@ def test_a_probe_beyond_the_context_is_cut_with_a_note(client):
     [
         ({"text": "x" * 1_000_000, "layer": 0, "neuron": 0}, 422, "at most 100000 characters"),
         ({"text": "ab", "layer": 0, "neuron": 0, "position": 9}, 400, "tokens 0-2, not 9"),
-        ({"text": "ab", "layer": 5, "neuron": 0}, 404, "no neuron 5.0"),
-        ({"text": "ab", "layer": 0, "neuron": 64}, 404, "no neuron 0.64"),
+        ({"text": "ab", "layer": 5, "neuron": 0}, 404, "layer 5 is out of range"),
+        ({"text": "ab", "layer": 0, "neuron": 64}, 404, "neuron 64 is out of range"),
         ({"text": "ab", "layer": -1, "neuron": 0}, 422, "layer"),
         ({"text": "   ", "layer": 0, "neuron": 0}, 400, "type a text"),
         ({"layer": 0, "neuron": 0}, 422, "text"),

@@ -381,15 +381,6 @@ class Atlas:
             return self._tensors.shape(name)
         return tuple(self._tensors[name].shape)
 
-    def refuse_experts(self, what: str) -> None:
-        """Refuses, in one sentence, to do ``what`` with a mixture-of-experts atlas (what is
-        not built for expert neurons yet)."""
-        if self.meta.experts is not None:
-            raise GatescopeError(
-                f"{what} does not take mixture-of-experts atlases yet (this one has "
-                f"{self.meta.experts.n_experts} experts per layer); `gatescope scan` made it."
-            )
-
     def check_neuron(self, layer: int, index: int | None = None) -> None:
         """Refuses a layer (and neuron) the atlas does not have, in one sentence."""
         if not 0 <= layer < self.num_layers:

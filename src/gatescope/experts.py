@@ -158,8 +158,8 @@ def find_routed_experts(model: nn.Module) -> list[RoutedExperts]:
 
 
 def refusal(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
-    """One sentence: the model is a mixture of experts, what its experts are, and that only
-    the scan takes expert neurons so far."""
+    """One sentence: the model is a mixture of experts, what its experts are, and that what
+    reads dense MLPs alone (the weight lens and cosines) does not take it."""
     config = getattr(model, "config", None)
     model_name = getattr(config, "model_type", None) or type(model).__name__
     first = experts[0]
@@ -167,8 +167,9 @@ def refusal(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
     sizes = " or ".join(f"{n} experts of {d} neurons" for n, d in shapes)
     return (
         f"{model_name} is a mixture-of-experts model ({len(experts)} layers of {sizes}, the "
-        f"first in {first.name}, {type(first.module).__name__}): only `gatescope scan` takes "
-        "expert neurons so far, and its dense or shared-expert MLPs alone would misrepresent it."
+        f"first in {first.name}, {type(first.module).__name__}): the weight lens and weight "
+        "cosines read dense MLPs only, and its dense or shared-expert MLPs alone would "
+        "misrepresent it."
     )
 
 

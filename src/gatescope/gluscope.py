@@ -87,7 +87,12 @@ def to_gluscope_dataset(atlas: Atlas) -> datasets.Dataset:
 
     from gatescope.export import to_hf_dataset
 
-    atlas.refuse_experts("--format gluscope (GLUScope's exact schema has no expert column)")
+    if atlas.meta.experts is not None:
+        raise GatescopeError(
+            "--format gluscope cannot hold a mixture-of-experts atlas (GLUScope's schema has "
+            "no experts): export it with --format hf or parquet, whose rows are named "
+            "layer.expert.neuron."
+        )
 
     ours = to_hf_dataset(atlas)  # the superset; GLUScope's columns are among them
     table = ours.data.table

@@ -1,6 +1,7 @@
 """The FastAPI application of ``gatescope serve``: HTML pages and the JSON API they show.
 
-Routes (``NAME`` is an atlas's name in the catalog, ``L.N`` a neuron):
+Routes (``NAME`` is an atlas's name in the catalog, ``L.N`` a neuron: ``L.E.N`` or ``L.N``
+in a mixture of experts, :meth:`~gatescope.atlas.Atlas.find_neuron`):
 
 * ``/``: the atlases; ``/atlas/NAME/``: the neuron table (filter, sort, pages);
   ``/atlas/NAME/neuron/L.N``: a neuron's page, recomputed on first request and cached;
@@ -23,7 +24,6 @@ mistake) is 400, a missing atlas or neuron 404, a malformed parameter 422; HTML 
 from __future__ import annotations
 
 import dataclasses
-import re
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["create_app"]
 
 JSON = "application/json"
-_NEURON = re.compile(r"(\d{1,9})\.(\d{1,9})")
 _TABLE_DEFAULTS = {"filter": "", "sort": "layer", "order": "asc", "size": 50}
 
 
@@ -66,17 +65,12 @@ def create_app(catalog: Catalog) -> FastAPI:
         return atlas
 
     def neuron_of(atlas: ServedAtlas, spec: str) -> tuple[int, int]:
-        match = _NEURON.fullmatch(spec)
-        if match is None:
-            raise HTTPException(404, f"'{spec}' is not a neuron: write LAYER.NEURON, e.g. 3.141.")
-        layer, neuron = int(match[1]), int(match[2])
-        if layer >= atlas.atlas.num_layers or neuron >= atlas.atlas.d_mlp:
-            raise HTTPException(
-                404,
-                f"the atlas '{atlas.name}' has no neuron {layer}.{neuron}: it has "
-                f"{atlas.atlas.num_layers} layers of {atlas.atlas.d_mlp} neurons.",
-            )
-        return layer, neuron
+        """(layer, index) of ``L.N`` (or ``L.E.N`` in a mixture of experts); 404 if the
+        atlas has no such neuron."""
+        try:
+            return atlas.atlas.find_neuron(spec)
+        except GatescopeError as error:
+            raise HTTPException(404, str(error)) from None
 
     # ---------------------------------------------------------------- HTML
 
@@ -105,6 +99,7 @@ def create_app(catalog: Catalog) -> FastAPI:
         return render_server_page(
             "serve_table.html.j2",
             atlas=atlas,
+            experts=atlas.atlas.meta.experts is not None,
             table=rows,
             total_neurons=len(table),
             query=query,
@@ -490,6 +485,7 @@ def _table_json(rows: TablePage) -> dict[str, Any]:
     return {
         "columns": [{"key": c.key, "label": c.label} for c in rows.columns],
         "rows": rows.rows,
+        "names": rows.names,
         "total": rows.total,
         "page": rows.page,
         "pages": rows.pages,
@@ -499,10 +495,13 @@ def _table_json(rows: TablePage) -> dict[str, Any]:
 
 def _neighbours(atlas: ServedAtlas, layer: int, neuron: int) -> dict[str, str | None]:
     """A neuron page's links (relative: the neighbours' pages are its siblings)."""
-    layers, d = atlas.atlas.num_layers, atlas.atlas.d_mlp
 
     def link(lyr: int, n: int) -> str | None:
-        return f"{lyr}.{n}" if 0 <= lyr < layers and 0 <= n < d else None
+        try:
+            atlas.atlas.check_neuron(lyr, n)  # in range, and not a dense layer's padding
+        except GatescopeError:
+            return None
+        return atlas.atlas.neuron_name(lyr, n)
 
     return {
         "prev_neuron": link(layer, neuron - 1),

@@ -353,7 +353,6 @@ class Catalog:
         for path in map(Path, paths):
             name = _unique(_slug(path.resolve().name), {a.name for a in served})
             atlas = Atlas.load(path)
-            atlas.refuse_experts("gatescope serve")
             served.append(ServedAtlas(name, path, atlas, model, corpus))
         return cls(served)
 

@@ -6,7 +6,14 @@ stable argsort and a slice, however large the model.
 
 Filters are clauses joined by ``and``: ``COLUMN OP NUMBER`` (OP one of ``< <= > >= = !=``)
 or ``COLUMN A-B`` (inclusive). A column is named by its words in any order, e.g.
-``gate-_in- frequency > 0.2 and layer 20-31`` or ``p99 gate+_in+ >= 1``.
+``gate-_in- frequency > 0.2 and layer 20-31`` or ``p99 gate+_in+ >= 1``. Some values have
+names: a mixture of experts' ``expert = shared`` (and ``dense``).
+
+A mixture-of-experts atlas's table has a row per expert neuron (the padding of its dense
+layers left out) and, beside the columns of every atlas, the neuron's ``expert`` (its
+number; ``shared``, ``dense``), its ``expert share`` of the counted tokens (1 for shared and
+dense neurons), the expert's mean ``router weight`` and each case's ``routed frequency``
+(among the expert's tokens; ``frequency`` stays among all counted tokens).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 
 from gatescope.constants import CASES, QUANTILES, QUANTITIES
 from gatescope.errors import GatescopeError
+from gatescope.records import DENSE, PADDING, SHARED
 from gatescope.stats.distributions import bracket_estimates
 
 if TYPE_CHECKING:
@@ -39,7 +47,9 @@ _OPERATORS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
 _ALIASES = {"freq": "frequency", "==": "="}
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _COLUMN = r"(?P<column>[^<>=!]+?)"  # no operator inside a column's name
-_COMPARISON = re.compile(rf"^{_COLUMN}\s*(?P<op><=|>=|!=|==|<|>|=)\s*(?P<value>{_NUMBER})$")
+_COMPARISON = re.compile(
+    rf"^{_COLUMN}\s*(?P<op><=|>=|!=|==|<|>|=)\s*(?P<value>{_NUMBER}|[A-Za-z_]+)$"
+)
 _RANGE = re.compile(rf"^{_COLUMN}\s+(?P<low>{_NUMBER})\s*-\s*(?P<high>{_NUMBER})$")
 
 
@@ -49,6 +59,7 @@ class Column:
 
     key: str
     label: str
+    named: tuple[tuple[str, float], ...] = ()  # values a filter may give by name
 
     @property
     def words(self) -> frozenset[str]:
@@ -78,6 +89,7 @@ class TablePage:
 
     columns: tuple[Column, ...]
     rows: list[list[float | int | None]]
+    names: list[str]  # each row's neuron as addressed (Atlas.neuron_name)
     total: int  # rows that pass the filter
     page: int  # 1-based
     size: int
@@ -95,6 +107,7 @@ class NeuronTable:
     def __init__(self, atlas: Atlas, figures: WeightFigures | None = None) -> None:
         self.columns, data = _columns(atlas, figures)
         self._data = data  # key -> [neuron of the model] array
+        self._name = atlas.neuron_name
         self._order: dict[tuple[str, bool], np.ndarray] = {}  # sorted row indices, cached
 
     @property
@@ -133,7 +146,9 @@ class NeuronTable:
         order = self._sorted(sort, descending)
         chosen = order[keep[order]]
         rows = chosen[(page - 1) * size : page * size]
-        return TablePage(self.columns, self._rows(rows), len(chosen), page, size)
+        layer, neuron = self._data["layer"][rows].tolist(), self._data["neuron"][rows].tolist()
+        names = [self._name(lyr, n) for lyr, n in zip(layer, neuron, strict=True)]
+        return TablePage(self.columns, self._rows(rows), names, len(chosen), page, size)
 
     def _sorted(self, key: str, descending: bool) -> np.ndarray:
         """Row indices by ``key`` (NaN last, stable), cached per (key, direction)."""
@@ -168,7 +183,8 @@ def parse_filter(text: str, columns: Sequence[Column]) -> list[Condition]:
             raise GatescopeError(f"no column '{match['column']}': columns are {names}.")
         if "op" in match.groupdict():
             op = _ALIASES.get(match["op"], match["op"])
-            conditions.append(Condition(key, op, float(match["value"])))
+            column = next(c for c in columns if c.key == key)
+            conditions.append(Condition(key, op, _value(match["value"], column)))
         else:
             conditions.append(Condition(key, "range", float(match["low"]), float(match["high"])))
     return conditions
@@ -180,6 +196,19 @@ WEIGHT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("cos:gate_out", "cos gate-out", "cos_gate_out"),
     ("cos:in_out", "cos in-out", "cos_in_out"),
 )
+
+
+def _value(text: str, column: Column) -> float:
+    """A filter's value: a number, or one of the column's named values."""
+    named = dict(column.named)
+    if text.lower() in named:
+        return named[text.lower()]
+    try:
+        return float(text)
+    except ValueError:
+        names = " or ".join(named) or "none"
+        raise GatescopeError(f"'{text}' is not a value of {column.label}: write a number "
+                             f"(named values: {names}).") from None  # fmt: skip
 
 
 def _words(name: str) -> frozenset[str]:
@@ -205,7 +234,14 @@ def _columns(
     """The table's columns and their values over every neuron, read one layer at a time."""
     post = QUANTITIES.index("hook_post")
     columns = [Column("layer", "layer"), Column("neuron", "neuron")]
+    experts = atlas.meta.experts is not None
+    if experts:
+        columns += [Column("expert", "expert", (("shared", SHARED), ("dense", DENSE))),
+                    Column("routing:share", "expert share"),
+                    Column("routing:weight", "router weight")]  # fmt: skip
     columns += [Column(f"freq:{case}", f"{case} frequency") for case in CASES]
+    if experts:
+        columns += [Column(f"routed:{case}", f"{case} routed frequency") for case in CASES]
     columns += [Column(f"max:{case}", f"{case} max |hook_post|") for case in CASES]
     if figures is not None:
         if figures.shape != (atlas.num_layers, atlas.d_mlp):
@@ -221,23 +257,36 @@ def _columns(
     parts: dict[str, list[np.ndarray]] = {c.key: [] for c in columns}
     for layer in range(atlas.num_layers):
         stats = atlas.layer(layer)
+        routing = atlas.routing(layer)
+        found: dict[str, np.ndarray] = {}  # key -> [d] this layer's values
+        add = found.__setitem__
         d = stats.count.shape[1]
-        parts["layer"].append(np.full(d, layer, dtype=np.int32))
-        parts["neuron"].append(np.arange(d, dtype=np.int32))
+        add("layer", np.full(d, layer, dtype=np.int32))
+        add("neuron", np.arange(d, dtype=np.int32))
         freq = stats.count.double() / atlas.denominator  # [case, d]
         strongest = _strongest(stats.max[:, post], stats.min[:, post])  # [case, d]
         for c, case in enumerate(CASES):
-            parts[f"freq:{case}"].append(freq[c].numpy())
-            parts[f"max:{case}"].append(strongest[c])
+            add(f"freq:{case}", freq[c].numpy())
+            add(f"max:{case}", strongest[c])
+        if routing is not None:
+            add("expert", routing.code)
+            add("routing:share", routing.seen / atlas.denominator)
+            add("routing:weight", routing.router_weight_mean)
+            routed_freq = routing.freq(stats.count.numpy())  # [case, d]
+            for c, case in enumerate(CASES):
+                add(f"routed:{case}", routed_freq[c])
         if figures is not None:
             for key, _, name in WEIGHT_COLUMNS:
-                parts[key].append(getattr(figures, name)[layer])
+                add(key, getattr(figures, name)[layer])
         quantiles = stats.quantiles() if with_quantiles else None
         if quantiles is not None:  # [d, case, quantity, level, 2] brackets
             estimate = bracket_estimates(quantiles[:, :, post])  # [d, case, level]
             for level, (name, _) in enumerate(QUANTILES):
                 for c, case in enumerate(CASES):
-                    parts[f"{name}:{case}"].append(estimate[:, c, level])
+                    add(f"{name}:{case}", estimate[:, c, level])
+        kept = slice(None) if routing is None else routing.code != PADDING  # [d]
+        for key, values in found.items():
+            parts[key].append(values[kept])
     return tuple(columns), {key: np.concatenate(arrays) for key, arrays in parts.items()}
 
 
