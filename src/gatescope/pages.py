@@ -416,7 +416,11 @@ def neuron_page(
         "links": links,
         "cases": cases,
         "quantiles": [name for name, _ in QUANTILES],
-        "distributions": shown and _distribution_charts(shown, summary.freq),
+        # A routed expert's distributions are over its tokens: so are their frequencies.
+        "distributions": shown
+        and _distribution_charts(
+            shown, routing.freq if routing is not None and routing.routed else summary.freq
+        ),
         "data": {
             "quantities": list(QUANTITIES),
             "cases": list(CASES),

@@ -66,6 +66,10 @@ class Column:
         """The words that name it in a filter (any order)."""
         return _words(self.label)
 
+    def name_of(self, value: float | None) -> str | None:
+        """The name of a value (``shared`` for an expert column's -1), or None."""
+        return next((name for name, named in self.named if named == value), None)
+
 
 @dataclass(frozen=True)
 class Condition:
