@@ -292,7 +292,12 @@ def test_the_server_serves_an_moe_atlas_by_layer_expert_neuron(tmp_path):
 
     page = client.get("/atlas/atlas/neuron/1.2.5")
     assert page.status_code == 200 and "<h1>Neuron 1.2.5</h1>" in page.text
-    assert "· router weight" in page.text and "weight lens and weight cosines" in page.text
+    assert "· router weight" in page.text and "No weight lens" not in page.text
+    assert {"cos:gate_in", "cos:in_out"} <= set(keys)  # the experts' weights, from the model
+    lens = client.get("/api/atlas/atlas/neuron/1.2.5/weights").json()
+    related = lens["related"]["writes_gate"][0]
+    assert related["name"] == atlas.atlas.neuron_name(related["layer"], related["neuron"])
+    assert f'href="{related["name"]}"' in page.text
     assert 'href="1.2.4"' in page.text and 'href="1.2.6"' in page.text
     assert client.get("/atlas/atlas/neuron/1.69").text == page.text  # the layer's index
     shared = client.get("/api/atlas/atlas/neuron/1.shared.3")
@@ -305,5 +310,49 @@ def test_the_server_serves_an_moe_atlas_by_layer_expert_neuron(tmp_path):
                                                     "neuron": 69, "position": ""})  # fmt: skip
     assert probe.status_code == 200 and 'href="neuron/1.2.5"' in probe.text
     assert client.get("/atlas/atlas/search", params={"token": "q"}).status_code == 200
-    layers = client.get("/atlas/atlas/layers")
-    assert layers.status_code == 200 and "weight cosines" in layers.text
+    layers = client.get("/api/atlas/atlas/layer/1/correlation").json()
+    assert layers["neurons"] == 4 * 32 + 32 and layers["r"] is not None
+
+
+def raw_expert_weights(layer: ExpertLayer, expert: int):
+    """w_gate, w_in [d_ff, d_model] and w_out [d_model, d_ff] of one expert, straight from
+    the raw 3-D parameters (gpt-oss: transposed, gate and up interleaved)."""
+    module = layer.routed.module
+    gate_up, down = module.gate_up_proj[expert].detach(), module.down_proj[expert].detach()
+    if layer.routed.transposed:
+        return gate_up[:, 0::2].T, gate_up[:, 1::2].T, down.T
+    d_ff = layer.routed.d_ff
+    return gate_up[:d_ff], gate_up[d_ff:], down
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss", "granitemoe"])
+def test_an_moe_models_weights_are_its_experts_neurons_in_the_atlas_order(family):
+    from gatescope.weights import ModelWeights
+
+    model = tiny_moe_model(family, num_layers=2)
+    weights = ModelWeights.of_model(model)
+    layers = find_expert_layers(model)
+    width = max(layer.d_mlp for layer in layers)
+    assert (weights.num_layers, weights.d_mlp) == (2, width)
+    for index, layer in enumerate(layers):
+        found = weights.layer(index)
+        if not isinstance(layer, ExpertLayer):  # DeepSeek's dense first layer, zero-padded
+            torch.testing.assert_close(found.w_gate[: layer.d_mlp], layer.w_gate())
+            assert not found.w_gate[layer.d_mlp :].any() and not found.w_out[:, layer.d_mlp :].any()
+            continue
+        d_ff = layer.routed.d_ff
+        for expert in range(layer.routed.n_experts):
+            columns = slice(expert * d_ff, (expert + 1) * d_ff)
+            w_gate, w_in, w_out = raw_expert_weights(layer, expert)
+            torch.testing.assert_close(found.w_gate[columns], w_gate)
+            torch.testing.assert_close(found.w_in[columns], w_in)
+            torch.testing.assert_close(found.w_out[:, columns], w_out)
+        if layer.shared is not None:
+            start = layer.routed.n_experts * d_ff
+            torch.testing.assert_close(found.w_in[start : start + layer.shared.d_mlp],
+                                       layer.shared.w_in())  # fmt: skip
+    figures = weights.figures()
+    assert figures.shape == (2, width)
+    w_gate, w_in, _ = raw_expert_weights(layers[1], 3)  # expert 3, neuron 7
+    cos = torch.cosine_similarity(w_gate[7], w_in[7], dim=0)
+    assert figures.cos_gate_in[1, 3 * layers[1].routed.d_ff + 7] == pytest.approx(float(cos))

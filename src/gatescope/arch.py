@@ -374,11 +374,7 @@ class ExpertLayer:
 
     def glu_weights(self) -> list[GluWeights]:
         """Every routed expert's weights, then the shared experts', in the layer's neuron
-        order, as :func:`refactor_glu` flips them.
-
-        Raises:
-            GatescopeError: For experts whose x_in is not a projection (gpt-oss).
-        """
+        order (what :func:`refactor_glu` flips, and the weight lens reads)."""
         blocks = [GluWeights(*self.routed.glu_weights(e)) for e in range(self.routed.n_experts)]
         return blocks + (self.shared.glu_weights() if self.shared is not None else [])
 
@@ -563,8 +559,11 @@ def _apply_flips(
     Returns:
         The masks used, per layer.
     """
+    problems = [mlp.routed.refactor_problem() for mlp in mlps if isinstance(mlp, ExpertLayer)]
+    if any(problems):  # before any flip
+        raise GatescopeError(next(p for p in problems if p))
     used: list[Tensor] = []
-    layers = [mlp.glu_weights() for mlp in mlps]  # before any flip: gpt-oss's are refused
+    layers = [mlp.glu_weights() for mlp in mlps]
     with torch.no_grad():
         for i, (mlp, blocks) in enumerate(zip(mlps, layers, strict=True)):
             given = None if flips is None else flips[i].split([b.w_in.shape[0] for b in blocks])

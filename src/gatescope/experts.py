@@ -80,23 +80,27 @@ class RoutedExperts:
 
     def glu_weights(self, expert: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Views of expert ``expert``'s weights, one row (or column) per neuron: ``w_gate``
-        and ``w_in`` [d_ff, d_model], the up bias [d_ff] or None, ``w_out`` [d_model, d_ff].
-
-        Raises:
-            GatescopeError: For gpt-oss's clamped gate, whose x_in is not a projection.
-        """
-        if self.gate != "default":
-            raise GatescopeError(
-                f"{self.name} computes x_in = clamp(up) + 1 (gpt-oss), which a flip of up's "
-                "sign does not negate: --refactor-glu cannot refactor its experts."
-            )
+        and ``w_in`` [d_ff, d_model] (the rows of gate_up that x_gate and x_in come from),
+        the up bias [d_ff] or None, ``w_out`` [d_model, d_ff]."""
         gate_up = self.module.get_parameter("gate_up_proj").detach()[expert]
         down = self.module.get_parameter("down_proj").detach()[expert]
         if self.transposed:  # [d_model, 2 x d_ff] and [d_ff, d_model]
             gate_up, down = gate_up.T, down.T
         bias = getattr(self.module, "gate_up_proj_bias", None)
-        b_in = None if bias is None else bias.detach()[expert, self.d_ff :]
-        return gate_up[: self.d_ff], gate_up[self.d_ff :], b_in, down
+        # gpt-oss interleaves gate and up; the default gate has them as two halves.
+        gate, up = (slice(0, None, 2), slice(1, None, 2)) if self.gate == "clamped" else (
+            slice(0, self.d_ff), slice(self.d_ff, None))  # fmt: skip
+        b_in = None if bias is None else bias.detach()[expert, up]
+        return gate_up[gate], gate_up[up], b_in, down
+
+    def refactor_problem(self) -> str | None:
+        """Why ``--refactor-glu`` cannot flip these experts' neurons (None: it can)."""
+        if self.gate == "default":
+            return None
+        return (
+            f"{self.name} computes x_in = clamp(up) + 1 (gpt-oss), which a flip of up's sign "
+            "does not negate: --refactor-glu cannot refactor its experts."
+        )
 
     def split_gate(self, gate_up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x_gate, x_in and act(x_gate) [tokens, d_ff] of a ``gate_up`` [tokens, 2 x d_ff],
@@ -159,7 +163,8 @@ def find_routed_experts(model: nn.Module) -> list[RoutedExperts]:
 
 def refusal(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
     """One sentence: the model is a mixture of experts, what its experts are, and that what
-    reads dense MLPs alone (the weight lens and cosines) does not take it."""
+    takes dense MLPs alone (``find_gated_mlps``, reading weights from the checkpoint's files)
+    does not take it."""
     config = getattr(model, "config", None)
     model_name = getattr(config, "model_type", None) or type(model).__name__
     first = experts[0]
@@ -167,9 +172,9 @@ def refusal(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
     sizes = " or ".join(f"{n} experts of {d} neurons" for n, d in shapes)
     return (
         f"{model_name} is a mixture-of-experts model ({len(experts)} layers of {sizes}, the "
-        f"first in {first.name}, {type(first.module).__name__}): the weight lens and weight "
-        "cosines read dense MLPs only, and its dense or shared-expert MLPs alone would "
-        "misrepresent it."
+        f"first in {first.name}, {type(first.module).__name__}), whose dense or shared-expert "
+        "MLPs alone would misrepresent it: take its layers with find_mlp_layers, and its "
+        "weights from the loaded model (ModelWeights.of_model)."
     )
 
 

@@ -22,8 +22,11 @@ norm's per-dimension scale:
 
 The weights are read from the checkpoint's safetensors files, memory-mapped, one tensor at
 a time; the model is never loaded. Which tensor is which is found the way :mod:`arch` finds
-it in a loaded model, on a copy of the model built on the ``meta`` device (no memory). An
-atlas scanned with ``--refactor-glu`` gets the refactored signs (:func:`arch.glu_flips`).
+it in a loaded model, on a copy of the model built on the ``meta`` device (no memory). A
+mixture of experts' weights are read from the loaded model instead (its checkpoint stores
+the experts in its family's own layout, which transformers converts as it loads): each
+expert's neurons are neurons like a dense MLP's, in the atlas's order. An atlas scanned with
+``--refactor-glu`` gets the refactored signs (:func:`arch.glu_flips`).
 """
 
 from __future__ import annotations
@@ -191,15 +194,17 @@ class RelatedNeurons:
 
 
 class ModelWeights:
-    """A checkpoint's MLP weights and vocabulary matrices, read from its safetensors files.
+    """A model's MLP weights and vocabulary matrices: read from its checkpoint's safetensors
+    files (:meth:`open`, the model never loaded), or from a loaded model (:meth:`of_model`:
+    a mixture of experts, whose checkpoints store experts in each family's own layout and
+    transformers converts them as it loads).
 
-    Use :meth:`open`. Tensors are read when asked for; only the vocabulary matrices and the
-    final norm's scale are kept.
+    Tensors are read when asked for; only the vocabulary matrices and the final norm's scale
+    are kept.
     """
 
-    def __init__(self, tensors: _Tensors, layout: _Layout, *, refactor_glu: bool) -> None:
-        self._tensors = tensors
-        self._layout = layout
+    def __init__(self, source: _Checkpoint | _Loaded, *, refactor_glu: bool) -> None:
+        self._source = source
         self.refactor_glu = refactor_glu
         self._sign_cache: dict[int, Tensor] = {}
 
@@ -210,15 +215,22 @@ class ModelWeights:
         """The weights of ``model`` (a local folder or a hub id available offline)."""
         folder = _model_folder(str(model), revision)
         tensors = _Tensors(folder)
-        return cls(tensors, _Layout.of(folder, tensors), refactor_glu=refactor_glu)
+        return cls(_Checkpoint(tensors, _Layout.of(folder, tensors)), refactor_glu=refactor_glu)
+
+    @classmethod
+    def of_model(cls, model: nn.Module, *, refactor_glu: bool = False) -> ModelWeights:
+        """The weights of a loaded model (dense or a mixture of experts: a layer's neurons
+        are then every routed expert's in turn, then the shared experts', and a dense layer's
+        are followed by zero rows up to the widest layer, as in its atlas)."""
+        return cls(_Loaded(model), refactor_glu=refactor_glu)
 
     @property
     def num_layers(self) -> int:
-        return len(self._layout.mlps)
+        return self._source.num_layers
 
     @property
     def d_mlp(self) -> int:
-        return self._layout.d_mlp
+        return self._source.d_mlp
 
     def layer(self, layer: int) -> LayerWeights:
         """Layer ``layer``'s weights (float32; refactored signs when ``refactor_glu``)."""
@@ -228,23 +240,12 @@ class ModelWeights:
         """One of layer ``layer``'s weights, float32, refactored when ``refactor_glu``:
         ``"gate"`` or ``"in"`` ``[d_mlp, d_model]``, ``"out"`` ``[d_model, d_mlp]``."""
         if which == "gate":
-            return self._stored(layer, "gate")
+            return self._source.stored(layer, "gate")
         if which == "in":
-            return self._stored(layer, "in") * self._signs(layer)[:, None]
+            return self._source.stored(layer, "in") * self._signs(layer)[:, None]
         if which == "out":
-            return self._stored(layer, "out") * self._signs(layer)[None, :]
+            return self._source.stored(layer, "out") * self._signs(layer)[None, :]
         raise ValueError(f"no weight '{which}': gate, in or out")
-
-    def _stored(self, layer: int, which: str) -> Tensor:
-        """A weight as the checkpoint stores it (float32, signs unchanged)."""
-        gate_key, in_key, out_key = self._layout.mlps[layer]
-        d = self.d_mlp
-        fused = gate_key == in_key  # one gate_up_proj: the gate's rows first
-        if which == "gate":
-            return self._tensors.get(gate_key, rows=slice(0, d) if fused else None)
-        if which == "in":
-            return self._tensors.get(in_key, rows=slice(d, 2 * d) if fused else None)
-        return self._tensors.get(out_key)
 
     def _signs(self, layer: int) -> Tensor:
         """[d_mlp] +1, or -1 for the neurons ``refactor_glu`` flips (exact: a product by
@@ -254,7 +255,8 @@ class ModelWeights:
 
             signs = torch.ones(self.d_mlp)
             if self.refactor_glu:
-                flips = glu_flips(self._stored(layer, "gate"), self._stored(layer, "in"))
+                stored = self._source.stored
+                flips = glu_flips(stored(layer, "gate"), stored(layer, "in"))
                 signs = 1 - 2 * flips.float()
             self._sign_cache[layer] = signs
         return self._sign_cache[layer]
@@ -268,21 +270,93 @@ class ModelWeights:
 
     @cached_property
     def unembedding(self) -> Tensor:
-        """``[vocab, d_model]`` in the checkpoint's dtype (the embedding itself when tied)."""
-        if self._layout.unembedding == self._layout.embedding:
-            return self.embedding
-        return self._tensors.get(self._layout.unembedding, keep_dtype=True)
+        """``[vocab, d_model]`` in the model's dtype (the embedding itself when tied)."""
+        return self._source.unembedding()
 
     @cached_property
     def embedding(self) -> Tensor:
-        """``[vocab, d_model]`` in the checkpoint's dtype."""
-        return self._tensors.get(self._layout.embedding, keep_dtype=True)
+        """``[vocab, d_model]`` in the model's dtype."""
+        return self._source.embedding()
 
     @cached_property
     def final_scale(self) -> Tensor | None:
         """``[d_model]`` the final norm's per-dimension scale, or None when the model has no
         final norm that gatescope recognizes."""
+        return self._source.final_scale()
+
+
+class _Checkpoint:
+    """A checkpoint's weights, from its safetensors files (:meth:`ModelWeights.open`)."""
+
+    def __init__(self, tensors: _Tensors, layout: _Layout) -> None:
+        self._tensors = tensors
+        self._layout = layout
+        self.num_layers = len(layout.mlps)
+        self.d_mlp = layout.d_mlp
+
+    def stored(self, layer: int, which: str) -> Tensor:
+        """A weight as the checkpoint stores it (float32, signs unchanged)."""
+        gate_key, in_key, out_key = self._layout.mlps[layer]
+        d = self.d_mlp
+        fused = gate_key == in_key  # one gate_up_proj: the gate's rows first
+        if which == "gate":
+            return self._tensors.get(gate_key, rows=slice(0, d) if fused else None)
+        if which == "in":
+            return self._tensors.get(in_key, rows=slice(d, 2 * d) if fused else None)
+        return self._tensors.get(out_key)
+
+    def unembedding(self) -> Tensor:
+        if self._layout.unembedding == self._layout.embedding:
+            return self.embedding()
+        return self._tensors.get(self._layout.unembedding, keep_dtype=True)
+
+    def embedding(self) -> Tensor:
+        return self._tensors.get(self._layout.embedding, keep_dtype=True)
+
+    def final_scale(self) -> Tensor | None:
         return self._layout.final_scale(self._tensors)
+
+
+class _Loaded:
+    """A loaded model's weights (:meth:`ModelWeights.of_model`), copied to the CPU in
+    float32 one layer at a time."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from gatescope.arch import find_mlp_layers
+
+        self._model = model
+        self._layers = find_mlp_layers(model)
+        self.num_layers = len(self._layers)
+        self.d_mlp = max(layer.d_mlp for layer in self._layers)
+
+    def stored(self, layer: int, which: str) -> Tensor:
+        """A layer's weight, every block's (an expert's, the shared or dense MLP's) rows or
+        columns in the layer's neuron order, zeros up to the widest layer."""
+        blocks = self._layers[layer].glu_weights()
+        if which == "out":  # [d_model, neurons]
+            found = torch.cat([b.w_out.float().cpu() for b in blocks], dim=1)
+            return nn.functional.pad(found, (0, self.d_mlp - found.shape[1]))
+        rows = [(b.w_gate if which == "gate" else b.w_in).float().cpu() for b in blocks]
+        found = torch.cat(rows)  # [neurons, d_model]
+        return nn.functional.pad(found, (0, 0, 0, self.d_mlp - found.shape[0]))
+
+    def unembedding(self) -> Tensor:
+        from gatescope.arch import unembedding
+
+        return unembedding(self._model).cpu()
+
+    def embedding(self) -> Tensor:
+        embeddings = self._model.get_input_embeddings()  # pyright: ignore[reportCallIssue]
+        return embeddings.weight.detach().cpu()
+
+    def final_scale(self) -> Tensor | None:
+        import copy
+
+        _, norm = _final_norm(self._model)
+        if norm is None:
+            return None
+        d_model = self._layers[0].glu_weights()[0].w_gate.shape[1]
+        return _norm_scale(copy.deepcopy(norm).float().cpu(), d_model)
 
 
 def weight_lens(
@@ -455,11 +529,8 @@ class _Layout:
         return cls(tuple(mlps), d_model, d_mlp, embedding, unembedding, norm, norm_name)
 
     def final_scale(self, tensors: _Tensors) -> Tensor | None:
-        """The final norm's scale per dimension: its output for a zero-mean input of
-        alternating signs ``x = c * sign``, minus that for ``-x``, over ``2 * sign``. For an
-        RMSNorm ``w * x / rms(x)`` (Gemma: ``(1 + w)``) and a LayerNorm ``w * (x - mean) /
-        std + b`` this is ``w`` (resp. ``1 + w``), whatever the norm's class; ``c`` is large
-        so that the norm's epsilon changes nothing."""
+        """The final norm's scale per dimension (:func:`_norm_scale`), its parameters read
+        from the checkpoint."""
         if self.final_norm is None:
             return None
         norm = self.final_norm.to_empty(device="cpu").float()
@@ -469,14 +540,23 @@ class _Layout:
             for name, _ in norm.named_parameters()
         }
         norm.load_state_dict(state, strict=False)
-        if self.d_model % 2:  # no zero-mean input of alternating signs
-            return None
-        sign = torch.ones(self.d_model)
-        sign[1::2] = -1
-        x = 1024.0 * sign
-        with torch.no_grad():
-            scale = (norm(x[None]) - norm(-x[None]))[0] / (2 * sign)
-        return scale if bool(torch.isfinite(scale).all()) else None
+        return _norm_scale(norm, self.d_model)
+
+
+def _norm_scale(norm: nn.Module, d_model: int) -> Tensor | None:
+    """A final norm's scale per dimension (float32, on the CPU): its output for a zero-mean
+    input of alternating signs ``x = c * sign``, minus that for ``-x``, over ``2 * sign``. For
+    an RMSNorm ``w * x / rms(x)`` (Gemma: ``(1 + w)``) and a LayerNorm ``w * (x - mean) /
+    std + b`` this is ``w`` (resp. ``1 + w``), whatever the norm's class; ``c`` is large so
+    that the norm's epsilon changes nothing. None where it cannot be read so."""
+    if d_model % 2:  # no zero-mean input of alternating signs
+        return None
+    sign = torch.ones(d_model)
+    sign[1::2] = -1
+    x = 1024.0 * sign
+    with torch.no_grad():
+        scale = (norm(x[None]) - norm(-x[None]))[0] / (2 * sign)
+    return scale if bool(torch.isfinite(scale).all()) else None
 
 
 class _Names:

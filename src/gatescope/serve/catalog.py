@@ -2,11 +2,12 @@
 
 An atlas is opened (memory-mapped) when the server starts. Its model, corpus and tokenizer
 load on the first request that needs a recomputation, once, and stay; its model's weights
-(:mod:`gatescope.weights`, memory-mapped safetensors) open on the first request that needs
-them. Each neuron's page data and weight lens, and the whole model's weight figures, are
-computed once and kept on disk: in ``ATLAS/serve-cache/``, or under the user's cache folder
-when the atlas folder is read-only, in a folder named after a hash of the atlas's
-``atlas.json`` (a rescanned atlas gets fresh pages).
+(:mod:`gatescope.weights`, memory-mapped safetensors; a mixture of experts' from the loaded
+model) open on the first request that needs them. Each neuron's page data and weight lens,
+and the whole model's weight figures, are computed once and kept on disk: in
+``ATLAS/serve-cache/``, or under the user's cache folder when the atlas folder is
+read-only, in a folder named after a hash of the atlas's ``atlas.json`` (a rescanned atlas
+gets fresh pages).
 """
 
 from __future__ import annotations
@@ -255,7 +256,10 @@ class ServedAtlas:
                         {"token": token, "text": text, "score": score}
                         for (token, score), text in zip(projection[end], texts, strict=True)
                     ]
-            related = related_neurons(weights, figures, layer, neuron)
+            related = _plain(related_neurons(weights, figures, layer, neuron))
+            for entries in related.values():  # each as addressed (layer.expert.neuron)
+                for entry in entries:
+                    entry["name"] = self.atlas.neuron_name(entry["layer"], entry["neuron"])
             return plain_json({"lens": found, "related": related})
 
         name = f"L{layer}-N{neuron}.lens-{self._model_digest}.json"
@@ -315,12 +319,17 @@ class ServedAtlas:
             if self._weights is None and self.weights_problem is None:
                 name = self._model_name
                 revision = None if self.model else self.atlas.meta.model.revision
+                refactor = self.atlas.meta.options.refactor_glu
                 try:
                     if not name:
                         raise GatescopeError("the atlas does not name its model: pass --model.")
-                    self._weights = ModelWeights.open(
-                        name, revision=revision, refactor_glu=self.atlas.meta.options.refactor_glu
-                    )
+                    if self.atlas.meta.experts is not None:  # experts: from the loaded model
+                        with self._lock:
+                            model = self._loaded_model().model
+                        self._weights = ModelWeights.of_model(model, refactor_glu=refactor)
+                    else:
+                        self._weights = ModelWeights.open(name, revision=revision,
+                                                          refactor_glu=refactor)  # fmt: skip
                 except GatescopeError as error:
                     self.weights_problem = str(error)
         return self._weights
