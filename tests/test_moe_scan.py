@@ -228,3 +228,18 @@ def test_an_moe_atlas_exports_with_an_expert_column_and_imports_back(tmp_path, f
 
 def _parse(expert: str) -> tuple[int | str]:
     return (int(expert),) if expert.isdigit() else (expert,)
+
+
+def test_a_batch_split_into_chunks_gives_the_same_atlas(monkeypatch):
+    """The dense rows are built a few texts at a time: each chunk takes its slice of every
+    expert's tokens, and one text per chunk gives the atlas of the whole batch at once."""
+    import gatescope.stats.routed as routed
+    from tests.test_scale import assert_same_atlas
+
+    model = tiny_moe_model("qwen2_moe", num_layers=2)
+    corpus = random_corpus(n_texts=7)
+    whole = gatescope.scan(model, corpus, batch_size=4, k=K, progress=False)
+    monkeypatch.setattr(routed, "CHUNK_ELEMENTS", 1)  # a text per chunk
+    chunked = gatescope.scan(model, corpus, batch_size=4, k=K, progress=False)
+    assert_same_atlas(chunked, whole, values_rtol=0)
+    assert torch.equal(chunked.tensor("routed"), whole.tensor("routed"))

@@ -100,23 +100,34 @@ def layer_values(
     weight = torch.full_like(gate, math.nan) if weights else None
     shared = forward.shared[0].shape[-1] if forward.shared is not None else 0
     plan = _plan(columns, n_experts, d_ff, shared, device)
-    for expert, token, expert_gate, expert_up, router_weight in forward.experts:
-        if expert not in plan:
-            continue
+    wanted = [e for e in forward.experts if e[0] in plan]
+    for (expert, token, expert_gate, expert_up, router_weight), (first, last) in zip(
+        wanted, _spans([e[1] for e in wanted], start, stop), strict=True
+    ):
         into, taken = plan[expert]
-        inside = (token >= start) & (token < stop)
-        row = token[inside] - start
+        row = token[first:last] - start
         rows_of = row if isinstance(into, slice) else row[:, None]
-        gate[rows_of, into] = expert_gate[inside][:, taken].to(dtype)
-        up[rows_of, into] = expert_up[inside][:, taken].to(dtype)
+        gate[rows_of, into] = expert_gate[first:last][:, taken].to(dtype)
+        up[rows_of, into] = expert_up[first:last][:, taken].to(dtype)
         if weight is not None:
-            weight[rows_of, into] = router_weight[inside][:, None].to(dtype)
+            weight[rows_of, into] = router_weight[first:last][:, None].to(dtype)
     if forward.shared is not None and "shared" in plan:
         shared_gate, shared_up = forward.shared  # [rows of the batch, shared]
         into, taken = plan["shared"]
         gate[:, into] = shared_gate[start:stop][:, taken].to(dtype)
         up[:, into] = shared_up[start:stop][:, taken].to(dtype)
     return gate, up, weight
+
+
+def _spans(tokens: Sequence[Tensor], start: int, stop: int) -> list[tuple[int, int]]:
+    """Per expert, the slice of its (ascending) routed tokens that lies in rows
+    ``start:stop``: found on the device for all experts at once, so that a GPU makes the
+    host wait once per call rather than once per expert (as a boolean mask would)."""
+    if not tokens:
+        return []
+    bounds = torch.tensor([start, stop], device=tokens[0].device)
+    found = torch.stack([torch.searchsorted(token, bounds) for token in tokens]).tolist()
+    return [(int(first), int(last)) for first, last in found]
 
 
 # Where each expert's values go: expert (or "shared") -> (the output's columns, the expert's
