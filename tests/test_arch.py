@@ -311,7 +311,7 @@ def test_mixture_of_experts_models_are_found_and_refused_in_one_sentence(family:
     layers = 2 if dense_first else 3
     assert message.startswith(f"{family} is a mixture-of-experts model ({layers} layers of 4 "
                               f"experts of 32 neurons, the first in {experts[0].name}")  # fmt: skip
-    assert "ModelWeights.of_model" in message and "\n" not in message
+    assert "read from the loaded model" in message and "\n" not in message
 
 
 def test_dense_models_have_no_routed_experts() -> None:

@@ -152,7 +152,9 @@ def test_neurons_are_found_by_layer_expert_neuron():
     for name, message in (
         ("1.4.0", "layer 1 has no neuron 4.0"), ("1.shared.32", "has no neuron shared.32"),
         ("0.0.1", "layer 0 has no neuron 0.1"), ("2.0.1", "layer 2 is out of range"),
-        ("0.100", "only padding"), ("1.x.3", "EXPERT.NEURON, e.g. 3.5.17"), ("1", "3.shared.4"),
+        ("0.100", "layer 0 has neurons 0-63; 100 is only padding"),
+        ("1.x.3", "EXPERT.NEURON, e.g. 3.5.17"), ("1", "3.shared.4"),
+        ("1.2." + "9" * 5000, "is not a neuron"), ("1.2.\u0665", "is not a neuron"),
     ):  # fmt: skip
         with pytest.raises(GatescopeError, match=message):
             atlas.find_neuron(name)
@@ -175,9 +177,10 @@ def test_neurons_are_found_by_layer_expert_neuron():
         dense.find_neuron("0.1.3")
 
 
-def moe_site_folders(root, family: str):
-    """A saved tiny MoE model of ``family`` with a character tokenizer, a corpus of texts
-    with HTML in them, and its atlas scanned through the CLI; returns the model and folders."""
+def moe_site_folders(root, family: str, texts: list[str] | None = None, **model_args):
+    """A saved tiny MoE model of ``family`` (``model_args`` for :func:`tiny_moe_model`) with a
+    character tokenizer, a corpus of ``texts`` (default: texts with HTML in them), and its
+    atlas scanned through the CLI; returns the model, the corpus and the folders."""
     import datasets
     from click.testing import CliRunner
 
@@ -188,11 +191,12 @@ def moe_site_folders(root, family: str):
 
     tokenizer = char_tokenizer()
     tokenizer.save_pretrained(root / "model")
-    model = tiny_moe_model(family, num_layers=2)
+    model = tiny_moe_model(family, num_layers=2, **model_args)
     model.save_pretrained(root / "model")
-    texts = [f"text {i}: the <b>quick</b> fox & {'ab' * i}" for i in range(8)]
+    texts = texts or [f"text {i}: the <b>quick</b> fox & {'ab' * i}" for i in range(8)]
     ids = [tokenizer(t)["input_ids"] for t in texts]
-    corpus = datasets.Dataset.from_dict({"input_ids": ids, "source_id": [str(i) for i in range(8)]})
+    sources = [str(i) for i in range(len(texts))]
+    corpus = datasets.Dataset.from_dict({"input_ids": ids, "source_id": sources})
     save_corpus(corpus, root / "corpus", recipe=CorpusRecipe(tokenizer=str(root / "model")))
     folders = {name: str(root / name) for name in ("model", "corpus", "atlas")}
     args = ["--model", folders["model"], "--corpus", folders["corpus"], "--out", folders["atlas"]]
@@ -356,3 +360,60 @@ def test_an_moe_models_weights_are_its_experts_neurons_in_the_atlas_order(family
     w_gate, w_in, _ = raw_expert_weights(layers[1], 3)  # expert 3, neuron 7
     cos = torch.cosine_similarity(w_gate[7], w_in[7], dim=0)
     assert figures.cos_gate_in[1, 3 * layers[1].routed.d_ff + 7] == pytest.approx(float(cos))
+
+
+def test_a_page_of_an_expert_the_router_never_chose_says_so(tmp_path):
+    """16 experts for a handful of tokens: some expert sees none; its page (static and
+    served) shows no frequencies among its tokens rather than failing."""
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from gatescope.atlas import Atlas
+    from gatescope.cli import cli
+    from gatescope.serve.app import create_app
+    from gatescope.serve.catalog import Catalog
+
+    _, _, folders = moe_site_folders(tmp_path, "qwen3_moe", ["ab", "cd"], experts=16, d_ff=8)
+    atlas = Atlas.load(folders["atlas"])
+    never = [e for e in range(16) if int(atlas.tensor("routed")[1, e]) == 0]
+    assert never
+    name = f"1.{never[0]}.0"
+    result = CliRunner().invoke(cli, ["page", folders["atlas"], "-n", name, "--out",
+                                      str(tmp_path / "site")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    client = TestClient(create_app(Catalog.open([folders["atlas"]])))
+    page = client.get(f"/atlas/atlas/neuron/{name}")
+    assert page.status_code == 200 and "was routed 0 of the counted tokens" in page.text
+    assert "no tokens" in page.text and "nan" not in page.text.lower().split("<script")[0]
+
+
+def test_top_neurons_of_a_layer_leave_its_padding_out():
+    from gatescope.pages import top_neurons
+
+    model = tiny_moe_model("deepseek_v3", num_layers=2)  # dense layer 0: 64 of 160 neurons
+    atlas = gatescope.scan(model, random_corpus(n_texts=4), k=K, progress=False)
+    for by in ("strongest", "gate-_in-"):
+        found = top_neurons(atlas, 0, 100, by)
+        assert len(found) == 64 and max(found) == 63
+
+
+def test_an_moe_models_weights_are_copied_under_the_given_lock():
+    """A recomputation flips a model's weights in place under the server's lock: the weights
+    are copied out under it too."""
+    import threading
+
+    from gatescope.weights import ModelWeights
+
+    lock = threading.Lock()
+    model = tiny_moe_model("olmoe", num_layers=2)
+    weights = ModelWeights.of_model(model, lock=lock)
+    lock.acquire()
+    reader = threading.Thread(target=weights.layer, args=(1,))
+    reader.start()
+    reader.join(timeout=0.5)
+    assert reader.is_alive()  # waits for the lock
+    lock.release()
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    with pytest.raises(GatescopeError, match=r"clamp\(up\) \+ 1"):
+        ModelWeights.of_model(tiny_moe_model("gpt_oss", num_layers=2), refactor_glu=True)

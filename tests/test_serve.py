@@ -197,7 +197,7 @@ def test_hostile_corpus_text_stays_inert_on_a_served_page(client):
     ("path", "status", "says"),
     [
         ("/atlas/nope/", 404, "no atlas 'nope'"),
-        ("/atlas/atlas/neuron/1000000000.0", 404, "layer 1000000000 is out of range"),
+        ("/atlas/atlas/neuron/1000000000.0", 404, "is not a neuron"),
         ("/atlas/atlas/neuron/999999999.0", 404, "layer 999999999 is out of range"),
         ("/atlas/atlas/neuron/0.99999", 404, "neuron 99999 is out of range"),
         ("/atlas/atlas/neuron/-1.5", 404, "is not a neuron"),

@@ -38,6 +38,7 @@ __all__ = [
     "find_mlp_layers",
     "glu_flips",
     "refactor_glu",
+    "refactor_problem",
     "refactored_glu",
     "unembedding",
 ]
@@ -529,6 +530,13 @@ def refactored_glu(mlps: Sequence[GatedMLP | ExpertLayer]) -> Iterator[int]:
         _apply_flips(mlps, flips)
 
 
+def refactor_problem(mlps: Sequence[GatedMLP | ExpertLayer]) -> str | None:
+    """Why :func:`refactor_glu` cannot refactor these layers, in one sentence (None: it
+    can): gpt-oss's experts, whose x_in is not a projection."""
+    problems = (mlp.routed.refactor_problem() for mlp in mlps if isinstance(mlp, ExpertLayer))
+    return next((problem for problem in problems if problem), None)
+
+
 def glu_flips(w_gate: Tensor, w_in: Tensor) -> Tensor:
     """The neurons that :func:`refactor_glu` flips: ``cos(w_gate, w_in) < 0``.
 
@@ -559,9 +567,9 @@ def _apply_flips(
     Returns:
         The masks used, per layer.
     """
-    problems = [mlp.routed.refactor_problem() for mlp in mlps if isinstance(mlp, ExpertLayer)]
-    if any(problems):  # before any flip
-        raise GatescopeError(next(p for p in problems if p))
+    problem = refactor_problem(mlps)
+    if problem:  # before any flip
+        raise GatescopeError(problem)
     used: list[Tensor] = []
     layers = [mlp.glu_weights() for mlp in mlps]
     with torch.no_grad():

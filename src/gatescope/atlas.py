@@ -394,8 +394,8 @@ class Atlas:
         experts = self.meta.experts
         if index is not None and experts is not None and experts.address(layer, index) is None:
             raise GatescopeError(
-                f"layer {layer} is dense with neurons 0-{experts.dense_d_mlp - 1}; {index} is "
-                "only padding to the width of its expert layers."
+                f"layer {layer} has neurons 0-{experts.neurons(layer) - 1}; {index} is only "
+                f"padding to the atlas's width of {self.d_mlp}."
             )
 
     def neuron_name(self, layer: int, index: int) -> str:
@@ -416,7 +416,8 @@ class Atlas:
             GatescopeError: For anything else, or a neuron the atlas does not have.
         """
         experts = self.meta.experts
-        match = re.fullmatch(r"\s*(\d+)\.(?:(\d+|shared|dense)\.)?(\d+)\s*", name)
+        number = "[0-9]{1,9}"  # ASCII digits, few enough for an int of any platform
+        match = re.fullmatch(rf"\s*({number})\.(?:({number}|shared|dense)\.)?({number})\s*", name)
         if not match or (match[2] is not None and experts is None):
             form = ("LAYER.EXPERT.NEURON, e.g. 3.5.17 or 3.shared.4 (or LAYER.NEURON, its "
                     "index in the layer)" if experts else "LAYER.NEURON, e.g. 31.9634")  # fmt: skip
@@ -439,7 +440,7 @@ class Atlas:
         if experts is None:
             return None
         self.check_neuron(layer)
-        code, neuron = (a[layer] for a in experts.layout(layer + 1))
+        code, neuron = experts.layout(layer)
         routed = self._read("routed", layer).numpy()  # [expert]
         weight = self._read("router_weight", layer).numpy()
         expert = np.maximum(code, 0)

@@ -342,7 +342,7 @@ def import_(source, out, model, corpus_path, refactor_glu, tokens, overwrite) ->
     multiple=True,
     metavar="L.N ...",
     help="Neurons as LAYER.NEURON, e.g. --neurons 31.9634 5.10602; in a mixture of experts "
-    "also LAYER.EXPERT.NEURON (EXPERT a number or shared), e.g. 3.5.17.",
+    "also LAYER.EXPERT.NEURON (EXPERT a number, shared or dense), e.g. 3.5.17.",
 )
 @click.option("--layer", type=int, default=None, help="With --top: the layer to pick from.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Pick the N top neurons.")

@@ -172,9 +172,9 @@ def refusal(model: nn.Module, experts: Sequence[RoutedExperts]) -> str:
     sizes = " or ".join(f"{n} experts of {d} neurons" for n, d in shapes)
     return (
         f"{model_name} is a mixture-of-experts model ({len(experts)} layers of {sizes}, the "
-        f"first in {first.name}, {type(first.module).__name__}), whose dense or shared-expert "
-        "MLPs alone would misrepresent it: take its layers with find_mlp_layers, and its "
-        "weights from the loaded model (ModelWeights.of_model)."
+        f"first in {first.name}, {type(first.module).__name__}): its weights are read from "
+        "the loaded model, not from its checkpoint's files, which hold its experts in its "
+        "family's own layout (and its dense or shared-expert MLPs alone would misrepresent it)."
     )
 
 

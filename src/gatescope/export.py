@@ -20,7 +20,7 @@ One row per neuron, layer-major (row ``layer * d_mlp + neuron``), with the colum
 
 A mixture-of-experts atlas (``meta.experts``) names its rows ``layer``, ``expert`` ("0",
 "1", ..., "shared", or "dense" for the dense layers of models like DeepSeek) and ``neuron``
-(within the expert), leaves the padding of dense layers out, and adds ``routed`` (int64: the
+(within the expert), leaves the padding of narrower layers out, and adds ``routed`` (int64: the
 counted tokens routed to the row's expert; all counted tokens for shared and dense rows),
 ``<case>_routed_freq`` (float64: tokens of the case / ``routed``, the frequency among the
 tokens the expert saw; ``<case>_freq`` stays relative to all counted tokens) and
@@ -182,7 +182,7 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
 def _with_experts(table: pa.Table, atlas: Atlas, record: ExpertsRecord) -> pa.Table:
     """A mixture of experts' export: ``expert`` ("0", "1", ..., "shared", "dense") and the
     neuron within it, the expert's routed tokens, the case frequencies among them and its
-    mean router weight; the padding of dense layers left out."""
+    mean router weight; the padding of narrower layers left out."""
     import pyarrow as pa
 
     count = atlas.tensor("count").numpy()  # [L, case, d]
@@ -351,7 +351,7 @@ def from_hf_dataset(
         layers, d_mlp = restored.layers, experts.width
         code = _expert_codes(table, experts)
         index = _expert_index(experts, layer, code, neuron, layers)
-        present = experts.layout(layers)[0].reshape(-1) != PADDING
+        present = experts.layouts(layers)[0] != PADDING
         place = _places(layer, index, layers, d_mlp, present)
         routing = _imported_routing(table, experts, layer, code, layers)
 
@@ -638,7 +638,7 @@ def _expert_index(
     routed = record.n_experts * record.d_ff
     index = np.select([code >= 0, code == SHARED], [code * record.d_ff + neuron, routed + neuron],
                       neuron)  # fmt: skip
-    layout_code, layout_neuron = (a.reshape(-1) for a in record.layout(layers))
+    layout_code, layout_neuron = record.layouts(layers)
     slot = layer * record.width + np.minimum(index, record.width - 1)
     valid = (layer < layers) & (index < record.width) & (layout_code[slot] == code)
     valid &= layout_neuron[slot] == neuron

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gatescope.atlas import Atlas, Example, NeuronDistributions, NeuronSummary
+from gatescope.atlas import Atlas, Example, NeuronDistributions, NeuronRouting, NeuronSummary
 from gatescope.constants import CASES, QUANTILES, QUANTITIES
 from gatescope.errors import GatescopeError
 from gatescope.files import SITE, claim_output, write_json_atomic, write_text_atomic
@@ -118,14 +118,19 @@ def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
 def top_neurons(atlas: Atlas, layer: int, n: int, by: str = "strongest") -> list[int]:
     """The ``n`` neurons of ``layer`` ranked ``by`` "strongest" (largest |hook_post| of any
     case) or by a case name (the case's frequency)."""
+    from gatescope.records import PADDING
+
     check_ranking(by)
     stats = atlas.layer(layer)  # this layer only: an atlas may hold hundreds of thousands
     if by == "strongest":
         score = stats.strongest("hook_post")  # [neuron]
     else:
         score = stats.count[CASES.index(by)].double()  # [neuron]
-    ranked: list[int] = score.argsort(descending=True, stable=True)[:n].tolist()
-    return ranked
+    ranked: list[int] = score.argsort(descending=True, stable=True).tolist()
+    routing = atlas.routing(layer)  # a mixture of experts' padding is no neuron
+    if routing is not None:
+        ranked = [i for i in ranked if routing.code[i] != PADDING]
+    return ranked[:n]
 
 
 def check_ranking(by: str) -> None:
@@ -366,7 +371,8 @@ def neuron_page(
                 "occurs": occurs,
                 "freq": summary.freq[case],
                 # Among the tokens the neuron computes: its expert's (None: not an expert's).
-                "routed_freq": routing.freq[case] if routing is not None else None,
+                # (None: an expert the router never chose.)
+                "routed_freq": finite(routing.freq[case]) if routing is not None else None,
                 "stats": {
                     q: {s: finite(getattr(summary, s)[case][q]) for s in ("max", "min", "mean")}
                     for q in QUANTITIES
@@ -419,7 +425,7 @@ def neuron_page(
         # A routed expert's distributions are over its tokens: so are their frequencies.
         "distributions": shown
         and _distribution_charts(
-            shown, routing.freq if routing is not None and routing.routed else summary.freq
+            shown, _routed_freq(routing) if routing is not None and routing.routed else summary.freq
         ),
         "data": {
             "quantities": list(QUANTITIES),
@@ -429,6 +435,12 @@ def neuron_page(
             "texts": texts,
         },
     }
+
+
+def _routed_freq(routing: NeuronRouting) -> dict[str, float]:
+    """A routed expert neuron's frequencies among its expert's tokens, 0 for an expert the
+    router never chose (its histograms are empty)."""
+    return {case: f if math.isfinite(f) else 0.0 for case, f in routing.freq.items()}
 
 
 def _quantile_cells(shown: NeuronDistributions, case: str) -> dict[str, list[dict[str, Any]]]:

@@ -43,6 +43,7 @@ __all__ = [
     "SiteMeta",
     "SitePage",
     "finite",
+    "moe_address",
 ]
 
 ATLAS_FORMAT = "gatescope-atlas"
@@ -213,8 +214,18 @@ class AtlasOptions:
         return _known(cls, data)
 
 
+def moe_address(index: int, n_experts: int, d_ff: int, shared: int) -> tuple[int | str, int] | None:
+    """(expert, neuron) of neuron ``index`` of a mixture-of-experts layer, whose neurons are
+    every routed expert's ``d_ff`` in turn, then the ``shared`` experts': the routed
+    expert's number or ``"shared"``; None beyond them (padding)."""
+    routed = n_experts * d_ff
+    if index < routed:
+        return divmod(index, d_ff)
+    return ("shared", index - routed) if index < routed + shared else None
+
+
 #: :meth:`ExpertsRecord.layout`'s codes for neurons outside the routed experts: the shared
-#: experts', a dense layer's, and the padding that widens a dense layer to the atlas's width.
+#: experts', a dense layer's, and the padding that widens a narrower layer to the atlas's width.
 SHARED, DENSE, PADDING = -1, -2, -3
 
 
@@ -223,8 +234,9 @@ class ExpertsRecord:
     """How a mixture-of-experts atlas lays out a layer's neurons: ``n_experts`` routed experts
     of ``d_ff`` neurons each (expert ``e``'s neuron ``n`` is at ``e * d_ff + n``), then
     ``shared`` neurons of the shared experts; the ``dense_layers`` have an ordinary MLP of
-    ``dense_d_mlp`` neurons (the first ones; the rest of the layer's width holds nothing).
-    Statistics of an expert's neurons are over the tokens routed to it."""
+    ``dense_d_mlp`` neurons. Every layer is as wide as the widest (:attr:`width`); a
+    narrower layer's neurons come first, then padding that holds nothing. Statistics of an
+    expert's neurons are over the tokens routed to it."""
 
     n_experts: int
     d_ff: int
@@ -246,15 +258,18 @@ class ExpertsRecord:
         """Neurons per layer in the atlas (the widest layer's)."""
         return max(self.n_experts * self.d_ff + self.shared, self.dense_d_mlp)
 
+    def neurons(self, layer: int) -> int:
+        """The layer's own neurons (the rest of the atlas's width is padding)."""
+        if layer in self.dense_layers:
+            return self.dense_d_mlp
+        return self.n_experts * self.d_ff + self.shared
+
     def address(self, layer: int, index: int) -> tuple[int | str, int] | None:
         """(expert, neuron) of a layer's neuron ``index``: ``expert`` is the routed expert's
-        number, ``"shared"`` or ``"dense"``; None for a dense layer's padding."""
+        number, ``"shared"`` or ``"dense"``; None for padding."""
         if layer in self.dense_layers:
             return ("dense", index) if index < self.dense_d_mlp else None
-        routed = self.n_experts * self.d_ff
-        if index < routed:
-            return divmod(index, self.d_ff)
-        return ("shared", index - routed) if index < routed + self.shared else None
+        return moe_address(index, self.n_experts, self.d_ff, self.shared)
 
     def index(self, layer: int, expert: int | str, neuron: int) -> int:
         """The inverse of :meth:`address`.
@@ -273,22 +288,26 @@ class ExpertsRecord:
                and 0 <= neuron < self.d_ff, f"{where}.")  # fmt: skip
         return int(expert) * self.d_ff + neuron
 
-    def layout(self, layers: int) -> tuple[np.ndarray, np.ndarray]:
-        """[layers, width] each neuron's expert code (the routed expert's number, or
+    def layout(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """[width] each neuron's expert code in ``layer`` (the routed expert's number, or
         :data:`SHARED`, :data:`DENSE`, :data:`PADDING`) and its neuron within the expert:
-        :meth:`address` for a whole atlas at once."""
+        :meth:`address` for a whole layer at once."""
         import numpy as np
 
         index = np.arange(self.width, dtype=np.int64)
+        if layer in self.dense_layers:
+            return np.where(index < self.dense_d_mlp, DENSE, PADDING), index
         routed = self.n_experts * self.d_ff
-        moe_code = np.select([index < routed, index < routed + self.shared],
-                             [index // self.d_ff, SHARED], PADDING)  # fmt: skip
-        moe_neuron = np.where(index < routed, index % self.d_ff, index - routed)
-        dense_code = np.where(index < self.dense_d_mlp, DENSE, PADDING)
-        dense = np.isin(np.arange(layers), self.dense_layers)[:, None]  # [layer, 1]
-        code = np.where(dense, dense_code, moe_code)
-        neuron = np.where(dense, index, moe_neuron)
-        return code, neuron
+        code = np.select([index < routed, index < routed + self.shared],
+                         [index // self.d_ff, SHARED], PADDING)  # fmt: skip
+        return code, np.where(index < routed, index % self.d_ff, index - routed)
+
+    def layouts(self, layers: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`layout` of layers ``0 .. layers - 1``, flattened layer-major."""
+        import numpy as np
+
+        found = [self.layout(layer) for layer in range(layers)]
+        return tuple(np.concatenate(parts) for parts in zip(*found, strict=True))  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"dense_layers": list(self.dense_layers)}

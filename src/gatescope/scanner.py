@@ -274,7 +274,7 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     """Finds the model's MLP layers, checks the corpus fits it, and makes a fresh
     accumulator for each layer on its device (a mixture of experts: every layer as wide as
     its widest, see :mod:`gatescope.stats.routed`)."""
-    from gatescope.arch import find_mlp_layers
+    from gatescope.arch import find_mlp_layers, refactor_problem
     from gatescope.stats import NeuronStats, Workspace, stats_dtype
 
     mlps = find_mlp_layers(loaded.model)
@@ -286,6 +286,9 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     if experts is None and len({mlp.d_mlp for mlp in mlps}) != 1:
         sizes = sorted({mlp.d_mlp for mlp in mlps})
         raise GatescopeError(f"the model's layers have different MLP sizes {sizes}.")
+    problem = refactor_problem(mlps) if opts.refactor_glu else None
+    if problem:  # before the scan starts
+        raise GatescopeError(problem)
     width = experts.width if experts is not None else mlps[0].d_mlp
     dtype = stats_dtype(loaded.dtype)
     workspaces: dict[torch.device, Workspace] = defaultdict(Workspace)  # layers take turns

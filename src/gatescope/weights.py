@@ -31,6 +31,7 @@ expert's neurons are neurons like a dense MLP's, in the atlas's order. An atlas 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -46,7 +47,11 @@ from torch import Tensor, nn
 from gatescope.errors import GatescopeError
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from transformers import PreTrainedModel
+
+    from gatescope.arch import ExpertLayer, GatedMLP
 
 __all__ = [
     "LayerWeights",
@@ -218,11 +223,30 @@ class ModelWeights:
         return cls(_Checkpoint(tensors, _Layout.of(folder, tensors)), refactor_glu=refactor_glu)
 
     @classmethod
-    def of_model(cls, model: nn.Module, *, refactor_glu: bool = False) -> ModelWeights:
+    def of_model(
+        cls, model: nn.Module, *, refactor_glu: bool = False,
+        lock: AbstractContextManager[object] | None = None,
+    ) -> ModelWeights:  # fmt: skip
         """The weights of a loaded model (dense or a mixture of experts: a layer's neurons
-        are then every routed expert's in turn, then the shared experts', and a dense layer's
-        are followed by zero rows up to the widest layer, as in its atlas)."""
-        return cls(_Loaded(model), refactor_glu=refactor_glu)
+        are then every routed expert's in turn, then the shared experts', and a narrower
+        layer's are followed by zero rows up to the widest, as in its atlas).
+
+        Args:
+            model: The model.
+            refactor_glu: Give the refactored signs, as the atlas was scanned.
+            lock: Held while a layer's weights are copied out, where the model's weights
+                may be flipped in place meanwhile (a recomputation with ``--refactor-glu``).
+
+        Raises:
+            GatescopeError: For ``refactor_glu`` with experts it cannot refactor (gpt-oss).
+        """
+        from gatescope.arch import find_mlp_layers, refactor_problem
+
+        layers = find_mlp_layers(model)
+        problem = refactor_problem(layers) if refactor_glu else None
+        if problem:
+            raise GatescopeError(problem)
+        return cls(_Loaded(model, layers, lock), refactor_glu=refactor_glu)
 
     @property
     def num_layers(self) -> int:
@@ -321,23 +345,27 @@ class _Loaded:
     """A loaded model's weights (:meth:`ModelWeights.of_model`), copied to the CPU in
     float32 one layer at a time."""
 
-    def __init__(self, model: nn.Module) -> None:
-        from gatescope.arch import find_mlp_layers
-
+    def __init__(
+        self, model: nn.Module, layers: Sequence[GatedMLP | ExpertLayer],
+        lock: AbstractContextManager[object] | None,
+    ) -> None:  # fmt: skip
         self._model = model
-        self._layers = find_mlp_layers(model)
-        self.num_layers = len(self._layers)
-        self.d_mlp = max(layer.d_mlp for layer in self._layers)
+        self._layers = layers
+        self._lock = lock or contextlib.nullcontext()
+        self.num_layers = len(layers)
+        self.d_mlp = max(layer.d_mlp for layer in layers)
 
     def stored(self, layer: int, which: str) -> Tensor:
         """A layer's weight, every block's (an expert's, the shared or dense MLP's) rows or
-        columns in the layer's neuron order, zeros up to the widest layer."""
+        columns in the layer's neuron order, zeros up to the widest layer: a copy, made
+        under the lock."""
         blocks = self._layers[layer].glu_weights()
-        if which == "out":  # [d_model, neurons]
-            found = torch.cat([b.w_out.float().cpu() for b in blocks], dim=1)
-            return nn.functional.pad(found, (0, self.d_mlp - found.shape[1]))
-        rows = [(b.w_gate if which == "gate" else b.w_in).float().cpu() for b in blocks]
-        found = torch.cat(rows)  # [neurons, d_model]
+        with self._lock:
+            if which == "out":  # [d_model, neurons]
+                found = torch.cat([b.w_out.float().cpu() for b in blocks], dim=1)
+                return nn.functional.pad(found, (0, self.d_mlp - found.shape[1]))
+            rows = [(b.w_gate if which == "gate" else b.w_in).float().cpu() for b in blocks]
+            found = torch.cat(rows)  # [neurons, d_model]
         return nn.functional.pad(found, (0, 0, 0, self.d_mlp - found.shape[0]))
 
     def unembedding(self) -> Tensor:

@@ -326,7 +326,10 @@ class ServedAtlas:
                     if self.atlas.meta.experts is not None:  # experts: from the loaded model
                         with self._lock:
                             model = self._loaded_model().model
-                        self._weights = ModelWeights.of_model(model, refactor_glu=refactor)
+                        # A recomputation flips the weights in place under _lock: copies of
+                        # them are taken under it too.
+                        self._weights = ModelWeights.of_model(model, refactor_glu=refactor,
+                                                              lock=self._lock)  # fmt: skip
                     else:
                         self._weights = ModelWeights.open(name, revision=revision,
                                                           refactor_glu=refactor)  # fmt: skip

@@ -9,7 +9,7 @@ or ``COLUMN A-B`` (inclusive). A column is named by its words in any order, e.g.
 ``gate-_in- frequency > 0.2 and layer 20-31`` or ``p99 gate+_in+ >= 1``. Some values have
 names: a mixture of experts' ``expert = shared`` (and ``dense``).
 
-A mixture-of-experts atlas's table has a row per expert neuron (the padding of its dense
+A mixture-of-experts atlas's table has a row per expert neuron (the padding of its narrower
 layers left out) and, beside the columns of every atlas, the neuron's ``expert`` (its
 number; ``shared``, ``dense``), its ``expert share`` of the counted tokens (1 for shared and
 dense neurons), the expert's mean ``router weight`` and each case's ``routed frequency``

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from gatescope.records import moe_address
+
 if TYPE_CHECKING:
     from gatescope.arch import RoutedForward
     from gatescope.stats.accumulator import NeuronStats
@@ -139,7 +141,8 @@ def _plan(
     columns: int | Sequence[int], n_experts: int, d_ff: int, shared: int, device: torch.device
 ) -> _Plan:
     """For each expert (and "shared", ``shared`` neurons wide), which of ``columns`` it
-    fills from which of its neurons; the shared experts' neurons follow every routed one's."""
+    fills from which of its neurons (:func:`~gatescope.records.moe_address`: the shared
+    experts' neurons follow every routed one's; padding columns stay 0)."""
     routed = n_experts * d_ff
     if isinstance(columns, int):  # whole experts, in place: slices, no gathers
         plan: _Plan = {e: (slice(e * d_ff, (e + 1) * d_ff), slice(None)) for e in range(n_experts)}
@@ -147,7 +150,10 @@ def _plan(
         return plan
     grouped: dict[int | str, tuple[list[int], list[int]]] = {}
     for place, neuron in enumerate(columns):
-        expert, own = divmod(int(neuron), d_ff) if neuron < routed else ("shared", neuron - routed)
+        address = moe_address(int(neuron), n_experts, d_ff, shared)
+        if address is None:  # padding: stays 0
+            continue
+        expert, own = address
         into, taken = grouped.setdefault(expert, ([], []))
         into.append(place)
         taken.append(own)
