@@ -243,3 +243,48 @@ def test_a_batch_split_into_chunks_gives_the_same_atlas(monkeypatch):
     chunked = gatescope.scan(model, corpus, batch_size=4, k=K, progress=False)
     assert_same_atlas(chunked, whole, values_rtol=0)
     assert torch.equal(chunked.tensor("routed"), whole.tensor("routed"))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_of_an_moe_scan_equal_one_process(tmp_path):
+    """Two torchrun ranks gather every layer's statistics and routing into rank 0's atlas:
+    the one process's atlas."""
+    from gatescope.atlas import Atlas
+    from gatescope.corpus import save_corpus
+    from tests.test_scale import RANK_RTOL, torchrun
+    from tests.test_scale import assert_same_atlas as same
+
+    model = tiny_moe_model("qwen2_moe", num_layers=2)
+    model.save_pretrained(tmp_path / "model")
+    save_corpus(random_corpus(n_texts=6), tmp_path / "corpus")
+    single = gatescope.scan(tmp_path / "model", tmp_path / "corpus", batch_size=1, k=K,
+                            progress=False)  # fmt: skip
+    run = torchrun("--model", str(tmp_path / "model"), "--corpus", str(tmp_path / "corpus"),
+                   "--out", str(tmp_path / "atlas"), "--batch-size", "1", "--k", str(K),
+                   "--quiet")  # fmt: skip
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, output
+    ranks = Atlas.load(tmp_path / "atlas")
+    assert ranks.meta.experts == single.meta.experts
+    same(ranks, single, values_rtol=RANK_RTOL)
+    assert torch.equal(ranks.tensor("routed"), single.tensor("routed"))
+
+
+def test_a_dense_models_atlas_and_export_have_nothing_of_experts(tmp_path):
+    """This work leaves dense models as they were: no experts record, no routing tensors,
+    GLUScope's columns plus ours and no expert column, neurons addressed layer.neuron."""
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    from gatescope.export import export_atlas, schema_columns
+    from tests.models import tiny_model
+
+    atlas = gatescope.scan(tiny_model("llama"), random_corpus(n_texts=4), k=K, progress=False)
+    saved = atlas.save(tmp_path / "atlas")
+    assert "experts" not in (saved / "atlas.json").read_text()
+    with safe_open(str(saved / "stats.safetensors"), "pt") as stored:
+        assert not {"routed", "router_weight"} & set(stored.keys())
+    table = pq.read_table(export_atlas(atlas, tmp_path / "x.parquet", format="parquet"))
+    assert table.column_names == schema_columns(quantiles=True)
+    assert atlas.routing(0) is None and atlas.neuron(1, 5).routing is None
+    assert atlas.neuron_name(1, 5) == "1.5"
