@@ -4,6 +4,7 @@ each against a brute force from the raw 3-D weights and the router's own choice.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -248,6 +249,10 @@ def test_an_expert_neurons_page_shows_its_routing_and_each_tokens_router_weight(
     assert "<h1>Neuron 1.shared.3</h1>" in html and "· router weight" not in html
     assert "computes every token" in html
     assert all("weights" not in t for t in page_data(shared_page)["texts"].values())
+    index = (site / "index.html").read_text()
+    assert ">1.2.5</a>" in index and ">1.shared.3</a>" in index and 'data-label="2.5"' in index
+    listed = {p["name"]: p["neuron"] for p in json.loads((site / "site.json").read_text())["pages"]}
+    assert listed == {"1.2.5": 69, "1.shared.3": 131}
     bad = run(cli, ["page", folders["atlas"], "-n", "1.4.0", "--out", str(site)])
     assert bad.exit_code == 1 and "layer 1 has no neuron 4.0" in bad.output
     assert "Traceback" not in bad.output

@@ -182,7 +182,9 @@ def write_pages(
                 written[layer, neuron] = path
                 earlier = pages.get(path.name)
                 note = (notes or {}).get((layer, neuron)) or (earlier and earlier.note)
-                pages[path.name] = SitePage(model, layer, neuron, path.name, note or None)
+                name = atlas.neuron_name(layer, neuron)  # an expert's: layer.expert.neuron
+                named = None if name == f"{layer}.{neuron}" else name
+                pages[path.name] = SitePage(model, layer, neuron, path.name, note or None, named)
                 bar.update()
     _refresh_neighbours(atlas, model, out, pages.values(), written, existing)
     site = SiteMeta(tuple(sorted(pages.values(), key=lambda p: (p.model, p.layer, p.neuron))))

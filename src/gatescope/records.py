@@ -550,12 +550,16 @@ class SitePage:
     neuron: int
     file: str  # file name inside the site folder
     note: str | None = None  # a line for the index, e.g. why the neuron was chosen
+    # How the neuron is addressed where that is not "layer.neuron": "3.5.17" in a mixture
+    # of experts (None: layer.neuron).
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.layer}.{self.neuron}"
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if self.note is None:
-            del data["note"]
-        return data
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SitePage:

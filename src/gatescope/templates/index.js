@@ -5,13 +5,15 @@
   const form = document.getElementById("picker");
   const select = (name) => form.elements[name];
 
+  // values: [value, label] pairs, or values shown as they are.
   function fill(name, values) {
     const box = select(name);
     box.replaceChildren();
-    for (const value of values) {
+    for (const item of values) {
+      const [value, label] = Array.isArray(item) ? item : [item, item];
       const option = document.createElement("option");
       option.value = value;
-      option.textContent = value;
+      option.textContent = label;
       box.appendChild(option);
     }
   }
@@ -23,7 +25,9 @@
     onLayer();
   }
   function onLayer() {
-    fill("neuron", matching().filter((a) => a.dataset.layer === select("layer").value).map((a) => a.dataset.neuron));
+    // A mixture of experts' neurons read expert.neuron (data-label), their value the index.
+    fill("neuron", matching().filter((a) => a.dataset.layer === select("layer").value)
+      .map((a) => [a.dataset.neuron, a.dataset.label]));
   }
   fill("model", unique(links.map((a) => a.dataset.model)));
   onModel();
