@@ -321,6 +321,13 @@ def test_the_server_serves_an_moe_atlas_by_layer_expert_neuron(tmp_path):
     assert client.get("/atlas/atlas/search", params={"token": "q"}).status_code == 200
     layers = client.get("/api/atlas/atlas/layer/1/correlation").json()
     assert layers["neurons"] == 4 * 32 + 32 and layers["r"] is not None
+    # P(x_gate > 0) among the tokens each neuron computes: its expert's, for an expert's.
+    gate_positive = column["routed:gate+_in+"][64 + 69] + column["routed:gate+_in-"][64 + 69]
+    assert layers["gate_positive"][69] == pytest.approx(gate_positive)
+    frequencies = client.get("/api/atlas/atlas/frequencies").json()["cases"]["gate-_in-"]
+    routed_freq = np.array(column["routed:gate-_in-"][64:], dtype=float)  # layer 1
+    assert frequencies[1][2] == pytest.approx(float(np.nanmedian(routed_freq)))
+    assert "among the tokens routed to its expert" in client.get("/atlas/atlas/layers").text
 
 
 def raw_expert_weights(layer: ExpertLayer, expert: int):

@@ -3,12 +3,15 @@ over each layer's neurons, and, for one layer, how cos(w_in, w_out) goes with th
 of x_gate > 0 (GLUScope's section 5.1 reports a strong negative correlation).
 
 Both read the neuron table's columns (computed once per atlas), so a view costs a few
-vectorized passes over them.
+vectorized passes over them. A frequency is among the tokens a neuron computes: in a
+mixture of experts, an expert neuron's among its expert's tokens (the table's routed
+frequencies), so that expert, shared and dense neurons compare.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,11 +51,19 @@ def layer_frequencies(table: NeuronTable) -> dict[str, np.ndarray]:
     count = int(layers.max()) + 1
     summaries = {}
     for case in CASES:
-        freq = table.values(f"freq:{case}")
-        summaries[case] = np.stack(
-            [np.quantile(freq[layers == layer], FREQUENCY_LEVELS) for layer in range(count)]
-        )
+        freq = _frequency(table, case)
+        with warnings.catch_warnings():  # a layer of experts the router never chose: NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            summaries[case] = np.stack([np.nanquantile(freq[layers == layer], FREQUENCY_LEVELS)
+                                        for layer in range(count)])  # fmt: skip
     return summaries
+
+
+def _frequency(table: NeuronTable, case: str) -> np.ndarray:
+    """[neuron] the case's frequency among the tokens each neuron computes (NaN: an expert
+    no token was routed to)."""
+    routed = f"routed:{case}"
+    return table.values(routed if routed in table.keys else f"freq:{case}")
 
 
 def gate_correlation(table: NeuronTable, layer: int) -> Correlation:
@@ -64,7 +75,7 @@ def gate_correlation(table: NeuronTable, layer: int) -> Correlation:
     if not in_layer.any():
         raise GatescopeError(f"there is no layer {layer}.")
     cos = table.values("cos:in_out")[in_layer].astype(np.float64)
-    gate_positive = np.sum([table.values(f"freq:{c}")[in_layer] for c in _GATE_POSITIVE], axis=0)
+    gate_positive = np.sum([_frequency(table, c)[in_layer] for c in _GATE_POSITIVE], axis=0)
     both = ~(np.isnan(cos) | np.isnan(gate_positive))
     r, p = _pearson(cos[both], gate_positive[both])
     return Correlation(layer, cos, gate_positive, int(both.sum()), r, p)
