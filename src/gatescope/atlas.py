@@ -445,7 +445,8 @@ class Atlas:
         weight = self._read("router_weight", layer).numpy()
         expert = np.maximum(code, 0)
         inside = code >= 0
-        seen = np.where(inside, routed[expert], np.where(code >= DENSE, self.denominator, 0))
+        always_on = np.isin(code, (SHARED, DENSE))  # every counted token; padding none
+        seen = np.where(inside, routed[expert], np.where(always_on, self.denominator, 0))
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(inside, weight[expert] / routed[expert], np.nan)
         return LayerRouting(code, neuron, seen.astype(np.int64), mean)

@@ -372,8 +372,8 @@ def neuron_page(
                 "name": case,
                 "occurs": occurs,
                 "freq": summary.freq[case],
-                # Among the tokens the neuron computes: its expert's (None: not an expert's).
-                # (None: an expert the router never chose.)
+                # Among the tokens the neuron computes, its expert's (None: not in a mixture
+                # of experts, or an expert the router never chose).
                 "routed_freq": finite(routing.freq[case]) if routing is not None else None,
                 "stats": {
                     q: {s: finite(getattr(summary, s)[case][q]) for s in ("max", "min", "mean")}

@@ -498,7 +498,7 @@ def _neighbours(atlas: ServedAtlas, layer: int, neuron: int) -> dict[str, str | 
 
     def link(lyr: int, n: int) -> str | None:
         try:
-            atlas.atlas.check_neuron(lyr, n)  # in range, and not a dense layer's padding
+            atlas.atlas.check_neuron(lyr, n)  # in range, and not a narrower layer's padding
         except GatescopeError:
             return None
         return atlas.atlas.neuron_name(lyr, n)
