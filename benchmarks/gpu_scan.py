@@ -15,6 +15,10 @@ in this one run:
 * the attention implementation the model runs (``--attn``: sdpa, the default, or eager);
 * the projected hours for 20M tokens (GLUScope: five days on one A100).
 
+``--experts E --top-k K`` makes it a mixture of experts instead (OLMoE's architecture,
+``--d-mlp`` neurons per expert); OLMoE-1B-7B's shapes are ``--layers 16 --hidden 2048
+--heads 16 --experts 64 --top-k 8 --d-mlp 1024``.
+
     python benchmarks/gpu_scan.py                     # needs about 20 GB of GPU memory
     python benchmarks/gpu_scan.py --layers 2 --hidden 256 --d-mlp 688 --vocab 1024 \\
         --length 128 --device cpu --dtype float32     # a small smoke run anywhere
@@ -52,13 +56,21 @@ def parse_args() -> argparse.Namespace:
     backends = "comma-separated; default triton,torch on a GPU, numba,torch on a CPU"
     parser.add_argument("--backends", default=None, help=backends)
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager)")
+    parser.add_argument("--experts", type=int, default=0, help="routed experts (0: dense)")
+    parser.add_argument("--top-k", type=int, default=8, help="experts per token")
     return parser.parse_args()
 
 
 def make_model(args: argparse.Namespace):
-    from transformers import AutoModelForCausalLM, OlmoConfig
+    from transformers import AutoModelForCausalLM, OlmoConfig, OlmoeConfig
 
-    config = OlmoConfig(
+    # OLMo-7B's architecture, or OLMoE's: the same but for the experts (and q/k norms).
+    kind, routing = OlmoConfig, {}
+    if args.experts:
+        kind = OlmoeConfig
+        routing = {"num_experts": args.experts, "num_experts_per_tok": args.top_k}
+    config = kind(
+        **routing,
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.d_mlp,
@@ -162,8 +174,10 @@ def main() -> None:
         for backend in backends
     }  # fmt: skip
     device = torch.cuda.get_device_name() if on_gpu else "CPU"
+    mlp = (f"{args.experts} experts of {args.d_mlp} neurons, {args.top_k} per token"
+           if args.experts else f"d_mlp {args.d_mlp}")  # fmt: skip
     print(
-        f"device: {device}; model: {args.layers} layers x d_mlp {args.d_mlp}, "
+        f"device: {device}; model: {args.layers} layers x {mlp}, "
         f"d_model {args.hidden}, vocab {args.vocab}, {args.dtype}, "
         f"attention {model.config._attn_implementation}"
     )
