@@ -15,6 +15,7 @@ layer (intermediate_size), ``vocab`` the vocabulary size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -321,6 +322,11 @@ def find_gated_mlps(model: nn.Module) -> list[GatedMLP]:
     experts = find_routed_experts(model)
     if experts:
         raise GatescopeError(experts_refusal(model, experts))
+    return _gated_mlps(model)
+
+
+def _gated_mlps(model: nn.Module) -> list[GatedMLP]:
+    """:func:`find_gated_mlps` of a model known to have no routed experts."""
     mlps: list[GatedMLP] = []
     for name, module in model.named_modules():
         mlp = _as_gated_mlp(len(mlps), name, module)
@@ -420,30 +426,37 @@ class RoutedForward:
     shared: tuple[Tensor, Tensor] | None  # gate, up [rows, shared neurons]
 
 
-def find_expert_layers(model: nn.Module) -> list[GatedMLP | ExpertLayer]:
+def find_expert_layers(
+    model: nn.Module, experts: Sequence[RoutedExperts] | None = None
+) -> list[GatedMLP | ExpertLayer]:
     """The MLP of every decoder layer of a mixture-of-experts model, ordered: an
     :class:`ExpertLayer` where the layer has routed experts, else its dense gated MLP
     (DeepSeek's first layers). A decoder layer is an element of a ``nn.ModuleList``.
+
+    Args:
+        model: The model.
+        experts: Its :func:`find_routed_experts`, if already found.
 
     Raises:
         GatescopeError: If the model has no routed experts, or a layer has more than one
             gated MLP beside them.
     """
     lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
-    routed = {_decoder_layer(lists, e.name): e for e in find_routed_experts(model)}
+    experts = find_routed_experts(model) if experts is None else experts
+    routed = {_decoder_layer(lists, e.name): e for e in experts}
     if not routed:
         raise GatescopeError("the model has no routed experts: use find_gated_mlps.")
-    dense: dict[str, list[tuple[str, nn.Module]]] = {}
+    dense: dict[str, list[GatedMLP]] = {}  # decoder layer -> its gated MLPs
     for name, module in model.named_modules():
-        if _as_gated_mlp(0, name, module) is not None:
-            dense.setdefault(_decoder_layer(lists, name), []).append((name, module))
+        mlp = _as_gated_mlp(0, name, module)
+        if mlp is not None:
+            dense.setdefault(_decoder_layer(lists, name), []).append(mlp)
     layers: list[GatedMLP | ExpertLayer] = []
     for prefix, decoder in model.named_modules():
         if prefix not in routed and prefix not in dense:
             continue
-        found = [_as_gated_mlp(len(layers), name, m) for name, m in dense.get(prefix, [])]
-        mlps = [mlp for mlp in found if mlp is not None]
-        if len(mlps) > 1 or (prefix not in routed and not mlps):
+        mlps = [dataclasses.replace(mlp, layer=len(layers)) for mlp in dense.get(prefix, [])]
+        if len(mlps) > 1:
             names = ", ".join(mlp.name for mlp in mlps)
             raise GatescopeError(f"{prefix} has {len(mlps)} gated MLPs ({names}); gatescope "
                                  "expects routed experts with at most one shared MLP.")  # fmt: skip
@@ -458,9 +471,8 @@ def find_expert_layers(model: nn.Module) -> list[GatedMLP | ExpertLayer]:
 def find_mlp_layers(model: nn.Module) -> list[GatedMLP] | list[GatedMLP | ExpertLayer]:
     """A model's MLP layers: :func:`find_expert_layers` for a mixture of experts, else
     :func:`find_gated_mlps`."""
-    if find_routed_experts(model):
-        return find_expert_layers(model)
-    return find_gated_mlps(model)
+    experts = find_routed_experts(model)
+    return find_expert_layers(model, experts) if experts else _gated_mlps(model)
 
 
 def _decoder_layer(lists: set[str], name: str) -> str:

@@ -68,7 +68,7 @@ from gatescope.constants import (
 )
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, claim_output, write_atomic, write_json_atomic
-from gatescope.records import DENSE, SHARED, AtlasMeta
+from gatescope.records import DENSE, SHARED, AtlasMeta, expert_label
 from gatescope.stats.distributions import N_BINS, N_JOINT_BINS, Bracket, quantile_brackets
 
 if TYPE_CHECKING:
@@ -507,7 +507,7 @@ class Atlas:
         seen = int(routing.seen[index])
         freq = routing.freq(count)[:, index]
         return NeuronRouting(
-            expert=code if code >= 0 else "shared" if code == SHARED else "dense",
+            expert=expert_label(code),
             neuron=int(routing.neuron[index]),
             seen=seen,
             share=seen / self.denominator,

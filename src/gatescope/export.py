@@ -57,7 +57,14 @@ from gatescope.atlas import FREQ_SCALE, ROUTING, Atlas
 from gatescope.constants import CASES, QUANTILES, QUANTITIES, SIGNS, TOP_LISTS
 from gatescope.errors import GatescopeError
 from gatescope.files import ATLAS, DATASET, claim_output, staged
-from gatescope.records import DENSE, PADDING, SHARED, AtlasMeta, AtlasOptions, ExpertsRecord
+from gatescope.records import (
+    PADDING,
+    SHARED,
+    AtlasMeta,
+    AtlasOptions,
+    ExpertsRecord,
+    expert_label,
+)
 from gatescope.stats.distributions import bracket_estimates
 
 if TYPE_CHECKING:
@@ -170,7 +177,7 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
     names = schema_columns(quantiles=atlas.has_distributions)
     table = pa.table({name: columns[name] for name in names})
     if atlas.meta.experts is not None:
-        table = _with_experts(table, atlas, atlas.meta.experts)
+        table = _with_experts(table, atlas, atlas.meta.experts, count)
     from datasets.fingerprint import generate_random_fingerprint
 
     info = datasets.DatasetInfo(description=_describe(atlas.meta))
@@ -179,13 +186,18 @@ def to_hf_dataset(atlas: Atlas) -> datasets.Dataset:
     return datasets.Dataset(table, info=info, fingerprint=generate_random_fingerprint())
 
 
-def _with_experts(table: pa.Table, atlas: Atlas, record: ExpertsRecord) -> pa.Table:
+def _with_experts(
+    table: pa.Table, atlas: Atlas, record: ExpertsRecord, count: np.ndarray
+) -> pa.Table:
     """A mixture of experts' export: ``expert`` ("0", "1", ..., "shared", "dense") and the
     neuron within it, the expert's routed tokens, the case frequencies among them and its
-    mean router weight; the padding of narrower layers left out."""
+    mean router weight; the padding of narrower layers left out.
+
+    Args:
+        count: [layer, case, d] the atlas's counts.
+    """
     import pyarrow as pa
 
-    count = atlas.tensor("count").numpy()  # [L, case, d]
     layers = [atlas.routing(layer) for layer in range(atlas.num_layers)]
     code, neuron, seen, mean_weight = (
         np.concatenate([getattr(routing, name) for routing in layers if routing is not None])
@@ -196,12 +208,9 @@ def _with_experts(table: pa.Table, atlas: Atlas, record: ExpertsRecord) -> pa.Ta
         axis=1,
     )  # [case, L * d]
     kept = code != PADDING
-    names = [str(e) for e in range(record.n_experts)] + ["shared", "dense"]
-    # Into ``names``: an expert's number is its own place, "shared" and "dense" follow.
-    labels = np.select([code >= 0, code == SHARED], [code, record.n_experts], record.n_experts + 1)
     columns = {
         "expert": pa.DictionaryArray.from_arrays(
-            pa.array(labels[kept].astype(np.int32)), pa.array(names)
+            pa.array(record.places(code)[kept].astype(np.int32)), pa.array(record.labels)
         ),
         "neuron": pa.array(neuron[kept].astype(np.int32)),
         "routed": pa.array(seen[kept]),
@@ -350,8 +359,9 @@ def from_hf_dataset(
         assert restored is not None
         layers, d_mlp = restored.layers, experts.width
         code = _expert_codes(table, experts)
-        index = _expert_index(experts, layer, code, neuron, layers)
-        present = experts.layouts(layers)[0] != PADDING
+        layout = experts.layouts(layers)
+        index = _expert_index(experts, layer, code, neuron, layout)
+        present = layout[0] != PADDING
         place = _places(layer, index, layers, d_mlp, present)
         routing = _imported_routing(table, experts, layer, code, layers)
 
@@ -620,33 +630,33 @@ def _expert_codes(table: pa.Table, record: ExpertsRecord) -> np.ndarray:
     if "expert" not in table.column_names:
         raise GatescopeError("the dataset is of a mixture-of-experts atlas but has no column "
                              "expert.")  # fmt: skip
-    names = [str(e) for e in range(record.n_experts)] + ["shared", "dense"]
     labels = table.column("expert").cast(pa.string())
-    position = pc.index_in(labels, value_set=pa.array(names))  # pyright: ignore[reportAttributeAccessIssue]
-    if position.null_count:
+    place = pc.index_in(labels, value_set=pa.array(record.labels))  # pyright: ignore[reportAttributeAccessIssue]
+    if place.null_count:
         raise GatescopeError(f"the column expert has values other than 0-"
                              f"{record.n_experts - 1}, shared and dense.")  # fmt: skip
-    code = position.to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.select([code < record.n_experts, code == record.n_experts], [code, SHARED], DENSE)
+    return record.codes(place.to_numpy(zero_copy_only=False).astype(np.int64))
 
 
 def _expert_index(
-    record: ExpertsRecord, layer: np.ndarray, code: np.ndarray, neuron: np.ndarray, layers: int
-) -> np.ndarray:
+    record: ExpertsRecord, layer: np.ndarray, code: np.ndarray, neuron: np.ndarray,
+    layout: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:  # fmt: skip
     """[row] the place in its layer of each row's (expert, neuron), refusing any the layer
-    does not have (:meth:`ExpertsRecord.index`, vectorized)."""
+    does not have (:meth:`ExpertsRecord.index`, vectorized; ``layout`` is
+    :meth:`ExpertsRecord.layouts` of the atlas's layers)."""
     routed = record.n_experts * record.d_ff
     index = np.select([code >= 0, code == SHARED], [code * record.d_ff + neuron, routed + neuron],
                       neuron)  # fmt: skip
-    layout_code, layout_neuron = record.layouts(layers)
+    layout_code, layout_neuron = layout
+    layers = len(layout_code) // record.width
     slot = layer * record.width + np.minimum(index, record.width - 1)
     valid = (layer < layers) & (index < record.width) & (layout_code[slot] == code)
     valid &= layout_neuron[slot] == neuron
     if not valid.all():
         row = int(np.argmin(valid))
-        label = "shared" if code[row] == SHARED else "dense" if code[row] == DENSE else code[row]
-        raise GatescopeError(f"layer {layer[row]} of the atlas has no neuron "
-                             f"{label}.{neuron[row]} (row {row}).")  # fmt: skip
+        name = f"{expert_label(int(code[row]))}.{neuron[row]}"
+        raise GatescopeError(f"layer {layer[row]} of the atlas has no neuron {name} (row {row}).")
     return index
 
 

@@ -118,6 +118,8 @@ def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase:
 def top_neurons(atlas: Atlas, layer: int, n: int, by: str = "strongest") -> list[int]:
     """The ``n`` neurons of ``layer`` ranked ``by`` "strongest" (largest |hook_post| of any
     case) or by a case name (the case's frequency)."""
+    import torch
+
     from gatescope.records import PADDING
 
     check_ranking(by)
@@ -126,11 +128,12 @@ def top_neurons(atlas: Atlas, layer: int, n: int, by: str = "strongest") -> list
         score = stats.strongest("hook_post")  # [neuron]
     else:
         score = stats.count[CASES.index(by)].double()  # [neuron]
-    ranked: list[int] = score.argsort(descending=True, stable=True).tolist()
+    order = score.argsort(descending=True, stable=True)
     routing = atlas.routing(layer)  # a mixture of experts' padding is no neuron
     if routing is not None:
-        ranked = [i for i in ranked if routing.code[i] != PADDING]
-    return ranked[:n]
+        order = order[torch.from_numpy(routing.code != PADDING)[order]]
+    ranked: list[int] = order[:n].tolist()
+    return ranked
 
 
 def check_ranking(by: str) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "ShardSet",
     "SiteMeta",
     "SitePage",
+    "expert_label",
     "finite",
     "moe_address",
 ]
@@ -229,6 +230,12 @@ def moe_address(index: int, n_experts: int, d_ff: int, shared: int) -> tuple[int
 SHARED, DENSE, PADDING = -1, -2, -3
 
 
+def expert_label(code: int) -> int | str:
+    """An expert code as a neuron's address names it: the routed expert's number,
+    ``"shared"`` or ``"dense"``."""
+    return {SHARED: "shared", DENSE: "dense"}.get(code, code)
+
+
 @dataclass(frozen=True)
 class ExpertsRecord:
     """How a mixture-of-experts atlas lays out a layer's neurons: ``n_experts`` routed experts
@@ -301,6 +308,24 @@ class ExpertsRecord:
         code = np.select([index < routed, index < routed + self.shared],
                          [index // self.d_ff, SHARED], PADDING)  # fmt: skip
         return code, np.where(index < routed, index % self.d_ff, index - routed)
+
+    @property
+    def labels(self) -> list[str]:
+        """Every expert's label, in the order of :meth:`places`: "0", "1", ..., "shared",
+        "dense" (the export's ``expert`` column)."""
+        return [str(e) for e in range(self.n_experts)] + ["shared", "dense"]
+
+    def places(self, code: np.ndarray) -> np.ndarray:
+        """[n] each expert code's place in :attr:`labels`."""
+        import numpy as np
+
+        return np.select([code >= 0, code == SHARED], [code, self.n_experts], self.n_experts + 1)
+
+    def codes(self, place: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`places`."""
+        import numpy as np
+
+        return np.select([place < self.n_experts, place == self.n_experts], [place, SHARED], DENSE)
 
     def layouts(self, layers: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`layout` of layers ``0 .. layers - 1``, flattened layer-major."""

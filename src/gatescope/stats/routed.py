@@ -63,10 +63,12 @@ def _add_routing(stats: NeuronStats, forward: RoutedForward, counted: Tensor) ->
     """Per expert: the counted tokens routed to it, and the sum of their router weights."""
     routed = torch.zeros(stats.experts, dtype=torch.int64, device=counted.device)
     weight = torch.zeros(stats.experts, dtype=torch.float64, device=counted.device)
-    for expert, token, _gate, _up, router_weight in forward.experts:
-        kept = counted[token]
-        routed[expert] += kept.sum()
-        weight[expert] += (router_weight.to(torch.float64) * kept).sum()
+    if forward.experts:  # every expert's (token, weight) pairs at once: two index_add_s
+        expert = torch.cat([torch.full_like(e[1], e[0]) for e in forward.experts])
+        kept = counted[torch.cat([e[1] for e in forward.experts])]
+        router_weight = torch.cat([e[4] for e in forward.experts]).to(torch.float64)
+        routed.index_add_(0, expert, kept.to(torch.int64))
+        weight.index_add_(0, expert, router_weight * kept)
     stats.add_routing(routed, weight)
 
 
