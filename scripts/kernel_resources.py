@@ -5,7 +5,8 @@ then read with its cuobjdump.
 
     python scripts/kernel_resources.py            # every tile, SiLU, with the distributions
     python scripts/kernel_resources.py --all      # every activation, with and without them,
-                                                  # computing act(g) or reading the model's
+                                                  # computing act(g) or reading the model's,
+                                                  # a text's positions or an expert's packed
 
 Compiled as a scan launches it: pointers and the sizes (texts, positions, neurons) marked
 16-divisible, as Triton marks them at launch for real shapes (d_mlp 11008, 1024 positions).
@@ -43,14 +44,18 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def resources(
-    tile: tuple[int, int, int], act: int, distributions: bool, swish: bool = False
-) -> dict[str, float]:
-    """Registers, stack bytes and instructions per activation of one compiled variant."""
+    tile: tuple[int, int, int], act: int, distributions: bool, swish: bool = False,
+    packed: bool = False,
+) -> dict[str, float]:  # fmt: skip
+    """Registers, stack bytes and instructions per activation of one compiled variant
+    (``packed``: an expert's tokens, whose positions in their texts the draw loads)."""
     block_p, block_n, warps = tile
     constants = {"ACT": act, "HAS_SWISH": swish, "HISTOGRAMS": distributions,
-                 "TYPICAL": distributions, "BLOCK_P": block_p, "BLOCK_N": block_n,
-                 **_DISTRIBUTION_CONSTANTS}  # fmt: skip
-    signature = POINTERS | dict.fromkeys(("texts", "length", "neurons"), "i32")
+                 "TYPICAL": distributions, "PACKED": packed, "BLOCK_P": block_p,
+                 "BLOCK_N": block_n, **_DISTRIBUTION_CONSTANTS}  # fmt: skip
+    # packed: valid holds the tokens' positions in their texts, int32
+    signature = POINTERS | {"valid_ptr": "*i32" if packed else "*u8"}
+    signature |= dict.fromkeys(("texts", "length", "neurons"), "i32")
     signature |= dict.fromkeys(constants, "constexpr")
     aligned = {*POINTERS, "texts", "length", "neurons"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(stats_kernel.arg_names)
@@ -83,13 +88,16 @@ def main() -> None:
     args = parser.parse_args()
     acts = ACTIVATIONS if args.all else {"silu": ACTIVATIONS["silu"]}
     both = (True, False) if args.all else (False,)
+    # (distributions, packed): the packed positions are read by the typical draw only
+    draws = ((True, False), (True, True), (False, False)) if args.all else ((True, False),)
     for p, n, w in TILES:
         for name, act in acts.items():
-            for distributions in (True, False) if args.all else (True,):
+            for distributions, packed in draws:
                 for swish in both:
-                    r = resources((p, n, w), act, distributions, swish)
+                    r = resources((p, n, w), act, distributions, swish, packed)
                     print(f"tile {p:>2} x {n:<3} {w} warps, {name:<9} distributions "
-                          f"{'yes' if distributions else 'no ':<3} model's act(g) "
+                          f"{'yes' if distributions else 'no ':<3} packed "
+                          f"{'yes' if packed else 'no ':<3} model's act(g) "
                           f"{'yes' if swish else 'no ':<3}: {r['registers']:>3} registers, "
                           f"stack {r['stack']:>4} B, {r['instructions']:>4.0f} instructions "
                           "per activation")  # fmt: skip

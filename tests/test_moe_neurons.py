@@ -128,7 +128,7 @@ def test_refactor_glu_flips_every_expert_neuron_and_restores_the_weights(family)
         with torch.no_grad():
             torch.testing.assert_close(model(ids).logits, logits, rtol=1e-10, atol=1e-12)
         texts, _, _ = per_text_moe_activations(model, corpus, atlas.d_mlp)
-    assert_atlas_matches(atlas, texts, K, rtol=1e-4)
+    assert_atlas_matches(atlas, texts, K, rtol=1e-4, atol=1e-6)  # as test_moe_scan
     loaded = load_model(model)  # pages recompute with the same flips
     assert assert_recomputed_equals_atlas(atlas, loaded, TokenizedCorpus.open(corpus), 1,
                                           [0, 40, 127], rtol=1e-4) > 10  # fmt: skip

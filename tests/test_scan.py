@@ -85,8 +85,11 @@ def per_text_activations(model, corpus, *, include_bos: bool = False):
     return texts_per_layer
 
 
-def assert_atlas_matches(atlas: Atlas, texts_per_layer, k: int, rtol: float = 1e-5) -> None:
-    """Counts, positions and texts exactly; values to ``rtol``.
+def assert_atlas_matches(
+    atlas: Atlas, texts_per_layer, k: int, rtol: float = 1e-5, atol: float = 1e-7
+) -> None:
+    """Counts, positions and texts exactly; values to ``rtol`` (the ranked lists' near-zero
+    ones to ``atol``).
 
     Not to float64 rounding even for float64 models: Hugging Face's RMSNorm computes in
     float32, so padding (a batch instead of one text) can move x by one float32 ulp.
@@ -121,7 +124,7 @@ def assert_atlas_matches(atlas: Atlas, texts_per_layer, k: int, rtol: float = 1e
                 values, texts_, positions = zip(*entries, strict=True)
                 np.testing.assert_array_equal(text[n, lst], texts_)
                 np.testing.assert_array_equal(position[n, lst], positions)
-                np.testing.assert_allclose(value[n, lst], values, rtol=rtol, atol=1e-7)
+                np.testing.assert_allclose(value[n, lst], values, rtol=rtol, atol=atol)
 
 
 def assert_distributions_match(atlas: Atlas, layer: int, ref, rtol: float) -> None:

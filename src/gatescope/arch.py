@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from gatescope.experts import refusal as experts_refusal
 
 __all__ = [
     "CaptureHandle",
+    "ExpertForward",
     "ExpertLayer",
     "GatedMLP",
     "RoutedForward",
@@ -391,12 +392,13 @@ class ExpertLayer:
         produce the output) and its shared experts computed."""
         current = RoutedForward([], None)
 
-        def routed(expert: int, token: Tensor, gate: Tensor, up: Tensor, _act: Tensor,
+        def routed(expert: int, token: Tensor, gate: Tensor, up: Tensor, act: Tensor,
                    weight: Tensor) -> None:  # fmt: skip
-            current.experts.append((expert, token, gate, up, weight))
+            current.experts.append(ExpertForward(expert, token, gate, up, act, weight))
 
-        def shared(gate: Tensor, up: Tensor) -> None:
-            current.shared = (gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1]))
+        def shared(gate: Tensor, up: Tensor, act: Tensor | None) -> None:
+            rows = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+            current.shared = (rows(gate), rows(up), None if act is None else rows(act))
 
         def start(_module: nn.Module, _inputs: object) -> None:
             current.experts.clear()
@@ -412,7 +414,7 @@ class ExpertLayer:
             self.module.register_forward_hook(done),
         ]
         if self.shared is not None:
-            handles.append(self.shared.capture(shared))
+            handles.append(self.shared.capture_with_act(shared))
         return CaptureHandle(handles)
 
 
@@ -421,9 +423,21 @@ class RoutedForward:
     """What an :class:`ExpertLayer` computed in one forward, over the rows of the flattened
     batch (row = text * positions + position)."""
 
-    # (expert, token [routed], gate [routed, d_ff], up [routed, d_ff], router weight [routed])
-    experts: list[tuple[int, Tensor, Tensor, Tensor, Tensor]]
-    shared: tuple[Tensor, Tensor] | None  # gate, up [rows, shared neurons]
+    experts: list[ExpertForward]  # the experts that got tokens, in order
+    # The shared experts' gate, up [rows, shared neurons] and the model's act(gate) (None:
+    # not seen, see GatedMLP.capture_with_act); None without shared experts.
+    shared: tuple[Tensor, Tensor, Tensor | None] | None
+
+
+class ExpertForward(NamedTuple):
+    """What one routed expert computed in a forward."""
+
+    expert: int
+    token: Tensor  # [routed] its rows of the batch, ascending
+    gate: Tensor  # [routed, d_ff]
+    up: Tensor  # [routed, d_ff]
+    act: Tensor  # [routed, d_ff] the model's own act(gate)
+    weight: Tensor  # [routed] the router's weight of the expert for each token
 
 
 def find_expert_layers(

@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from gatescope.stats import NeuronStats
+    from gatescope.stats.routed import RoutedStats
 
 __all__ = [
     "Atlas",
@@ -241,7 +242,7 @@ class Atlas:
     # --------------------------------------------------------------- building
 
     @classmethod
-    def from_stats(cls, layers: Sequence[NeuronStats], meta: AtlasMeta) -> Atlas:
+    def from_stats(cls, layers: Sequence[NeuronStats | RoutedStats], meta: AtlasMeta) -> Atlas:
         """Stacks the per-layer accumulators of a finished scan into an atlas described by
         ``meta`` (whose shape and token count must be those of ``layers``)."""
         states = [layer.state_dict() for layer in layers]

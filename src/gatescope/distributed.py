@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -29,6 +29,7 @@ from gatescope.errors import GatescopeError
 
 if TYPE_CHECKING:
     from gatescope.stats import NeuronStats
+    from gatescope.stats.routed import RoutedStats
 
 __all__ = [
     "RankFailed",
@@ -195,7 +196,7 @@ def barrier(ranks: Ranks | None) -> None:
         dist.barrier()
 
 
-def gather_merged(ranks: Ranks, layers: list[NeuronStats]) -> list[NeuronStats]:
+def gather_merged(ranks: Ranks, layers: Sequence[NeuronStats | RoutedStats]) -> list[NeuronStats]:
     """Every layer's statistics merged over all ranks (in rank order), on every rank."""
     import torch.distributed as dist
 

@@ -191,7 +191,7 @@ def _layer_reader(
         rows = batch_shape[0] * batch_shape[1]
         columns = mlp.d_mlp if neurons is None else list(neurons)
         gate, up, weight = layer_values(forward, mlp.routed.n_experts, mlp.routed.d_ff,
-                                        (0, rows), columns, dtype=dtype, device=loaded.device,
+                                        rows, columns, dtype=dtype, device=loaded.device,
                                         weights=True)  # fmt: skip
         assert weight is not None
         shape = (*batch_shape, -1)

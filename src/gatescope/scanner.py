@@ -53,9 +53,19 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel
 
-    from gatescope.arch import CaptureActCallback, ExpertLayer, GatedMLP, RoutedForward
+    from gatescope.arch import (
+        CaptureActCallback,
+        CaptureHandle,
+        ExpertLayer,
+        GatedMLP,
+        RoutedForward,
+    )
     from gatescope.loading import LoadedModel, ModelSpec
     from gatescope.stats import NeuronStats
+    from gatescope.stats.routed import RoutedStats
+
+    # A layer's statistics: a gated MLP's, or a mixture-of-experts layer's.
+    LayerAccumulator = NeuronStats | RoutedStats
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "ScanOptions", "scan"]
 
@@ -266,7 +276,7 @@ class _Prepared:
 
     loaded: LoadedModel
     mlps: list[GatedMLP] | list[GatedMLP | ExpertLayer]
-    layers: list[NeuronStats]  # one per MLP layer, on its layer's device
+    layers: Sequence[LayerAccumulator]  # one per MLP layer, on its layer's device
     experts: ExpertsRecord | None = None  # a mixture of experts' layout
 
 
@@ -274,8 +284,9 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     """Finds the model's MLP layers, checks the corpus fits it, and makes a fresh
     accumulator for each layer on its device (a mixture of experts: every layer as wide as
     its widest, see :mod:`gatescope.stats.routed`)."""
-    from gatescope.arch import find_mlp_layers, refactor_problem
+    from gatescope.arch import ExpertLayer, find_mlp_layers, refactor_problem
     from gatescope.stats import NeuronStats, Workspace, stats_dtype
+    from gatescope.stats.routed import RoutedStats
 
     mlps = find_mlp_layers(loaded.model)
     config = loaded.model.config
@@ -292,15 +303,21 @@ def _prepare(loaded: LoadedModel, texts: TokenizedCorpus, opts: ScanOptions) -> 
     width = experts.width if experts is not None else mlps[0].d_mlp
     dtype = stats_dtype(loaded.dtype)
     workspaces: dict[torch.device, Workspace] = defaultdict(Workspace)  # layers take turns
-    layers = []
+    layers: list[LayerAccumulator] = []
     for index, mlp in enumerate(mlps):
         device = _execution_device(mlp)
         _check_backend(opts, device, loaded.dtype, mlp.act_fn)
-        layers.append(NeuronStats(width, mlp.act_fn, k=opts.k, device=device, dtype=dtype,
-                                  kernel=_KERNELS[opts.stats_backend],
-                                  workspace=workspaces[device], distributions=opts.distributions,
-                                  seed=opts.seed, layer=index,
-                                  experts=experts.n_experts if experts else 0))  # fmt: skip
+        accumulator = functools.partial(
+            NeuronStats, act=mlp.act_fn, k=opts.k, device=device, dtype=dtype,
+            kernel=_KERNELS[opts.stats_backend], workspace=workspaces[device],
+            distributions=opts.distributions, seed=opts.seed, layer=index,
+        )  # fmt: skip
+        if isinstance(mlp, ExpertLayer):
+            shared = mlp.shared.d_mlp if mlp.shared is not None else 0
+            layers.append(RoutedStats(width, accumulator, n_experts=mlp.routed.n_experts,
+                                      d_ff=mlp.routed.d_ff, shared=shared))  # fmt: skip
+        else:  # a dense model's layer, or a dense layer of a mixture of experts
+            layers.append(accumulator(width, experts=experts.n_experts if experts else 0))
     return _Prepared(loaded, mlps, layers, experts)
 
 
@@ -476,32 +493,38 @@ class _Feed:
 _KERNELS = {"auto": "auto", "triton": "triton", "numba": "cpu", "torch": "torch"}
 
 
-def _backend_of(layers: Sequence[NeuronStats]) -> str:
+def _backend_of(layers: Sequence[LayerAccumulator]) -> str:
     """The statistics pass that ran (the first layer's: they all choose alike)."""
     return {kernel: name for name, kernel in _KERNELS.items() if name != "auto"}[layers[0].kernel]
 
 
 @contextlib.contextmanager
 def _capture(
-    mlps: Sequence[GatedMLP | ExpertLayer], layers: Sequence[NeuronStats]
+    mlps: Sequence[GatedMLP | ExpertLayer], layers: Sequence[LayerAccumulator]
 ) -> Iterator[_Feed]:
     """Hooks every MLP layer so that each forward updates its layer's statistics."""
-    from gatescope.arch import ExpertLayer
-
     feed = _Feed()
-    handles = [
-        mlp.capture(_routed_updater(feed, stats, mlp.routed.d_ff))
-        if isinstance(mlp, ExpertLayer)
-        # The model's own act(g) is taken only where the statistics use it (same dtype).
-        else mlp.capture_with_act(_updater(feed, stats), watch_act=mlp.dtype == stats.dtype)
-        for mlp, stats in zip(mlps, layers, strict=True)
-    ]
+    handles = [_hook(feed, mlp, stats) for mlp, stats in zip(mlps, layers, strict=True)]
     try:
         with torch.inference_mode():
             yield feed
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _hook(feed: _Feed, mlp: GatedMLP | ExpertLayer, stats: LayerAccumulator) -> CaptureHandle:
+    """Hooks one MLP layer (routed experts, or a gated MLP) to feed its statistics."""
+    from gatescope.arch import ExpertLayer
+    from gatescope.stats import NeuronStats
+    from gatescope.stats.routed import RoutedStats
+
+    if isinstance(mlp, ExpertLayer):
+        assert isinstance(stats, RoutedStats), "_prepare pairs expert layers with RoutedStats"
+        return mlp.capture(_routed_updater(feed, stats))
+    assert isinstance(stats, NeuronStats)
+    # The model's own act(g) is taken only where the statistics use it (same dtype).
+    return mlp.capture_with_act(_updater(feed, stats), watch_act=mlp.dtype == stats.dtype)
 
 
 def _updater(feed: _Feed, stats: NeuronStats) -> CaptureActCallback:
@@ -522,13 +545,12 @@ def _updater(feed: _Feed, stats: NeuronStats) -> CaptureActCallback:
     return update
 
 
-def _routed_updater(feed: _Feed, stats: NeuronStats, d_ff: int) -> Callable[[RoutedForward], None]:
+def _routed_updater(feed: _Feed, stats: RoutedStats) -> Callable[[RoutedForward], None]:
     """An expert layer's forward into its statistics (:mod:`gatescope.stats.routed`)."""
-    from gatescope.stats.routed import add_routed
 
     def update(forward: RoutedForward) -> None:
         text_index, counted = feed.on(stats.device)
-        add_routed(stats, forward, d_ff, text_index, counted)
+        stats.update(forward, text_index, counted)
 
     return update
 
@@ -557,7 +579,7 @@ class Checkpoint:
         )  # fmt: skip
         return self.folder / name
 
-    def save(self, layers: Sequence[NeuronStats], texts_done: int) -> None:
+    def save(self, layers: Sequence[LayerAccumulator], texts_done: int) -> None:
         import json
 
         from safetensors.torch import save_file
@@ -579,7 +601,7 @@ class Checkpoint:
         write_atomic(self.file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         logger.info("checkpoint: %d texts done", texts_done)
 
-    def restore(self, layers: Sequence[NeuronStats]) -> int:
+    def restore(self, layers: Sequence[LayerAccumulator]) -> int:
         """Loads the saved state into ``layers``; returns the number of texts done."""
         import json
 

@@ -18,7 +18,8 @@ ranked lists, merging), ``batch`` (what a pass is given and gives back), ``torch
 batch's statistics in torch operations, any device), ``cpu_pass`` (the same as one fused
 numba kernel, several times faster on a CPU) with ``cpu_int32`` (its 32-bit integer work)
 and ``cpu_merge`` (the CPU's merges of candidates), and ``triton_pass`` (the same as one
-fused Triton kernel, ``triton_kernel``, for GPUs; needs ``pip install gatescope[gpu]``).
+fused Triton kernel, ``triton_kernel``, for GPUs; needs ``pip install gatescope[gpu]``),
+and ``routed`` (a mixture-of-experts layer's statistics, each expert over its routed tokens).
 """
 
 from gatescope.stats.accumulator import NeuronStats

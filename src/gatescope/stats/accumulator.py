@@ -37,6 +37,16 @@ KERNELS = ("auto", "cpu", "torch", "triton")
 #: The histograms count in int32.
 MAX_HISTOGRAM_TOKENS = 2**31 - 1
 
+#: The neuron axis of each tensor of a state (:meth:`NeuronStats.state_dict`) that has one:
+#: how the states of a layer's slices of neurons go side by side.
+NEURON_AXIS = {
+    "count": 1, "sum": 2, "max": 2, "min": 2,  # [case, (quantity,) neuron]
+    "top_value": 1, "top_text": 1, "top_position": 1,  # [list, neuron, rank]
+    "histogram": 3, "joint": 3,  # [case, quantity or |g| bin, bin, neuron]
+    # [case, (quantity,) neuron, slot]
+    "typical_text": 1, "typical_position": 1, "typical_value": 2,
+}  # fmt: skip
+
 
 class NeuronStats:
     """Accumulates the statistics of the ``d_mlp`` neurons of one gated MLP layer.
@@ -60,6 +70,9 @@ class NeuronStats:
             (:mod:`~gatescope.stats.distributions`).
         seed: The typical examples' draw.
         layer: The layer's index (part of the draw: each layer draws its own texts).
+        first_neuron: The layer's index of the first of these neurons, where they are a
+            slice of a wider layer (an expert's, :mod:`~gatescope.stats.routed`): each
+            neuron draws its typical examples as the layer's would.
         experts: Routed experts of a mixture-of-experts layer (0: a dense layer): per expert
             the counted tokens routed to it and the sum of their router weights
             (:meth:`add_routing`).
@@ -79,6 +92,7 @@ class NeuronStats:
         distributions: bool = True,
         seed: int = 0,
         layer: int = 0,
+        first_neuron: int = 0,
         experts: int = 0,
     ) -> None:
         if k < 1:
@@ -118,7 +132,8 @@ class NeuronStats:
         self.seed, self.layer = seed, layer
         self._neuron_salt: Tensor | None = None
         self._cases = torch.arange(N_CASES, device=self.device)
-        self._neurons = torch.arange(d_mlp, device=self.device)
+        self.first_neuron = first_neuron
+        self._neurons = torch.arange(first_neuron, first_neuron + d_mlp, device=self.device)
         self.histogram: Tensor | None = None
         self.joint: Tensor | None = None
         if distributions:
@@ -196,6 +211,7 @@ class NeuronStats:
         text_index: Tensor,
         valid: Tensor,
         swish: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> None:
         """Adds one batch of texts.
 
@@ -209,6 +225,10 @@ class NeuronStats:
                 applying the activation again when it is in the statistics' dtype (as
                 ``g`` is then, it is the very value); otherwise ``act`` is applied to ``g``
                 in that dtype.
+            positions: [batch, pos] int64, each token's position in its text where the
+                texts' tokens are packed (a mixture of experts' routed tokens, in order:
+                :mod:`~gatescope.stats.routed`), or None: a token's position is its index
+                along pos. The ranked lists and typical examples keep these positions.
         """
         batch, _, d_mlp = gate.shape
         if d_mlp != self.d_mlp:
@@ -229,7 +249,7 @@ class NeuronStats:
         totals = Totals(self.count, self.sum, self._weakest, self.histogram, self.joint)
         priority = self._text_priority(text_index) if self.distributions else None
         try:
-            per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish)
+            per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish, positions)
         except Exception as error:  # e.g. Triton cannot compile for this GPU: before any update
             if not self._auto_triton:
                 raise
@@ -237,7 +257,9 @@ class NeuronStats:
             self.kernel, self._auto_triton = "torch", False
             self._pass = self._choose_pass(self._chunk_elements, self._workspace)
             gate, up = gate.to(self.dtype), up.to(self.dtype)
-            per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish)
+            per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish, positions)
+        if positions is not None:
+            per_text = _in_texts(per_text, positions.to(self.device))
         if priority is not None:
             self._add_typical_candidates(per_text, priority, text_index)
         # [case * 4 + quantity, text, neuron]: each text's strongest token (-inf: the case
@@ -406,12 +428,13 @@ class NeuronStats:
 
     def merge(self, other: NeuronStats) -> None:
         """Adds the statistics of ``other`` (disjoint texts of the same layer) to these."""
-        mine = (self.d_mlp, self.k, self.distributions, self.seed, self.layer, self.experts)
+        mine = (self.d_mlp, self.k, self.distributions, self.seed, self.layer,
+                self.first_neuron, self.experts)  # fmt: skip
         theirs = (other.d_mlp, other.k, other.distributions, other.seed, other.layer,
-                  other.experts)  # fmt: skip
+                  other.first_neuron, other.experts)  # fmt: skip
         if theirs != mine:
             raise ValueError("cannot merge statistics of different shapes, k, distributions, "
-                             "seed, layer or experts")  # fmt: skip
+                             "seed, layer, neurons or experts")  # fmt: skip
         self.tokens += other.tokens.to(self.device)
         self.add_routing(other.routed, other.router_weight)
         self.count += other.count.to(self.device)
@@ -539,6 +562,24 @@ class NeuronStats:
         if self.experts:
             self.routed = state["routed"].to(self.device, torch.int64).clone()
             self.router_weight = state["router_weight"].to(self.device, torch.float64).clone()
+
+
+def _in_texts(per_text: PerText, positions: Tensor) -> PerText:
+    """A pass's candidates over packed tokens, with the positions of their tokens in their
+    texts (``positions`` [text, pos]) for the indices along pos. Packing keeps a text's
+    tokens in order, so the first strongest token is the same either way."""
+
+    def in_text(index: Tensor) -> Tensor:  # [n, text, neuron], -1: none
+        # Where a case does not occur the index means nothing (and may lie in the block
+        # padding of the torch pass): clamped, then ignored.
+        n, length = index.shape[0], positions.shape[1]
+        looked_up = positions.expand(n, -1, -1).gather(2, index.clamp(0, length - 1))
+        return torch.where(index >= 0, looked_up, -1)
+
+    drawn = per_text.typical_position
+    typical_position = None if drawn is None else in_text(drawn)
+    return PerText(per_text.strength, in_text(per_text.position), typical_position,
+                   per_text.typical_value)  # fmt: skip
 
 
 def _numba_works() -> bool:

@@ -53,6 +53,7 @@ class StatisticsPass(Protocol):
         totals: Totals,
         salt: Tensor | None,
         swish: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> PerText:
         """Adds a batch to ``totals``.
 
@@ -65,6 +66,10 @@ class StatisticsPass(Protocol):
                 cannot enter the typical examples; None: no typical examples.
             swish: [text, pos, neuron] ``act(g)`` as the model computed it, in the same
                 dtype; None: the pass applies the activation to ``gate``.
+            positions: [text, pos] int64, each token's position in its text, where a text's
+                tokens are packed (a mixture of experts' routed tokens, in order): what the
+                token draw hashes. None: the index along pos. The positions a pass returns
+                are indices along pos either way.
         """
         ...
 

@@ -71,6 +71,7 @@ def cpu_pass(
     totals: Totals,
     salt: Tensor | None,
     swish: Tensor | None = None,
+    positions: Tensor | None = None,
     *,
     act: Callable[[Tensor], Tensor],
     workspace: Workspace,
@@ -95,6 +96,8 @@ def cpu_pass(
     salts = salt.contiguous() if salt is not None else torch.empty(typical_shape, dtype=torch.int64)
     typical_position = torch.empty(typical_shape, dtype=torch.int64)
     typical_value = torch.empty((4, *typical_shape), dtype=gate.dtype)
+    packed = positions is not None
+    hashed = positions.contiguous() if positions is not None else _NO_POSITIONS.view(0, 0)
     # numba keeps its own thread pool: use as many threads as torch is allowed to.
     # (numba sets its config attributes from the environment at import: unseen by pyright.)
     n_threads = numba_config.NUMBA_NUM_THREADS  # pyright: ignore[reportAttributeAccessIssue]
@@ -110,7 +113,8 @@ def cpu_pass(
         totals.count.numpy(), totals.sums.numpy(), totals.weakest.numpy(),
         strength.numpy(), position.numpy(),
         histograms, histogram.numpy(), joint.numpy(),
-        draw, salts.numpy(), typical_position.numpy(), typical_value.numpy(),
+        draw, salts.numpy(), packed, hashed.numpy(), typical_position.numpy(),
+        typical_value.numpy(),
     )  # fmt: skip
     if not draw:
         return PerText(strength, position)
@@ -118,12 +122,13 @@ def cpu_pass(
 
 
 _NO_COUNTS = torch.empty(0, dtype=torch.int32)
+_NO_POSITIONS = torch.empty(0, dtype=torch.int64)
 
 
 @numba.njit(parallel=True, cache=True, boundscheck=False)
 def _batch(
     tiles, all_counts, g, u, a, valid, count, sums, weakest, strength, position,
-    histograms, histogram, joint, draw, salt, typical_position, typical_value,
+    histograms, histogram, joint, draw, salt, packed, hashed, typical_position, typical_value,
 ):  # pragma: no cover  # fmt: skip
     texts, _, neurons = g.shape
     rows = tiles.shape[1] // (3 * BLOCK)  # length, even
@@ -149,7 +154,7 @@ def _batch(
             if histograms:
                 _histograms(tile, rows, counts, at)
             if draw:
-                _draw(tile, rows, salt, text, first, width, drawn)
+                _draw(tile, rows, salt, text, first, width, drawn, packed, hashed)
                 _store_draw(tile, drawn, text, first, width, typical_position, typical_value)
         _store_block(totals, weakest_of_block, first, width, count, sums, weakest)
         if histograms:
@@ -377,9 +382,11 @@ def _store_histograms(counts, first, width, histogram, joint):  # pragma: no cov
 
 
 @numba.njit(boundscheck=False, error_model="numpy")
-def _draw(tile, rows, salt, text, first, width, drawn):  # pragma: no cover
+def _draw(tile, rows, salt, text, first, width, drawn, packed, hashed):  # pragma: no cover
     """One text's token draw for the typical examples, for a block's neurons: per case the
-    token of smallest priority key. Skipped when no neuron of the block asks for the text."""
+    token of smallest priority key. Skipped when no neuron of the block asks for the text.
+    The priority hashes the token's position in its text: ``hashed[text, t]`` where the
+    tokens are ``packed``, else ``t``; the key's low bits keep ``t``, the tile's row."""
     wanted = False
     for case in range(4):
         for j in range(BLOCK):
@@ -389,13 +396,16 @@ def _draw(tile, rows, salt, text, first, width, drawn):  # pragma: no cover
             wanted |= s >= 0
     if not wanted:
         return
+    length = hashed.shape[1]
     for t in range(rows):
+        # (the row padding a text to an even length is in no case: any position does)
+        in_text = hashed[text, t] if packed and t < length else t
         for j in range(BLOCK):
             _, _, _, _, pp, pn, np_, nn = _token(tile, t, j)
             s0, s1 = _salt_of(drawn, 0, j), _salt_of(drawn, 1, j)
             s2, s3 = _salt_of(drawn, 2, j), _salt_of(drawn, 3, j)
             s = s0 if pp else (s1 if pn else (s2 if np_ else s3))
-            key = (np.int64(token_priority(s, t)) << _KEY_LOW_BITS) | t
+            key = (np.int64(token_priority(s, in_text)) << _KEY_LOW_BITS) | t
             _drawn_if(drawn, j, 0, pp & (s0 >= 0), key)
             _drawn_if(drawn, j, 1, pn & (s1 >= 0), key)
             _drawn_if(drawn, j, 2, np_ & (s2 >= 0), key)

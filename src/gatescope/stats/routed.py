@@ -1,92 +1,223 @@
 """Statistics of a mixture-of-experts layer: each expert's neurons over the tokens routed to it.
 
 A layer's neurons are laid out as every routed expert's ``d_ff`` neurons in turn, then the
-shared experts' (:class:`~gatescope.records.ExpertsRecord`). An expert computes its neurons
-only on the tokens the router sends it; for the other tokens its g and u are taken as 0,
-which puts them in no sign case (the rule that already leaves out padding and uncounted
-tokens), so every pass, merge, checkpoint and shard path computes the statistics of routed
-tokens alone, unchanged. Per expert, the layer also counts the counted tokens routed to it
-and sums their router weights (``NeuronStats.add_routing``).
+shared experts' (:class:`~gatescope.records.ExpertsRecord`), then padding up to the atlas's
+width. :class:`RoutedStats` keeps one :class:`~gatescope.stats.accumulator.NeuronStats` per
+routed expert, fed only the tokens routed to it, so an expert costs what it computes:
+``k / experts`` of the tokens, not a zero-filled row for every token (which made the
+statistics cost ``experts / k`` times the routed activations). An expert's tokens are
+packed per text, in order, each with its position in its text
+(:class:`PackedTokens`); the passes hash those positions for the typical draw and report
+them, so the statistics are exactly those of zero-filled rows, where 0 puts a token in no
+sign case. The shared experts see every token. Per expert the layer also counts the
+counted tokens routed to it and sums their router weights.
 
-The dense rows are built a few texts at a time (``CHUNK_ELEMENTS``): an expert's rows are
-only ``k / experts`` of a layer's width, but the passes take whole [text, pos, neuron] blocks.
-:func:`layer_values` builds them, and also the few neurons a page recomputes, with each
-token's router weight (:mod:`gatescope.recompute`).
+From outside a :class:`RoutedStats` is one layer's statistics: its state is the experts'
+states side by side along the neuron axes (:data:`~gatescope.stats.accumulator.NEURON_AXIS`),
+which checkpoints, shards, ranks and the atlas take as they take a dense layer's.
+:func:`layer_values` builds zero-filled rows of a few neurons for the pages'
+recomputation, with each token's router weight (:mod:`gatescope.recompute`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gatescope.records import moe_address
+from gatescope.stats.accumulator import NEURON_AXIS, NeuronStats
 
 if TYPE_CHECKING:
     from gatescope.arch import RoutedForward
-    from gatescope.stats.accumulator import NeuronStats
 
-__all__ = ["CHUNK_ELEMENTS", "add_routed", "layer_values"]
-
-#: Elements of one dense [texts, pos, neurons] block of g (and of u).
-CHUNK_ELEMENTS = 2**24
+__all__ = ["PackedTokens", "RoutedStats", "layer_values", "pack_tokens"]
 
 
-def add_routed(
-    stats: NeuronStats, forward: RoutedForward, d_ff: int, text_index: Tensor, counted: Tensor
-) -> None:
-    """Adds one forward of a mixture-of-experts layer to its statistics.
+class RoutedStats:
+    """Accumulates the statistics of one mixture-of-experts layer, ``width`` neurons.
 
     Args:
-        stats: The layer's statistics, ``experts * d_ff + shared`` neurons wide (or wider).
-        forward: What the experts computed, over rows ``text * positions + position``.
+        width: The layer's neurons in the atlas: ``n_experts * d_ff + shared``, or more
+            (padding, never updated).
+        accumulator: Makes the statistics of a slice of the layer's neurons:
+            ``accumulator(d_mlp, first_neuron=...)``, a ``NeuronStats`` with the layer's
+            activation, ``k``, device, kernel, seed, layer...
+        n_experts: Routed experts.
         d_ff: Neurons per routed expert.
-        text_index: [texts] the batch's corpus indices.
-        counted: [texts, positions] bool, the counted tokens.
+        shared: Neurons of the shared experts (0: none).
     """
-    texts, length = counted.shape
-    _add_routing(stats, forward, counted.reshape(-1))
-    per_chunk = max(1, CHUNK_ELEMENTS // (length * stats.d_mlp))
-    for first in range(0, texts, per_chunk):
-        last = min(first + per_chunk, texts)
-        gate, up, _ = layer_values(forward, stats.experts, d_ff, (first * length, last * length),
-                                   stats.d_mlp, dtype=stats.dtype, device=stats.device)  # fmt: skip
-        shape = (last - first, length, stats.d_mlp)
-        stats.update(gate.view(shape), up.view(shape), text_index[first:last],
-                     counted[first:last])  # fmt: skip
+
+    def __init__(
+        self, width: int, accumulator: Callable[..., NeuronStats], *, n_experts: int,
+        d_ff: int, shared: int = 0,
+    ) -> None:  # fmt: skip
+        own = n_experts * d_ff + shared
+        if width < own:
+            raise ValueError(f"{n_experts} experts of {d_ff} and {shared} shared neurons "
+                             f"do not fit in {width}")  # fmt: skip
+        widths = [d_ff] * n_experts + [n for n in (shared, width - own) if n]
+        firsts = [sum(widths[:i]) for i in range(len(widths))]
+        # Every routed expert's neurons, the shared experts', then the padding's (if any).
+        self.pieces = [accumulator(n, first_neuron=first)
+                       for n, first in zip(widths, firsts, strict=True)]  # fmt: skip
+        self.shared = self.pieces[n_experts] if shared else None
+        self.d_mlp, self.experts, self.d_ff = width, n_experts, d_ff
+        first = self.pieces[0]
+        self.device, self.dtype = first.device, first.dtype
+        self.seed, self.layer = first.seed, first.layer
+        self.tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.routed = torch.zeros(n_experts, dtype=torch.int64, device=self.device)
+        self.router_weight = torch.zeros(n_experts, dtype=torch.float64, device=self.device)
+
+    @property
+    def kernel(self) -> str:
+        """The statistics pass the experts run (they all choose alike)."""
+        return self.pieces[0].kernel
+
+    @torch.no_grad()
+    def update(self, forward: RoutedForward, text_index: Tensor, counted: Tensor) -> None:
+        """Adds one forward of the layer.
+
+        Args:
+            forward: What the experts computed, over rows ``text * positions + position``.
+            text_index: [texts] the batch's corpus indices.
+            counted: [texts, positions] bool, the counted tokens.
+        """
+        texts, length = counted.shape
+        flat = counted.reshape(-1)
+        self.tokens += flat.sum()
+        self._add_routing(forward, flat)
+        packs = pack_tokens([e.token for e in forward.experts], texts, length)
+        for e, packed in zip(forward.experts, packs, strict=True):
+            gate, up, act = (packed.spread(x) for x in (e.gate, e.up, e.act))
+            self.pieces[e.expert].update(gate, up, text_index[packed.text],
+                                         packed.spread(flat[e.token]), act,
+                                         positions=packed.position)  # fmt: skip
+        if forward.shared is not None and self.shared is not None:
+            gate, up, act = (x.view(texts, length, -1) if x is not None else None
+                             for x in forward.shared)  # fmt: skip
+            assert gate is not None and up is not None
+            self.shared.update(gate, up, text_index, counted, act)
+
+    def _add_routing(self, forward: RoutedForward, counted: Tensor) -> None:
+        """Per expert: the counted tokens routed to it, and the sum of their router weights."""
+        if not forward.experts:
+            return
+        # every expert's (token, weight) pairs at once: two index_add_s
+        expert = torch.cat([torch.full_like(e.token, e.expert) for e in forward.experts])
+        kept = counted[torch.cat([e.token for e in forward.experts])]
+        router_weight = torch.cat([e.weight for e in forward.experts]).to(torch.float64)
+        self.routed.index_add_(0, expert, kept.to(torch.int64))
+        self.router_weight.index_add_(0, expert, router_weight * kept)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The layer's state, as :meth:`NeuronStats.state_dict` of a layer this wide with
+        experts gives it (fresh tensors)."""
+        states = [piece.state_dict() for piece in self.pieces]
+        beside = {name: torch.cat([state[name] for state in states], dim=NEURON_AXIS[name])
+                  for name in states[0] if name in NEURON_AXIS}  # fmt: skip
+        return {"tokens": self.tokens.clone(), **beside, "routed": self.routed.clone(),
+                "router_weight": self.router_weight.clone()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = self.state_dict()
+        if set(state) != set(expected):
+            raise ValueError(f"the state has {sorted(state)}, expected {sorted(expected)}")
+        widths = [piece.d_mlp for piece in self.pieces]
+        parts: list[dict[str, Tensor]] = [{"tokens": state["tokens"]} for _ in self.pieces]
+        for name in expected.keys() & NEURON_AXIS.keys():
+            if state[name].shape != expected[name].shape:
+                raise ValueError(f"state '{name}' has shape {tuple(state[name].shape)}, "
+                                 f"expected {tuple(expected[name].shape)}")  # fmt: skip
+            for part, own_part in zip(parts, state[name].split(widths, NEURON_AXIS[name]),
+                                      strict=True):  # fmt: skip
+                part[name] = own_part
+        for piece, part in zip(self.pieces, parts, strict=True):
+            piece.load_state_dict(part)
+        self.tokens = state["tokens"].to(self.device, torch.int64).clone()
+        self.routed = state["routed"].to(self.device, torch.int64).clone()
+        self.router_weight = state["router_weight"].to(self.device, torch.float64).clone()
 
 
-def _add_routing(stats: NeuronStats, forward: RoutedForward, counted: Tensor) -> None:
-    """Per expert: the counted tokens routed to it, and the sum of their router weights."""
-    routed = torch.zeros(stats.experts, dtype=torch.int64, device=counted.device)
-    weight = torch.zeros(stats.experts, dtype=torch.float64, device=counted.device)
-    if forward.experts:  # every expert's (token, weight) pairs at once: two index_add_s
-        expert = torch.cat([torch.full_like(e[1], e[0]) for e in forward.experts])
-        kept = counted[torch.cat([e[1] for e in forward.experts])]
-        router_weight = torch.cat([e[4] for e in forward.experts]).to(torch.float64)
-        routed.index_add_(0, expert, kept.to(torch.int64))
-        weight.index_add_(0, expert, router_weight * kept)
-    stats.add_routing(routed, weight)
+@dataclass(frozen=True)
+class PackedTokens:
+    """One expert's routed tokens packed per text, in order: ``[texts, slots]``, a row for
+    each text with tokens routed to the expert, as long as the longest such text's share."""
+
+    text: Tensor  # [texts] the batch's text of each row
+    slot: tuple[Tensor, Tensor]  # [routed] each routed token's row and place in it
+    position: Tensor  # [texts, slots] int64 the slot's token's position in its text (0: empty)
+
+    def spread(self, values: Tensor) -> Tensor:
+        """[routed, ...] per-token values into [texts, slots, ...] (0 in empty slots: in no
+        sign case, and not counted)."""
+        out = values.new_zeros(*self.position.shape, *values.shape[1:])
+        out[self.slot] = values
+        return out
+
+
+def pack_tokens(tokens: Sequence[Tensor], texts: int, length: int) -> list[PackedTokens]:
+    """Packs each expert's routed tokens per text.
+
+    Args:
+        tokens: Per expert, its routed rows of the batch, ascending (row = text * length +
+            position).
+        texts, length: The batch's shape.
+
+    Returns:
+        Per expert, its tokens packed (:class:`PackedTokens`). The host waits for the device
+        twice for all experts at once, not once per expert.
+    """
+    if not tokens:
+        return []
+    device = tokens[0].device
+    sizes = [len(token) for token in tokens]
+    token = torch.cat(list(tokens))  # [routed pairs]: expert by expert, rows ascending
+    owner = torch.repeat_interleave(  # [routed pairs] the index of each one's expert
+        torch.arange(len(tokens), device=device), torch.tensor(sizes, device=device),
+        output_size=len(token),
+    )  # fmt: skip
+    # A group: one expert's tokens of one text, contiguous. [groups], [routed pairs]
+    groups, group, count = torch.unique_consecutive(
+        owner * texts + torch.div(token, length, rounding_mode="floor"),
+        return_inverse=True, return_counts=True,
+    )  # fmt: skip
+    place = torch.arange(len(token), device=device) - (torch.cumsum(count, 0) - count)[group]
+    owner_of_group = torch.div(groups, texts, rounding_mode="floor")
+    n_groups = torch.bincount(owner_of_group, minlength=len(tokens))
+    longest = torch.zeros_like(n_groups).scatter_reduce_(0, owner_of_group, count, "amax")
+    packed, first_group, first_token = [], 0, 0
+    for size, rows, slots in zip(sizes, *torch.stack([n_groups, longest]).tolist(), strict=True):
+        own = slice(first_token, first_token + size)
+        slot = (group[own] - first_group, place[own])
+        position = torch.zeros(rows, slots, dtype=torch.int64, device=device)
+        position[slot] = token[own] % length
+        text = groups[first_group : first_group + rows] % texts
+        packed.append(PackedTokens(text, slot, position))
+        first_group, first_token = first_group + rows, first_token + size
+    return packed
 
 
 def layer_values(
-    forward: RoutedForward, n_experts: int, d_ff: int, rows: tuple[int, int],
+    forward: RoutedForward, n_experts: int, d_ff: int, rows: int,
     columns: int | Sequence[int], *,
     dtype: torch.dtype, device: torch.device, weights: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
-    """g, u (and the router's weight) of some neurons of a mixture-of-experts layer on rows
-    ``start:stop`` of its batch: each routed expert's values on its routed tokens, the
-    shared experts' on all, 0 elsewhere.
+    """g, u (and the router's weight) of some neurons of a mixture-of-experts layer on every
+    row of its batch: each routed expert's values on its routed tokens, the shared experts'
+    on all, 0 elsewhere.
 
     Args:
         forward: What the layer computed.
         n_experts: Routed experts of the layer.
         d_ff: Neurons per routed expert (expert ``e``'s neuron ``n`` is the layer's
             ``e * d_ff + n``, the shared experts' follow every routed one's).
-        rows: ``(start, stop)``, rows of the flattened batch.
+        rows: Rows of the flattened batch.
         columns: The layer's neurons: a width (all neurons up to it, padding beyond the
             layer's own as 0) or their indices, in the order wanted.
         dtype: The values' dtype.
@@ -97,41 +228,27 @@ def layer_values(
     Returns:
         ``gate``, ``up`` [rows, columns] and the weights [rows, columns] or None.
     """
-    start, stop = rows
     width = columns if isinstance(columns, int) else len(columns)
-    gate = torch.zeros(stop - start, width, dtype=dtype, device=device)
+    gate = torch.zeros(rows, width, dtype=dtype, device=device)
     up = torch.zeros_like(gate)
     weight = torch.full_like(gate, math.nan) if weights else None
     shared = forward.shared[0].shape[-1] if forward.shared is not None else 0
     plan = _plan(columns, n_experts, d_ff, shared, device)
-    wanted = [e for e in forward.experts if e[0] in plan]
-    for (expert, token, expert_gate, expert_up, router_weight), (first, last) in zip(
-        wanted, _spans([e[1] for e in wanted], start, stop), strict=True
-    ):
-        into, taken = plan[expert]
-        row = token[first:last] - start
-        rows_of = row if isinstance(into, slice) else row[:, None]
-        gate[rows_of, into] = expert_gate[first:last][:, taken].to(dtype)
-        up[rows_of, into] = expert_up[first:last][:, taken].to(dtype)
+    for e in forward.experts:
+        if e.expert not in plan:
+            continue
+        into, taken = plan[e.expert]
+        rows_of = e.token if isinstance(into, slice) else e.token[:, None]
+        gate[rows_of, into] = e.gate[:, taken].to(dtype)
+        up[rows_of, into] = e.up[:, taken].to(dtype)
         if weight is not None:
-            weight[rows_of, into] = router_weight[first:last][:, None].to(dtype)
+            weight[rows_of, into] = e.weight[:, None].to(dtype)
     if forward.shared is not None and "shared" in plan:
-        shared_gate, shared_up = forward.shared  # [rows of the batch, shared]
+        shared_gate, shared_up, _ = forward.shared  # [rows, shared]
         into, taken = plan["shared"]
-        gate[:, into] = shared_gate[start:stop][:, taken].to(dtype)
-        up[:, into] = shared_up[start:stop][:, taken].to(dtype)
+        gate[:, into] = shared_gate[:, taken].to(dtype)
+        up[:, into] = shared_up[:, taken].to(dtype)
     return gate, up, weight
-
-
-def _spans(tokens: Sequence[Tensor], start: int, stop: int) -> list[tuple[int, int]]:
-    """Per expert, the slice of its (ascending) routed tokens that lies in rows
-    ``start:stop``: found on the device for all experts at once, so that a GPU makes the
-    host wait once per call rather than once per expert (as a boolean mask would)."""
-    if not tokens:
-        return []
-    bounds = torch.tensor([start, stop], device=tokens[0].device)
-    found = torch.stack([torch.searchsorted(token, bounds) for token in tokens]).tolist()
-    return [(int(first), int(last)) for first, last in found]
 
 
 # Where each expert's values go: expert (or "shared") -> (the output's columns, the expert's

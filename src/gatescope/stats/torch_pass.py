@@ -74,6 +74,7 @@ class TorchPass:
         totals: Totals,
         salt: Tensor | None,
         swish: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> PerText:
         """The :class:`~gatescope.stats.batch.StatisticsPass` contract."""
         batch, length, neurons = gate.shape
@@ -100,7 +101,8 @@ class TorchPass:
             if totals.histogram is not None and totals.joint is not None:
                 _add_histograms(q, case, in_case, totals.histogram, totals.joint)
             if salt is not None and typical is not None:
-                _draw_typical(q, case, in_case, salt[:, texts], typical[0][:, texts],
+                hashed = None if positions is None else positions[texts]
+                _draw_typical(q, case, in_case, salt[:, texts], hashed, typical[0][:, texts],
                               typical[1][:, :, texts])  # fmt: skip
         return PerText(strength, position, *(typical or (None, None)))
 
@@ -256,8 +258,9 @@ def _add_histograms(
 
 
 def _draw_typical(
-    q: Tensor, case: Tensor, in_case: Tensor, salt: Tensor, position: Tensor, value: Tensor
-) -> None:
+    q: Tensor, case: Tensor, in_case: Tensor, salt: Tensor, hashed: Tensor | None,
+    position: Tensor, value: Tensor,
+) -> None:  # fmt: skip
     """Each text's token for the typical examples: the smallest token priority among the
     case's tokens, the first position on a tie.
 
@@ -266,6 +269,8 @@ def _draw_typical(
         case, in_case: [text, pos, neuron] each token's case and whether it is in one
             (``_case_index``).
         salt: [case, text, neuron] int64 token-draw salts (-1: not drawn).
+        hashed: [text, pos] int64 the tokens' positions in their texts, which the draw
+            hashes (None: the index along pos; ties go to the lower index either way).
         position: [case, text, neuron] int64, written: the drawn position or -1.
         value: [case, quantity, text, neuron], written: its quantities (0: none).
     """
@@ -274,7 +279,10 @@ def _draw_typical(
     # A token is in one case at most, so one hash per token serves all four: with the salt
     # of its own case. [text, pos, neuron]
     token_salt = salt.unsqueeze(2).expand(-1, -1, length, -1).gather(0, case.unsqueeze(0))[0]
-    priority = distributions.token_priority(token_salt, at)
+    in_text = at
+    if hashed is not None:  # [text, pos, 1]; the block padding is in no case: any 0 does
+        in_text = torch.nn.functional.pad(hashed, (0, length - hashed.shape[1])).unsqueeze(-1)
+    priority = distributions.token_priority(token_salt, in_text)
     key = distributions.ranking_key(priority, at, in_case & (token_salt >= 0))
     for c in range(N_CASES):
         # [text, neuron] the smallest key (priority, then position) among the case's tokens

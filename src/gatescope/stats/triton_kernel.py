@@ -111,7 +111,7 @@ def stats_kernel(
     histogram_ptr, joint_ptr, salt_ptr, key_ptr,
     texts, length, neurons,
     ACT: tl.constexpr, HAS_SWISH: tl.constexpr, HISTOGRAMS: tl.constexpr,
-    TYPICAL: tl.constexpr, LOWEST: tl.constexpr, HALF_OCTAVE: tl.constexpr,
+    TYPICAL: tl.constexpr, PACKED: tl.constexpr, LOWEST: tl.constexpr, HALF_OCTAVE: tl.constexpr,
     N_BINS: tl.constexpr, JOINT_LOWEST: tl.constexpr, N_JOINT: tl.constexpr,
     MIX_MULTIPLIER: tl.constexpr, KEY_LOW_BITS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -119,10 +119,13 @@ def stats_kernel(
     """One text, one block of neurons.
 
     Inputs [text, pos, neuron] contiguous, valid [text, pos] uint8, salt [case, text,
-    neuron] int64 (-1: not drawn). Outputs [pair, text, neuron] (pair = case * 4 +
-    quantity), count and key [case, text, neuron] (key: the smallest draw key
-    ``priority << KEY_LOW_BITS | position``, int64 max where none); histogram [case,
-    quantity, bin, neuron] and joint [case, |g| bin, |u| bin, neuron] are added to."""
+    neuron] int64 (-1: not drawn). Where PACKED, valid is int32 instead: each token's
+    position in its text (which the draw hashes, else the index along pos), -1 where not
+    counted. Outputs
+    [pair, text, neuron] (pair = case * 4 + quantity), count and key [case, text, neuron]
+    (key: the smallest draw key ``priority << KEY_LOW_BITS | index along pos``, int64 max
+    where none); histogram [case, quantity, bin, neuron] and joint [case, |g| bin, |u| bin,
+    neuron] are added to."""
     text = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < neurons
@@ -156,7 +159,11 @@ def stats_kernel(
         # int64: a batch of g may hold more than 2**31 elements.
         tile = (text.to(tl.int64) * length + offs_p[:, None]) * neurons + offs_n[None, :]
         mask = in_p[:, None] & in_n[None, :]
-        counted = tl.load(valid_ptr + text * length + offs_p, mask=in_p, other=0) != 0
+        if PACKED:
+            in_text = tl.load(valid_ptr + text * length + offs_p, mask=in_p, other=-1)
+            counted = in_text >= 0
+        else:
+            counted = tl.load(valid_ptr + text * length + offs_p, mask=in_p, other=0) != 0
         g = tl.load(g_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + tile, mask=mask, other=0.0).to(tl.float32)
         if HAS_SWISH:
@@ -201,7 +208,10 @@ def stats_kernel(
         if TYPICAL:  # the token's draw key, with the salt of its own case
             token_salt = tl.where(case < 2, tl.where(case == 0, salt0, salt1),
                                   tl.where(case == 2, salt2, salt3))  # fmt: skip
-            at = offs_p[:, None].to(tl.uint32)
+            if PACKED:  # noqa: SIM108 (a compile-time branch: in_text exists only here)
+                at = in_text.to(tl.uint32)[:, None]
+            else:
+                at = offs_p[:, None].to(tl.uint32)
             priority = _mix32(token_salt.to(tl.uint32) ^ at, MIX_MULTIPLIER)
             key = (priority.to(tl.int64) << KEY_LOW_BITS) | offs_p[:, None].to(tl.int64)
             key = tl.where(token_salt >= 0, key, no_key)

@@ -101,6 +101,7 @@ class TritonPass:
         totals: Totals,
         salt: Tensor | None,
         swish: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> PerText:
         """The :class:`~gatescope.stats.batch.StatisticsPass` contract; ``gate``, ``up`` and
         ``swish`` may be in the model's dtype (bf16, fp16, fp32): they are read as they are."""
@@ -120,13 +121,14 @@ class TritonPass:
         with on_device:
             launch(
                 gate, up, swish if swish is not None else unused,
-                valid.to(torch.uint8).contiguous(), strength, position, weakest, sums, count,
+                _valid(valid, positions), strength, position, weakest, sums, count,
                 totals.histogram if histograms else unused,
                 totals.joint if histograms else unused,
                 salt.contiguous() if salt is not None else unused, key,
                 texts, length, neurons,
                 ACT=ACTIVATIONS[self.kind], HAS_SWISH=swish is not None, HISTOGRAMS=histograms,
-                TYPICAL=salt is not None, **_DISTRIBUTION_CONSTANTS, **tile,
+                TYPICAL=salt is not None, PACKED=positions is not None,
+                **_DISTRIBUTION_CONSTANTS, **tile,
             )  # fmt: skip
         # The texts' partials into the layer's totals, on the device.
         totals.count.add_(count.sum(dim=1, dtype=torch.int64))
@@ -157,6 +159,15 @@ class TritonPass:
         a = self.act(g) if swish is None else swish.gather(1, at).to(self.dtype)
         value = torch.stack([g, u, a, a * u]).transpose(1, 2)  # [quantity, case, text, neuron]
         return position, value.transpose(0, 1).where(found.unsqueeze(1), 0)
+
+
+def _valid(valid: Tensor, positions: Tensor | None) -> Tensor:
+    """The kernel's ``valid``: uint8 0/1, or where the tokens are packed (``positions``)
+    int32, each counted token's position in its text and -1 for the others (one load for
+    both)."""
+    if positions is None:
+        return valid.to(torch.uint8).contiguous()
+    return torch.where(valid, positions, -1).to(torch.int32).contiguous()
 
 
 def _launcher(
