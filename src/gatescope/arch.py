@@ -386,10 +386,13 @@ class ExpertLayer:
         blocks = [GluWeights(*self.routed.glu_weights(e)) for e in range(self.routed.n_experts)]
         return blocks + (self.shared.glu_weights() if self.shared is not None else [])
 
-    def capture(self, callback: Callable[[RoutedForward], None]) -> CaptureHandle:
+    def capture(
+        self, callback: Callable[[RoutedForward], None], *, watch_act: bool = False
+    ) -> CaptureHandle:
         """Call ``callback`` once per forward of the decoder layer with what its routed
         experts (:class:`~gatescope.experts.ExpertsCapture`: exactly the values that
-        produce the output) and its shared experts computed."""
+        produce the output) and its shared experts computed; the shared experts' act(g)
+        where ``watch_act`` (:meth:`GatedMLP.capture_with_act`), else None."""
         current = RoutedForward([], None)
 
         def routed(expert: int, token: Tensor, gate: Tensor, up: Tensor, act: Tensor,
@@ -414,7 +417,7 @@ class ExpertLayer:
             self.module.register_forward_hook(done),
         ]
         if self.shared is not None:
-            handles.append(self.shared.capture_with_act(shared))
+            handles.append(self.shared.capture_with_act(shared, watch_act=watch_act))
         return CaptureHandle(handles)
 
 

@@ -519,11 +519,13 @@ def _hook(feed: _Feed, mlp: GatedMLP | ExpertLayer, stats: LayerAccumulator) -> 
     from gatescope.stats import NeuronStats
     from gatescope.stats.routed import RoutedStats
 
+    # The model's own act(g) of a gated MLP is taken only where the statistics use it (in
+    # their dtype); the routed experts' comes with their values.
     if isinstance(mlp, ExpertLayer):
         assert isinstance(stats, RoutedStats), "_prepare pairs expert layers with RoutedStats"
-        return mlp.capture(_routed_updater(feed, stats))
+        watch_act = mlp.shared is not None and mlp.shared.dtype == stats.dtype
+        return mlp.capture(_routed_updater(feed, stats), watch_act=watch_act)
     assert isinstance(stats, NeuronStats)
-    # The model's own act(g) is taken only where the statistics use it (same dtype).
     return mlp.capture_with_act(_updater(feed, stats), watch_act=mlp.dtype == stats.dtype)
 
 

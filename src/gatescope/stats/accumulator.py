@@ -142,6 +142,13 @@ class NeuronStats:
         self.routed = torch.zeros(experts, dtype=torch.int64, device=self.device)
         self.router_weight = torch.zeros(experts, dtype=torch.float64, device=self.device)
 
+    def fall_back_to_torch(self) -> None:
+        """Takes the torch pass from now on: what ``update`` does when the Triton kernel that
+        "auto" chose fails on its first batch (and what the other experts of a layer do
+        then, :class:`~gatescope.stats.routed.RoutedStats`)."""
+        self.kernel, self._auto_triton = "torch", False
+        self._pass = self._choose_pass(self._chunk_elements, self._workspace)
+
     def add_routing(self, routed: Tensor, router_weight: Tensor) -> None:
         """Adds a batch's routing: [experts] counted tokens sent to each expert (int64) and
         the sum of their router weights."""
@@ -254,8 +261,7 @@ class NeuronStats:
             if not self._auto_triton:
                 raise
             warnings.warn(f"the Triton kernel failed ({error}); using the torch pass", stacklevel=2)
-            self.kernel, self._auto_triton = "torch", False
-            self._pass = self._choose_pass(self._chunk_elements, self._workspace)
+            self.fall_back_to_torch()
             gate, up = gate.to(self.dtype), up.to(self.dtype)
             per_text = self._pass(gate, up, valid, totals, self._salts(priority), swish, positions)
         if positions is not None:

@@ -84,31 +84,28 @@ class Workspace:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, Tensor] = {}
-        self._key: tuple = ()
         self._flat: dict[str, Tensor] = {}
 
-    def flat(self, name: str, elements: int, dtype: torch.dtype) -> Tensor:
-        """A flat CPU buffer ``name`` of ``elements``, contents undefined: the same memory
-        from call to call, grown when a call needs more."""
+    def flat(
+        self, name: str, elements: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> Tensor:
+        """A flat buffer ``name`` of ``elements`` (on the CPU unless ``device``), contents
+        undefined: the same memory from call to call, grown when a call needs more."""
+        device = device if device is not None else torch.device("cpu")
         buffer = self._flat.get(name)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < elements:
-            buffer = self._flat[name] = torch.empty(elements, dtype=dtype)
+        if (buffer is None or buffer.dtype != dtype or buffer.device != device
+                or buffer.numel() < elements):  # fmt: skip
+            buffer = self._flat[name] = torch.empty(elements, dtype=dtype, device=device)
         return buffer[:elements]
 
     def get(
         self, texts: int, padded: int, d_mlp: int, dtype: torch.dtype, device: torch.device
     ) -> dict[str, Tensor]:
-        """The torch pass's buffers q, cases, masked: [quantity or case, at least ``texts``,
-        ``padded``, ``d_mlp``]; a smaller chunk uses views."""
-        capacity = self._key[0] if self._key else 0
-        if self._key[1:] != (padded, d_mlp, dtype, device) or capacity < texts:
-            shape = (max(texts, capacity), padded, d_mlp)
-            new = lambda *lead: torch.empty(*lead, *shape, dtype=dtype, device=device)  # noqa: E731
-            self._key = (shape[0], padded, d_mlp, dtype, device)
-            self._buffers = {
-                "q": new(len(QUANTITIES)),
-                "cases": new(len(CASES)),
-                "masked": new(len(QUANTITIES)),
-            }
-        return self._buffers
+        """The torch pass's buffers q, cases, masked: [quantity or case, ``texts``,
+        ``padded``, ``d_mlp``], views of flat buffers, so that layers and experts of other
+        shapes (an expert's packed tokens, a shared MLP) reuse the same memory."""
+        shape = (texts, padded, d_mlp)
+        elements = texts * padded * d_mlp
+        lead = {"q": len(QUANTITIES), "cases": len(CASES), "masked": len(QUANTITIES)}
+        return {name: self.flat(f"torch {name}", n * elements, dtype, device).view(n, *shape)
+                for name, n in lead.items()}  # fmt: skip

@@ -6,11 +6,11 @@ width. :class:`RoutedStats` keeps one :class:`~gatescope.stats.accumulator.Neuro
 routed expert, fed only the tokens routed to it, so an expert costs what it computes:
 ``k / experts`` of the tokens, not a zero-filled row for every token (which made the
 statistics cost ``experts / k`` times the routed activations). An expert's tokens are
-packed per text, in order, each with its position in its text
-(:class:`PackedTokens`); the passes hash those positions for the typical draw and report
-them, so the statistics are exactly those of zero-filled rows, where 0 puts a token in no
-sign case. The shared experts see every token. Per expert the layer also counts the
-counted tokens routed to it and sums their router weights.
+packed per text, in order, each with its position in its text (:class:`PackedTokens`); the
+passes hash those positions for the typical draw and report them, so the statistics are
+exactly those of zero-filled rows, where 0 puts a token in no sign case (float64 sums to
+rounding: they add in another order). The shared experts see every token. Per expert the
+layer also counts the counted tokens routed to it and sums their router weights.
 
 From outside a :class:`RoutedStats` is one layer's statistics: its state is the experts'
 states side by side along the neuron axes (:data:`~gatescope.stats.accumulator.NEURON_AXIS`),
@@ -21,6 +21,7 @@ recomputation, with each token's router weight (:mod:`gatescope.recompute`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,23 +62,19 @@ class RoutedStats:
             raise ValueError(f"{n_experts} experts of {d_ff} and {shared} shared neurons "
                              f"do not fit in {width}")  # fmt: skip
         widths = [d_ff] * n_experts + [n for n in (shared, width - own) if n]
-        firsts = [sum(widths[:i]) for i in range(len(widths))]
+        firsts = itertools.accumulate(widths[:-1], initial=0)
         # Every routed expert's neurons, the shared experts', then the padding's (if any).
+        # (Each keeps its own token count too, unused: the layer's is `tokens`.)
         self.pieces = [accumulator(n, first_neuron=first)
                        for n, first in zip(widths, firsts, strict=True)]  # fmt: skip
         self.shared = self.pieces[n_experts] if shared else None
-        self.d_mlp, self.experts, self.d_ff = width, n_experts, d_ff
+        self.d_mlp = width
         first = self.pieces[0]
-        self.device, self.dtype = first.device, first.dtype
+        self.device, self.dtype, self.kernel = first.device, first.dtype, first.kernel
         self.seed, self.layer = first.seed, first.layer
         self.tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         self.routed = torch.zeros(n_experts, dtype=torch.int64, device=self.device)
         self.router_weight = torch.zeros(n_experts, dtype=torch.float64, device=self.device)
-
-    @property
-    def kernel(self) -> str:
-        """The statistics pass the experts run (they all choose alike)."""
-        return self.pieces[0].kernel
 
     @torch.no_grad()
     def update(self, forward: RoutedForward, text_index: Tensor, counted: Tensor) -> None:
@@ -94,10 +91,18 @@ class RoutedStats:
         self._add_routing(forward, flat)
         packs = pack_tokens([e.token for e in forward.experts], texts, length)
         for e, packed in zip(forward.experts, packs, strict=True):
-            gate, up, act = (packed.spread(x) for x in (e.gate, e.up, e.act))
-            self.pieces[e.expert].update(gate, up, text_index[packed.text],
-                                         packed.spread(flat[e.token]), act,
-                                         positions=packed.position)  # fmt: skip
+            if not len(e.token):  # (the capture sends none such; a pass needs a text)
+                continue
+            piece = self.pieces[e.expert]
+            gate, up = packed.spread(e.gate), packed.spread(e.up)
+            # the model's act(g), where the statistics take it (their dtype)
+            act = packed.spread(e.act) if e.act.dtype == piece.dtype else None
+            piece.update(gate, up, text_index[packed.text], packed.spread(flat[e.token]), act,
+                         positions=packed.position)  # fmt: skip
+            if piece.kernel != self.kernel:  # its Triton kernel failed: the whole layer's did
+                for other in self.pieces:
+                    other.fall_back_to_torch()
+                self.kernel = piece.kernel
         if forward.shared is not None and self.shared is not None:
             gate, up, act = (x.view(texts, length, -1) if x is not None else None
                              for x in forward.shared)  # fmt: skip
@@ -105,10 +110,10 @@ class RoutedStats:
             self.shared.update(gate, up, text_index, counted, act)
 
     def _add_routing(self, forward: RoutedForward, counted: Tensor) -> None:
-        """Per expert: the counted tokens routed to it, and the sum of their router weights."""
+        """Per expert: the counted tokens routed to it, and the sum of their router weights
+        (every expert's (token, weight) pairs at once: two index_add_s)."""
         if not forward.experts:
             return
-        # every expert's (token, weight) pairs at once: two index_add_s
         expert = torch.cat([torch.full_like(e.token, e.expert) for e in forward.experts])
         kept = counted[torch.cat([e.token for e in forward.experts])]
         router_weight = torch.cat([e.weight for e in forward.experts]).to(torch.float64)
@@ -125,17 +130,19 @@ class RoutedStats:
                 "router_weight": self.router_weight.clone()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        expected = self.state_dict()
-        if set(state) != set(expected):
-            raise ValueError(f"the state has {sorted(state)}, expected {sorted(expected)}")
+        """Restores a :meth:`state_dict`: each expert's statistics take their slice of the
+        neuron axes (and check its shape)."""
+        names = {*self.pieces[0].state_dict(), "routed", "router_weight"}
+        if set(state) != names:
+            raise ValueError(f"the state has {sorted(state)}, expected {sorted(names)}")
         widths = [piece.d_mlp for piece in self.pieces]
         parts: list[dict[str, Tensor]] = [{"tokens": state["tokens"]} for _ in self.pieces]
-        for name in expected.keys() & NEURON_AXIS.keys():
-            if state[name].shape != expected[name].shape:
-                raise ValueError(f"state '{name}' has shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(expected[name].shape)}")  # fmt: skip
-            for part, own_part in zip(parts, state[name].split(widths, NEURON_AXIS[name]),
-                                      strict=True):  # fmt: skip
+        for name in names & NEURON_AXIS.keys():
+            tensor, axis = state[name], NEURON_AXIS[name]
+            if tensor.dim() <= axis or tensor.shape[axis] != self.d_mlp:
+                raise ValueError(f"state '{name}' has shape {tuple(tensor.shape)}, not "
+                                 f"{self.d_mlp} neurons on axis {axis}")  # fmt: skip
+            for part, own_part in zip(parts, tensor.split(widths, axis), strict=True):
                 part[name] = own_part
         for piece, part in zip(self.pieces, parts, strict=True):
             piece.load_state_dict(part)
@@ -171,17 +178,15 @@ def pack_tokens(tokens: Sequence[Tensor], texts: int, length: int) -> list[Packe
 
     Returns:
         Per expert, its tokens packed (:class:`PackedTokens`). The host waits for the device
-        twice for all experts at once, not once per expert.
+        twice for all experts at once (the groups' number and sizes), not once per expert.
     """
     if not tokens:
         return []
     device = tokens[0].device
     sizes = [len(token) for token in tokens]
     token = torch.cat(list(tokens))  # [routed pairs]: expert by expert, rows ascending
-    owner = torch.repeat_interleave(  # [routed pairs] the index of each one's expert
-        torch.arange(len(tokens), device=device), torch.tensor(sizes, device=device),
-        output_size=len(token),
-    )  # fmt: skip
+    # [routed pairs] the index of each one's expert in `tokens` (no host-to-device copy)
+    owner = torch.cat([torch.full_like(rows, i) for i, rows in enumerate(tokens)])
     # A group: one expert's tokens of one text, contiguous. [groups], [routed pairs]
     groups, group, count = torch.unique_consecutive(
         owner * texts + torch.div(token, length, rounding_mode="floor"),
@@ -189,7 +194,9 @@ def pack_tokens(tokens: Sequence[Tensor], texts: int, length: int) -> list[Packe
     )  # fmt: skip
     place = torch.arange(len(token), device=device) - (torch.cumsum(count, 0) - count)[group]
     owner_of_group = torch.div(groups, texts, rounding_mode="floor")
-    n_groups = torch.bincount(owner_of_group, minlength=len(tokens))
+    # (index_add_, not bincount: a CUDA bincount asks the host for its range)
+    n_groups = torch.zeros(len(tokens), dtype=torch.int64, device=device)
+    n_groups.index_add_(0, owner_of_group, torch.ones_like(owner_of_group))
     longest = torch.zeros_like(n_groups).scatter_reduce_(0, owner_of_group, count, "amax")
     packed, first_group, first_token = [], 0, 0
     for size, rows, slots in zip(sizes, *torch.stack([n_groups, longest]).tolist(), strict=True):

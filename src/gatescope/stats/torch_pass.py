@@ -204,7 +204,7 @@ class TorchPass:
         """Workspace buffers q, cases, masked for ``texts`` texts of ``length``."""
         padded = -(-length // BLOCK) * BLOCK
         ws = self.workspace.get(texts, padded, neurons, self.dtype, self.device)
-        return ws["q"][:, :texts], ws["cases"][:, :texts], ws["masked"][:, :texts]
+        return ws["q"], ws["cases"], ws["masked"]
 
 
 def _first_max(x: Tensor, dim: int) -> Tensor:

@@ -121,11 +121,12 @@ def stats_kernel(
     Inputs [text, pos, neuron] contiguous, valid [text, pos] uint8, salt [case, text,
     neuron] int64 (-1: not drawn). Where PACKED, valid is int32 instead: each token's
     position in its text (which the draw hashes, else the index along pos), -1 where not
-    counted. Outputs
-    [pair, text, neuron] (pair = case * 4 + quantity), count and key [case, text, neuron]
-    (key: the smallest draw key ``priority << KEY_LOW_BITS | index along pos``, int64 max
-    where none); histogram [case, quantity, bin, neuron] and joint [case, |g| bin, |u| bin,
-    neuron] are added to."""
+    counted.
+
+    Outputs [pair, text, neuron] (pair = case * 4 + quantity), count and key [case, text,
+    neuron] (key: the smallest draw key ``priority << KEY_LOW_BITS | index along pos``,
+    int64 max where none); histogram [case, quantity, bin, neuron] and joint [case, |g|
+    bin, |u| bin, neuron] are added to."""
     text = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < neurons
