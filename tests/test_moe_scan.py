@@ -305,6 +305,36 @@ def assert_same_state(got: dict, expected: dict, sums_rtol: float = 0) -> None:
                                    equal_nan=True, msg=name)  # fmt: skip
 
 
+def test_a_failed_triton_kernel_sends_every_expert_of_the_layer_to_torch(monkeypatch):
+    """An automatic Triton choice that fails (a GPU Triton cannot compile for) fails once per
+    layer, not once per expert: the first expert's failure moves them all to the torch pass,
+    which gives the torch pass's statistics."""
+    pytest.importorskip("gatescope.stats.triton_pass", reason="triton is not installed")
+    shape = {"n_experts": 4, "d_ff": 16, "shared": 0}
+    layer = functools.partial(RoutedStats, 64, n_experts=4, d_ff=16)
+    stats = layer(functools.partial(NeuronStats, act=torch.nn.functional.silu, k=3,
+                                    kernel="triton"))  # fmt: skip
+    failures = []
+
+    def broken(*_, **__):
+        failures.append(1)
+        raise RuntimeError("cannot compile")
+
+    for piece in stats.pieces:
+        piece._auto_triton = True  # as "auto" sets it on CUDA
+        monkeypatch.setattr(piece, "_pass", broken)
+    reference = layer(functools.partial(NeuronStats, act=torch.nn.functional.silu, k=3,
+                                        kernel="torch"))  # fmt: skip
+    forward = random_forward(3, 20, **shape, top_k=2, idle=0, seed=5)
+    counted, texts = torch.ones(3, 20, dtype=torch.bool), torch.arange(3)
+    with pytest.warns(UserWarning, match="Triton kernel failed"):
+        stats.update(forward, texts, counted)
+    reference.update(forward, texts, counted)
+    assert len(failures) == 1 and stats.kernel == "torch"
+    assert {piece.kernel for piece in stats.pieces} == {"torch"}
+    assert_same_state(stats.state_dict(), reference.state_dict())
+
+
 def routing_of(forward: RoutedForward, counted: torch.Tensor, n_experts: int):
     """Per expert, its counted routed tokens and the sum of their router weights."""
     routed = torch.zeros(n_experts, dtype=torch.int64)
