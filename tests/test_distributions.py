@@ -268,5 +268,5 @@ def test_statistics_of_another_seed_or_layer_do_not_merge():
         return NeuronStats(8, torch.nn.functional.silu, k=2, seed=seed, layer=layer)
 
     for other in (stats(1, 0), stats(0, 1)):
-        with pytest.raises(ValueError, match="seed, layer or experts"):
+        with pytest.raises(ValueError, match="seed, layer, neurons or experts"):
             stats(0, 0).merge(other)
